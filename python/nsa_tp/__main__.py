@@ -1,0 +1,3 @@
+from nsa_tp.cli import main
+
+raise SystemExit(main())

@@ -1,0 +1,128 @@
+"""`nsa-tp` command line: `plan` (the layout rule), `run` (the main job), `bench` (kernel benchmarks).
+
+Flags follow SGLang's names (`--tp`, `--dp`, `--enable-dp-attention`, `--kv-cache-dtype`, ...), so a
+command line can be copied between `nsa-tp` and `python -m sglang.launch_server`.
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import json
+import sys
+from collections.abc import Callable, Sequence
+
+from nsa_tp.config import ConfigError, NSAConfig
+from nsa_tp.parallel import TOKEN_PARALLEL_MODES, LayoutError, ParallelLayout, resolve_layout
+
+__all__ = ["main", "build_parser", "add_layout_args", "layout_from_args"]
+
+# Subcommands implemented in their own modules: name -> (module, help). Each module defines
+# `add_arguments(parser)` and `main(args) -> int`.
+_SUBCOMMANDS: dict[str, tuple[str, str]] = {
+    "run": ("nsa_tp.run_cmd", "run the sharded DeepSeek-V3.2 attention layer in every layout and compare"),
+    "bench": ("nsa_tp.bench_cmd", "benchmark every kernel tier and write JSON + plots"),
+}
+
+
+def add_layout_args(p: argparse.ArgumentParser, *, tp_default: int | None = 1) -> None:
+    """SGLang's layout flags, shared by `plan`, `run` and `bench`."""
+    p.add_argument("--tp", "--tp-size", dest="tp", type=int, default=tp_default, help="tensor parallel size")
+    p.add_argument("--dp", "--dp-size", dest="dp", type=int, default=1, help="data parallel size")
+    p.add_argument("--enable-dp-attention", action="store_true", help="attention DP groups of tp/dp ranks")
+    p.add_argument("--kv-cache-dtype", default="auto", help="auto | fp8_e4m3 | bfloat16")
+    p.add_argument("--page-size", type=int, default=64)
+    p.add_argument("--sm", type=int, choices=(80, 90, 100), default=None,
+                   help="GPU generation to plan for (default: this machine's GPU, else 90)")
+    p.add_argument("--nsa-token-parallel", choices=TOKEN_PARALLEL_MODES, default="auto",
+                   help="all-to-all heads <-> tokens inside the attention TP group")
+
+
+def layout_from_args(args: argparse.Namespace, num_attention_heads: int = 128) -> ParallelLayout:
+    return resolve_layout(
+        args.tp,
+        args.dp,
+        args.enable_dp_attention,
+        num_attention_heads=num_attention_heads,
+        sm_major=None if args.sm is None else args.sm // 10,
+        kv_cache_dtype=args.kv_cache_dtype,
+        page_size=args.page_size,
+        token_parallel=args.nsa_token_parallel,
+    )
+
+
+def _format_layout(layout: ParallelLayout, model: str) -> str:
+    mult = layout.flashmla_head_multiple
+    padding = (
+        "none (no FlashMLA sparse kernel below SM90)"
+        if mult is None
+        else f"{layout.heads_per_rank} -> {layout.flashmla_padded_heads} heads "
+        f"({layout.flashmla_flops_factor:.1f}x FLOPs, {layout.flashmla_waste_fraction:.0%} wasted)"
+        if layout.flashmla_padded_heads != layout.heads_per_rank
+        else f"none ({layout.heads_per_rank} is a multiple of {mult})"
+    )
+    rows = [
+        ("model", model),
+        ("mode", layout.mode),
+        ("ranks", f"{layout.world_size} GPU(s): --tp {layout.tp_size} --dp {layout.dp_size}"
+                  + (" --enable-dp-attention" if layout.enable_dp_attention else "")
+                  + (f" ({layout.num_replicas} replicas)" if layout.num_replicas > 1 else "")),
+        ("attention groups", f"{layout.attn_dp_size} x {layout.attn_tp_size} ranks (attn_dp x attn_tp)"),
+        ("heads per rank", f"{layout.heads_per_rank} of {layout.num_attention_heads}"),
+        (f"FlashMLA padding (SM{layout.sm_major}0)", padding),
+        ("token-parallel", layout.token_parallel if layout.attn_tp_size > 1 else "n/a (1-rank attention group)"),
+        ("KV cache dtype", layout.kv_cache_dtype),
+        ("page size", str(layout.page_size)),
+    ]
+    width = max(len(k) for k, _ in rows)
+    lines = [f"{k:<{width}}  {v}" for k, v in rows]
+    lines += [f"warning: {w}" for w in layout.warnings]
+    return "\n".join(lines)
+
+
+def _plan_main(args: argparse.Namespace) -> int:
+    heads, model = 128, "DeepSeek-V3.2 (default dims)"
+    if args.model_path:
+        cfg = NSAConfig.from_hf_config(args.model_path)
+        heads, model = cfg.num_attention_heads, str(args.model_path)
+    layout = layout_from_args(args, heads)
+    if args.json:
+        print(json.dumps(layout.to_dict(), indent=2))
+    else:
+        print(_format_layout(layout, model))
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="nsa-tp", description=__doc__.splitlines()[0])
+    sub = parser.add_subparsers(dest="command", required=True)
+    plan = sub.add_parser("plan", help="resolve and print the NSA parallel layout for SGLang's flags")
+    add_layout_args(plan)
+    plan.add_argument("--model-path", default=None, help="a HuggingFace config.json or its folder")
+    plan.add_argument("--json", action="store_true", help="print the layout as JSON")
+    plan.set_defaults(func=_plan_main)
+    for name, (module, help_text) in _SUBCOMMANDS.items():
+        try:
+            mod = importlib.import_module(module)
+        except ModuleNotFoundError as e:
+            if e.name != module:
+                raise
+            continue  # subcommand not built in this checkout
+        p = sub.add_parser(name, help=help_text)
+        mod.add_arguments(p)
+        p.set_defaults(func=mod.main)
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    func: Callable[[argparse.Namespace], int] = args.func
+    try:
+        return func(args)
+    except (LayoutError, ConfigError) as e:
+        print(f"nsa-tp {args.command}: error: {e}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,117 @@
+"""Tier registry and dispatcher: ``backend="auto" | "reference" | "triton" | "flashmla"``.
+
+A *tier* is a module that defines ``TIER = Tier(...)``: a name, a cached ``available()`` probe (returns the
+reason it cannot run here, or None) and, per op, an implementation plus a ``supports(*args, **kwargs)``
+check returning a reason string or None. Adding a tier is adding a file and one line to ``_TIER_MODULES``.
+
+``auto`` walks the op's preference order (``Tier.rank`` per op, lower first, which tiers may compute from
+the inputs, e.g. from measured crossovers) and takes the first tier that is available and supports the
+inputs. A forced tier that cannot run raises :class:`BackendUnavailableError` with the reason; nothing
+falls back silently.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+import importlib
+from collections.abc import Callable, Mapping
+from typing import Any
+
+__all__ = ["Tier", "OpImpl", "BackendUnavailableError", "dispatch", "get_tier", "tier_names", "explain"]
+
+# Import paths of every tier; the order is only the tie-break for equal ranks.
+_TIER_MODULES: dict[str, str] = {
+    "reference": "nsa_tp.ops.reference_tier",
+}
+
+
+class BackendUnavailableError(ValueError):
+    """A forced backend cannot run these inputs on this machine (the message says why)."""
+
+
+def _no_reason(*_args: Any, **_kwargs: Any) -> str | None:
+    return None
+
+
+def _default_rank(*_args: Any, **_kwargs: Any) -> float:
+    return 0.0
+
+
+@dataclasses.dataclass(frozen=True)
+class OpImpl:
+    fn: Callable[..., Any]
+    supports: Callable[..., str | None] = _no_reason
+    # Lower runs first under "auto"; may look at the inputs (measured crossovers live in the tier).
+    rank: Callable[..., float] = _default_rank
+
+
+@dataclasses.dataclass(frozen=True)
+class Tier:
+    name: str
+    available: Callable[[], str | None]
+    ops: Mapping[str, OpImpl]
+
+
+@functools.cache
+def _load(name: str) -> Tier | str:
+    """The tier, or why it cannot be imported here. Cached: probed once per process."""
+    module = _TIER_MODULES[name]
+    try:
+        tier = importlib.import_module(module).TIER
+    except ImportError as e:
+        return f"cannot import {module}: {e}"
+    reason = tier.available()
+    return reason if reason else tier
+
+
+def tier_names() -> tuple[str, ...]:
+    return tuple(_TIER_MODULES)
+
+
+def get_tier(name: str) -> Tier:
+    """The named tier; raises :class:`BackendUnavailableError` if it is unknown or cannot run here."""
+    if name not in _TIER_MODULES:
+        raise BackendUnavailableError(f"backend: unknown tier {name!r}; use 'auto' or one of {tier_names()}")
+    tier = _load(name)
+    if isinstance(tier, str):
+        raise BackendUnavailableError(f"backend={name!r} is not available here: {tier}")
+    return tier
+
+
+def explain(op: str, *args: Any, **kwargs: Any) -> dict[str, str]:
+    """Per tier: 'ok' or the reason it would not run ``op`` on these inputs (for logs and `nsa-tp bench`)."""
+    result: dict[str, str] = {}
+    for name in _TIER_MODULES:
+        tier = _load(name)
+        if isinstance(tier, str):
+            result[name] = tier
+        elif op not in tier.ops:
+            result[name] = f"tier {name!r} has no {op}"
+        else:
+            result[name] = tier.ops[op].supports(*args, **kwargs) or "ok"
+    return result
+
+
+def dispatch(op: str, backend: str, *args: Any, **kwargs: Any) -> Any:
+    """Run ``op`` on the chosen tier (see module docstring for the rules)."""
+    if backend == "auto":
+        candidates: list[tuple[float, int, OpImpl]] = []
+        for order, name in enumerate(_TIER_MODULES):
+            tier = _load(name)
+            if isinstance(tier, str) or op not in tier.ops:
+                continue
+            impl = tier.ops[op]
+            if impl.supports(*args, **kwargs) is None:
+                candidates.append((impl.rank(*args, **kwargs), order, impl))
+        if not candidates:
+            raise BackendUnavailableError(f"{op}: no tier supports these inputs: {explain(op, *args, **kwargs)}")
+        return min(candidates, key=lambda c: c[:2])[2].fn(*args, **kwargs)
+    tier = get_tier(backend)
+    if op not in tier.ops:
+        raise BackendUnavailableError(f"backend={backend!r} does not implement {op}")
+    impl = tier.ops[op]
+    reason = impl.supports(*args, **kwargs)
+    if reason:
+        raise BackendUnavailableError(f"backend={backend!r} cannot run {op} on these inputs: {reason}")
+    return impl.fn(*args, **kwargs)

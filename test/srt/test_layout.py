@@ -1,0 +1,160 @@
+"""The NSA layout rule: a table of layouts, every error path, and the `nsa-tp plan` CLI."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+
+import pytest
+
+from nsa_tp.parallel import LayoutError, resolve_layout
+
+# (tp, dp, dp_attn, heads, sm) -> (mode, attn_tp, attn_dp, replicas, heads_per_rank, padded, kv dtype)
+LAYOUTS = [
+    # pure TP, DeepSeek-V3.2's 128 heads, Hopper (pad to 64) and Blackwell (pad to 128)
+    ((1, 1, False, 128, 9), ("pure_tp", 1, 1, 1, 128, 128, "bfloat16")),
+    ((2, 1, False, 128, 9), ("pure_tp", 2, 1, 1, 64, 64, "bfloat16")),
+    ((4, 1, False, 128, 9), ("pure_tp", 4, 1, 1, 32, 64, "bfloat16")),
+    ((8, 1, False, 128, 9), ("pure_tp", 8, 1, 1, 16, 64, "bfloat16")),
+    ((16, 1, False, 128, 9), ("pure_tp", 16, 1, 1, 8, 64, "bfloat16")),
+    ((1, 1, False, 128, 10), ("pure_tp", 1, 1, 1, 128, 128, "fp8_e4m3")),
+    ((2, 1, False, 128, 10), ("pure_tp", 2, 1, 1, 64, 128, "fp8_e4m3")),
+    ((4, 1, False, 128, 10), ("pure_tp", 4, 1, 1, 32, 128, "fp8_e4m3")),
+    ((8, 1, False, 128, 10), ("pure_tp", 8, 1, 1, 16, 128, "fp8_e4m3")),
+    ((16, 1, False, 128, 10), ("pure_tp", 16, 1, 1, 8, 128, "fp8_e4m3")),
+    # DP attention: partial (1 < dp < tp) and full (dp == tp)
+    ((8, 2, True, 128, 9), ("partial_dp_attention", 4, 2, 1, 32, 64, "bfloat16")),
+    ((8, 4, True, 128, 9), ("partial_dp_attention", 2, 4, 1, 64, 64, "bfloat16")),
+    ((8, 8, True, 128, 9), ("dp_attention", 1, 8, 1, 128, 128, "bfloat16")),
+    ((4, 2, True, 128, 9), ("partial_dp_attention", 2, 2, 1, 64, 64, "bfloat16")),
+    ((4, 4, True, 128, 9), ("dp_attention", 1, 4, 1, 128, 128, "bfloat16")),
+    ((2, 2, True, 128, 9), ("dp_attention", 1, 2, 1, 128, 128, "bfloat16")),
+    ((16, 4, True, 128, 9), ("partial_dp_attention", 4, 4, 1, 32, 64, "bfloat16")),
+    ((16, 8, True, 128, 10), ("partial_dp_attention", 2, 8, 1, 64, 128, "fp8_e4m3")),
+    ((8, 4, True, 128, 10), ("partial_dp_attention", 2, 4, 1, 64, 128, "fp8_e4m3")),
+    # --enable-dp-attention with --dp 1 is pure TP
+    ((8, 1, True, 128, 9), ("pure_tp", 8, 1, 1, 16, 64, "bfloat16")),
+    # --dp without DP attention: independent replicas of --tp N
+    ((8, 2, False, 128, 9), ("pure_tp", 8, 1, 2, 16, 64, "bfloat16")),
+    ((4, 4, False, 128, 9), ("pure_tp", 4, 1, 4, 32, 64, "bfloat16")),
+    ((1, 8, False, 128, 9), ("pure_tp", 1, 1, 8, 128, 128, "bfloat16")),
+    # other head counts (smaller models / tests)
+    ((8, 1, False, 64, 9), ("pure_tp", 8, 1, 1, 8, 64, "bfloat16")),
+    ((4, 1, False, 64, 9), ("pure_tp", 4, 1, 1, 16, 64, "bfloat16")),
+    ((2, 2, True, 64, 9), ("dp_attention", 1, 2, 1, 64, 64, "bfloat16")),
+    ((16, 1, False, 16, 9), ("pure_tp", 16, 1, 1, 1, 64, "bfloat16")),
+    ((4, 1, False, 16, 10), ("pure_tp", 4, 1, 1, 4, 128, "fp8_e4m3")),
+    ((8, 4, True, 16, 9), ("partial_dp_attention", 2, 4, 1, 8, 64, "bfloat16")),
+    # SM80 has no FlashMLA sparse kernel: no padding recorded
+    ((8, 1, False, 128, 8), ("pure_tp", 8, 1, 1, 16, 16, "bfloat16")),
+]
+
+
+@pytest.mark.parametrize(("args", "want"), LAYOUTS, ids=[str(a) for a, _ in LAYOUTS])
+def test_layout_table(args, want):
+    tp, dp, dp_attn, heads, sm = args
+    lay = resolve_layout(tp, dp, dp_attn, num_attention_heads=heads, sm_major=sm)
+    mode, attn_tp, attn_dp, replicas, hpr, padded, kv = want
+    assert (lay.mode, lay.attn_tp_size, lay.attn_dp_size, lay.num_replicas) == (mode, attn_tp, attn_dp, replicas)
+    assert (lay.heads_per_rank, lay.flashmla_padded_heads, lay.kv_cache_dtype) == (hpr, padded, kv)
+    assert lay.world_size == tp * replicas
+    assert lay.attn_tp_size * lay.attn_dp_size == tp
+    assert lay.flashmla_waste_fraction == pytest.approx(1 - hpr / padded)
+    if attn_tp > 1:
+        assert any("attn_tp_size" in w for w in lay.warnings), lay.warnings
+    else:
+        assert not any("attn_tp_size" in w for w in lay.warnings), lay.warnings
+
+
+def test_tp_mode_warning_states_padding_cost():
+    (w,) = resolve_layout(8, sm_major=9).warnings
+    assert "NSA TP mode is active" in w and "padded" not in w
+    assert "pads them to 64" in w and "4.0x" in w and "75% wasted" in w
+    (w,) = resolve_layout(8, sm_major=10).warnings
+    assert "pads them to 128" in w and "8.0x" in w
+
+
+def test_dp_attention_with_dp1_warns_it_is_pure_tp():
+    lay = resolve_layout(8, 1, True, sm_major=9)
+    assert lay.mode == "pure_tp"
+    assert any("--dp 1 is pure TP" in w for w in lay.warnings)
+
+
+def test_kv_cache_dtype_aliases_and_explicit_choice():
+    assert resolve_layout(8, sm_major=9, kv_cache_dtype="fp8_e4m3").kv_cache_dtype == "fp8_e4m3"
+    assert resolve_layout(8, sm_major=10, kv_cache_dtype="bf16").kv_cache_dtype == "bfloat16"
+
+
+ERRORS = [
+    (dict(tp_size=8, dp_size=3, enable_dp_attention=True), "--dp 3 does not divide --tp 8; use --dp 1, 2, 4 or 8"),
+    (dict(tp_size=4, dp_size=8, enable_dp_attention=True), "--dp 8 is larger than --tp 4"),
+    (dict(tp_size=0), "--tp must be a positive integer"),
+    (dict(tp_size=8, dp_size=0), "--dp must be a positive integer"),
+    (dict(tp_size=3), "use --tp 1, 2, 4 or 8"),
+    (dict(tp_size=256), "do not split over an attention TP group of 256"),
+    (dict(tp_size=6, dp_size=2, enable_dp_attention=True), "use --dp 3 or 6"),
+    (dict(tp_size=8, kv_cache_dtype="fp8_e5m2"), "--kv-cache-dtype fp8_e5m2"),
+    (dict(tp_size=8, page_size=32), "use --page-size 64"),
+    (dict(tp_size=8, sm_major=5), "--sm"),
+    (dict(tp_size=8, token_parallel="maybe"), "--nsa-token-parallel"),
+    (dict(tp_size=8, num_attention_heads=0), "num_attention_heads"),
+]
+
+
+@pytest.mark.parametrize(("kwargs", "message"), ERRORS, ids=[m[:30] for _, m in ERRORS])
+def test_layout_errors_name_the_flag(kwargs, message):
+    kwargs.setdefault("sm_major", 9)
+    with pytest.raises(LayoutError, match=None) as info:
+        resolve_layout(**kwargs)
+    assert isinstance(info.value, ValueError)
+    assert message in str(info.value), str(info.value)
+
+
+def _plan(*args: str) -> subprocess.CompletedProcess[str]:
+    return subprocess.run([sys.executable, "-m", "nsa_tp", "plan", *args], capture_output=True, text=True)
+
+
+@pytest.mark.parametrize(
+    ("args", "heads", "mode"),
+    [
+        (["--tp", "8"], 16, "pure_tp"),
+        (["--tp", "8", "--dp", "4", "--enable-dp-attention"], 64, "partial_dp_attention"),
+        (["--tp", "8", "--dp", "8", "--enable-dp-attention"], 128, "dp_attention"),
+    ],
+)
+def test_plan_cli_text_and_json(args, heads, mode):
+    text = _plan(*args, "--sm", "90")
+    assert text.returncode == 0, text.stderr
+    assert f"heads per rank           {heads} of 128" in text.stdout
+    assert mode in text.stdout
+    js = _plan(*args, "--sm", "90", "--json")
+    data = json.loads(js.stdout)
+    for key in ("mode", "tp_size", "dp_size", "attn_tp_size", "attn_dp_size", "heads_per_rank",
+                "flashmla_padded_heads", "kv_cache_dtype", "warnings"):
+        assert key in data
+    assert data["heads_per_rank"] == heads and data["mode"] == mode
+
+
+def test_plan_cli_impossible_layout_exits_2_naming_dp():
+    res = _plan("--tp", "8", "--dp", "3", "--enable-dp-attention")
+    assert res.returncode == 2
+    assert res.stdout == ""
+    lines = res.stderr.strip().splitlines()
+    assert len(lines) == 1 and "--dp" in lines[0]
+
+
+def test_plan_cli_reads_model_path(tmp_path):
+    cfg = {
+        "architectures": ["DeepseekV32ForCausalLM"], "hidden_size": 1024, "num_attention_heads": 32,
+        "q_lora_rank": 256, "kv_lora_rank": 512, "qk_nope_head_dim": 128, "qk_rope_head_dim": 64,
+        "v_head_dim": 128, "index_n_heads": 64, "index_head_dim": 128, "index_topk": 2048,
+    }
+    (tmp_path / "config.json").write_text(json.dumps(cfg))
+    res = _plan("--tp", "8", "--sm", "100", "--model-path", str(tmp_path), "--json")
+    assert res.returncode == 0, res.stderr
+    data = json.loads(res.stdout)
+    assert data["heads_per_rank"] == 4 and data["flashmla_padded_heads"] == 128
+    assert data["kv_cache_dtype"] == "fp8_e4m3"
+    bad = _plan("--tp", "8", "--model-path", str(tmp_path / "missing"))
+    assert bad.returncode == 2 and "config.json" in bad.stderr
