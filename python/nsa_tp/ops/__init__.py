@@ -1,9 +1,17 @@
 """Stateless kernels: one contract each, several tiers behind one dispatcher.
 
-Public entry points (contracts in ``DESIGN.md``; semantics defined by :mod:`nsa_tp.ops.reference`):
+Public entry points (contracts in ``DESIGN.md``; semantics defined by :mod:`nsa_tp.ops.reference` and
+:mod:`nsa_tp.ops.topk`):
 
 - :func:`sparse_mla_fwd` — sparse MLA over top-k selected KV rows, any head count.
+- :func:`plan_sparse_mla_decode` / :func:`sparse_mla_decode` — sparse MLA decode over the paged latent
+  cache; the plan is built once per batch and runs on the tier that built it.
 - :func:`fp8_mqa_logits` — the lightning indexer's fp8 MQA logits over ragged key ranges.
+- :func:`fp8_paged_mqa_logits` — the same for decode, over the paged index-K cache.
+- :func:`topk_transform_ragged` / :func:`topk_transform_paged` — logits rows -> top-k ids.
+
+Helpers (not dispatched): :mod:`nsa_tp.ops.quant`, :mod:`nsa_tp.ops.hadamard`, :mod:`nsa_tp.ops.rope`,
+:mod:`nsa_tp.ops.index_cache`, :mod:`nsa_tp.ops.kv_format`.
 
 ``backend="auto"`` takes the fastest tier that supports the inputs here; ``"reference"``, ``"triton"``
 and ``"flashmla"`` force one and raise :class:`BackendUnavailableError` if it cannot run.
@@ -13,9 +21,22 @@ from __future__ import annotations
 
 import torch
 
+from nsa_tp.ops.plan import DecodePlan
 from nsa_tp.ops.registry import BackendUnavailableError, dispatch, explain, tier_names
 
-__all__ = ["sparse_mla_fwd", "fp8_mqa_logits", "BackendUnavailableError", "explain", "tier_names"]
+__all__ = [
+    "sparse_mla_fwd",
+    "plan_sparse_mla_decode",
+    "sparse_mla_decode",
+    "fp8_mqa_logits",
+    "fp8_paged_mqa_logits",
+    "topk_transform_ragged",
+    "topk_transform_paged",
+    "DecodePlan",
+    "BackendUnavailableError",
+    "explain",
+    "tier_names",
+]
 
 
 def sparse_mla_fwd(
@@ -34,6 +55,47 @@ def sparse_mla_fwd(
     return dispatch("sparse_mla_fwd", backend, q, kv, indices, sm_scale, d_v)
 
 
+def plan_sparse_mla_decode(
+    batch_size: int,
+    num_heads: int,
+    topk: int,
+    *,
+    kv_dtype: object,
+    device: torch.device | str,
+    backend: str = "auto",
+) -> DecodePlan:
+    """Build a :class:`DecodePlan` once per batch (``kv_dtype``: ``"bfloat16"`` / ``"fp8_e4m3"`` or the
+    cache's torch dtype). ``plan.tier`` is the tier that will run :func:`sparse_mla_decode` with it.
+
+    Semantics: :func:`nsa_tp.ops.reference.plan_sparse_mla_decode`.
+    """
+    return dispatch("plan_sparse_mla_decode", backend, batch_size, num_heads, topk, kv_dtype=kv_dtype, device=device)
+
+
+def sparse_mla_decode(
+    q: torch.Tensor,
+    kv_cache: torch.Tensor,
+    indices: torch.Tensor,
+    sm_scale: float,
+    d_v: int = 512,
+    *,
+    plan: DecodePlan | None = None,
+    backend: str = "auto",
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(out [B,H,512] bf16, lse [B,H] f32)`` over the paged latent cache with global-slot indices.
+
+    With a ``plan`` the plan's tier runs (``backend`` must be ``"auto"`` or that tier's name).
+    Semantics: :func:`nsa_tp.ops.reference.sparse_mla_decode`.
+    """
+    if plan is not None:
+        if not isinstance(plan, DecodePlan):
+            raise ValueError(f"plan: expected a DecodePlan from plan_sparse_mla_decode, got {type(plan).__name__}")
+        if backend not in ("auto", plan.tier):
+            raise ValueError(f"backend: {backend!r} conflicts with the plan, which was built by tier {plan.tier!r}")
+        backend = plan.tier
+    return dispatch("sparse_mla_decode", backend, q, kv_cache, indices, sm_scale, d_v, plan=plan)
+
+
 def fp8_mqa_logits(
     q: torch.Tensor,
     kv: tuple[torch.Tensor, torch.Tensor],
@@ -45,3 +107,51 @@ def fp8_mqa_logits(
 ) -> torch.Tensor:
     """``logits [T, N]`` float32; see :func:`nsa_tp.ops.reference.fp8_mqa_logits`."""
     return dispatch("fp8_mqa_logits", backend, q, kv, weights, ks, ke)
+
+
+def fp8_paged_mqa_logits(
+    q: torch.Tensor,
+    index_k_cache: torch.Tensor,
+    weights: torch.Tensor,
+    seq_lens: torch.Tensor,
+    page_table: torch.Tensor,
+    max_seq_len: int,
+    *,
+    backend: str = "auto",
+) -> torch.Tensor:
+    """``logits [B, max_seq_len]`` float32; see :func:`nsa_tp.ops.reference.fp8_paged_mqa_logits`."""
+    return dispatch("fp8_paged_mqa_logits", backend, q, index_k_cache, weights, seq_lens, page_table, max_seq_len)
+
+
+def topk_transform_ragged(
+    logits: torch.Tensor,
+    topk: int,
+    *,
+    row_starts: torch.Tensor,
+    lengths: torch.Tensor,
+    offset_override: torch.Tensor | None = None,
+    backend: str = "auto",
+) -> torch.Tensor:
+    """``[R, topk]`` int32 ragged ids, ``-1`` fill; see :func:`nsa_tp.ops.topk.topk_transform_ragged`."""
+    return dispatch(
+        "topk_transform_ragged", backend, logits, topk,
+        row_starts=row_starts, lengths=lengths, offset_override=offset_override,
+    )
+
+
+def topk_transform_paged(
+    logits: torch.Tensor,
+    topk: int,
+    *,
+    lengths: torch.Tensor,
+    page_table: torch.Tensor,
+    row_to_req: torch.Tensor | None = None,
+    row_starts: torch.Tensor | None = None,
+    page_size: int = 64,
+    backend: str = "auto",
+) -> torch.Tensor:
+    """``[R, topk]`` int32 global cache slots, ``-1`` fill; see :func:`nsa_tp.ops.topk.topk_transform_paged`."""
+    return dispatch(
+        "topk_transform_paged", backend, logits, topk,
+        lengths=lengths, page_table=page_table, row_to_req=row_to_req, row_starts=row_starts, page_size=page_size,
+    )

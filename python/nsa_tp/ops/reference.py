@@ -10,8 +10,9 @@ import torch
 
 from nsa_tp.ops._check import check_same_device, check_tensor
 from nsa_tp.ops.kv_format import D_QK, is_fp8_kv, unpack_fp8_kv
+from nsa_tp.ops.plan import DecodePlan, kv_cache_dtype_of, normalize_kv_dtype
 
-__all__ = ["sparse_mla_fwd", "fp8_mqa_logits"]
+__all__ = ["sparse_mla_fwd", "fp8_mqa_logits", "fp8_paged_mqa_logits", "plan_sparse_mla_decode", "sparse_mla_decode"]
 
 # Rows per chunk so that the reference never materializes more than ~64M fp32 scores at once.
 _MAX_CHUNK_ELEMS = 1 << 26
@@ -127,3 +128,138 @@ def fp8_mqa_logits(
         inside = (cols[None, :] >= ks[t0 : t0 + step, None].long()) & (cols[None, :] < ke[t0 : t0 + step, None].long())
         logits[t0 : t0 + step] = rows.masked_fill(~inside, float("-inf"))
     return logits
+
+
+def fp8_paged_mqa_logits(
+    q: torch.Tensor,
+    index_k_cache: torch.Tensor,
+    weights: torch.Tensor,
+    seq_lens: torch.Tensor,
+    page_table: torch.Tensor,
+    max_seq_len: int,
+) -> torch.Tensor:
+    """The indexer's decode logits over the paged index-K cache (DeepGEMM's ``fp8_paged_mqa_logits``).
+
+    Args:
+        q: ``[B, H, 128]`` float8_e4m3fn — one index query per request (its q scale folded into weights).
+        index_k_cache: ``[P, 8448]`` uint8 — see :mod:`nsa_tp.ops.index_cache` for the byte layout.
+        weights: ``[B, H]`` float32.
+        seq_lens: ``[B]`` int32, ``0 <= seq_lens[b] <= max_seq_len``.
+        page_table: ``[B, max_pages]`` int32, request -> pages; entries for pages a request uses must be
+            valid page ids (``< P``), the rest are ignored.
+        max_seq_len: output width, ``<= max_pages * 64``.
+
+    Returns:
+        ``logits [B, max_seq_len]`` float32: ``sum_h relu(q[b,h] . k_j * scale_j) * weights[b,h]`` for
+        ``j < seq_lens[b]`` (``k_j`` = token ``j`` of request ``b``: page ``page_table[b, j // 64]``,
+        offset ``j % 64``), ``-inf`` for ``j >= seq_lens[b]``.
+    """
+    from nsa_tp.ops.index_cache import INDEX_HEAD_DIM, INDEX_PAGE_SIZE, _check_cache, gather_index_k_unchecked
+
+    check_tensor(q, "q", ndim=3, dtype=torch.float8_e4m3fn)
+    B, H, D = q.shape
+    if D != INDEX_HEAD_DIM:
+        raise ValueError(f"q: expected head dim {INDEX_HEAD_DIM} (the index-K cache holds 128 values a token), got {D}")
+    _check_cache(index_k_cache)
+    P = index_k_cache.shape[0]
+    check_tensor(weights, "weights", shape=(B, H), dtype=torch.float32)
+    check_tensor(seq_lens, "seq_lens", shape=(B,), dtype=torch.int32)
+    check_tensor(page_table, "page_table", ndim=2, dtype=torch.int32)
+    if page_table.shape[0] != B:
+        raise ValueError(f"page_table: expected {B} rows (one per request), got {tuple(page_table.shape)}")
+    max_pages = page_table.shape[1]
+    if not isinstance(max_seq_len, int) or isinstance(max_seq_len, bool) or max_seq_len < 0:
+        raise ValueError(f"max_seq_len: expected an int >= 0, got {max_seq_len!r}")
+    if max_seq_len > max_pages * INDEX_PAGE_SIZE:
+        raise ValueError(f"max_seq_len: {max_seq_len} exceeds the page table's {max_pages} pages x {INDEX_PAGE_SIZE}")
+    device = check_same_device(q=q, index_k_cache=index_k_cache, weights=weights, seq_lens=seq_lens,
+                               page_table=page_table)
+    if B and bool(((seq_lens < 0) | (seq_lens > max_seq_len)).any()):
+        raise ValueError(f"seq_lens: expected 0 <= seq_lens[b] <= max_seq_len ({max_seq_len})")
+    used = torch.arange(max_pages, device=device)[None, :] * INDEX_PAGE_SIZE < seq_lens[:, None]
+    if bool((used & ((page_table < 0) | (page_table >= P))).any()):
+        raise ValueError(f"page_table: a page a request uses is outside the cache's [0, {P})")
+
+    logits = torch.full((B, max_seq_len), float("-inf"), dtype=torch.float32, device=device)
+    if B == 0 or max_seq_len == 0:
+        return logits
+    j = torch.arange(max_seq_len, device=device)
+    step = _rows_per_chunk(max_seq_len * (D + H), B)
+    for b0 in range(0, B, step):
+        sl = seq_lens[b0 : b0 + step, None]
+        inside = j[None, :] < sl  # [b, L]
+        pages = page_table[b0 : b0 + step, j // INDEX_PAGE_SIZE].long()  # [b, L]
+        slots = torch.where(inside, pages * INDEX_PAGE_SIZE + j % INDEX_PAGE_SIZE, torch.zeros_like(pages))
+        k, scale = gather_index_k_unchecked(index_k_cache, slots.reshape(-1))
+        k = k.float().reshape(*slots.shape, D)  # [b, L, D]
+        scale = scale.reshape(slots.shape)
+        s = torch.relu(torch.einsum("bhd,bld->bhl", q[b0 : b0 + step].float(), k) * scale[:, None, :])
+        rows = torch.einsum("bhl,bh->bl", s, weights[b0 : b0 + step])
+        logits[b0 : b0 + step] = rows.masked_fill(~inside, float("-inf"))
+    return logits
+
+
+def plan_sparse_mla_decode(
+    batch_size: int,
+    num_heads: int,
+    topk: int,
+    *,
+    kv_dtype: object,
+    device: torch.device | str,
+) -> DecodePlan:
+    """The reference tier's decode plan: validates the batch shape, holds no data (``data=None``)."""
+    for name, value in (("batch_size", batch_size), ("num_heads", num_heads), ("topk", topk)):
+        if not isinstance(value, int) or isinstance(value, bool) or value < 1:
+            raise ValueError(f"{name}: expected a positive int, got {value!r}")
+    return DecodePlan(
+        tier="reference",
+        batch_size=batch_size,
+        num_heads=num_heads,
+        topk=topk,
+        kv_dtype=normalize_kv_dtype(kv_dtype),
+        device=torch.device(device),
+        data=None,
+    )
+
+
+def sparse_mla_decode(
+    q: torch.Tensor,
+    kv_cache: torch.Tensor,
+    indices: torch.Tensor,
+    sm_scale: float,
+    d_v: int = 512,
+    *,
+    plan: DecodePlan | None = None,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Sparse MLA decode over the paged latent cache (FlashMLA's ``flash_mla_with_kvcache`` with indices).
+
+    Args:
+        q: ``[B, H, 576]`` bfloat16 — one query token per request.
+        kv_cache: ``[num_pages, 64, 1, 576]`` bfloat16, or the fp8 format ``[num_pages, 64, 1, 656]`` uint8.
+        indices: ``[B, 1, K]`` int32 global slots ``page * 64 + offset``; ``-1`` or ``>= num_pages * 64``
+            means "no token".
+        sm_scale, d_v: as :func:`sparse_mla_fwd`.
+        plan: ``None`` or a plan built by this tier (checked against the inputs).
+
+    Returns:
+        ``(out [B, H, d_v] bfloat16, lse [B, H] float32)`` — exactly :func:`sparse_mla_fwd` on the cache
+        flattened to ``[num_pages * 64, 1, D]``; an empty row gives out = 0, lse = -inf.
+    """
+    check_tensor(kv_cache, "kv_cache", ndim=4)
+    if kv_cache.shape[1] != 64 or kv_cache.shape[2] != 1:
+        raise ValueError(
+            "kv_cache: expected [num_pages, 64, 1, 576 | 656] (page size 64, one latent head), "
+            f"got {tuple(kv_cache.shape)}"
+        )
+    kv_cache_dtype_of(kv_cache)  # raises on a format that is neither bf16 nor the fp8 656-byte one
+    check_tensor(q, "q", ndim=3, dtype=torch.bfloat16)
+    check_tensor(indices, "indices", ndim=3, dtype=torch.int32)
+    if plan is not None:
+        if not isinstance(plan, DecodePlan):
+            raise ValueError(f"plan: expected a DecodePlan from plan_sparse_mla_decode, got {type(plan).__name__}")
+        if plan.tier != "reference":
+            raise ValueError(f"plan: built by tier {plan.tier!r}, cannot run on the reference tier")
+        plan.check(q, kv_cache, indices)
+    flat = kv_cache.reshape(-1, 1, kv_cache.shape[-1])  # [pages, 64, 1, D] -> [N, 1, D], slot = page*64 + off
+    out, _max_logits, lse = sparse_mla_fwd(q, flat, indices, sm_scale, d_v)
+    return out, lse

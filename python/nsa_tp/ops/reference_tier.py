@@ -1,6 +1,6 @@
-"""Registers :mod:`nsa_tp.ops.reference` as the always-available ``"reference"`` tier."""
+"""Registers :mod:`nsa_tp.ops.reference` (and the plain-torch top-k) as the always-available ``"reference"`` tier."""
 
-from nsa_tp.ops import reference
+from nsa_tp.ops import reference, topk
 from nsa_tp.ops.registry import OpImpl, Tier
 
 __all__ = ["TIER"]
@@ -8,11 +8,27 @@ __all__ = ["TIER"]
 # Slowest tier: ranked last under "auto" so any faster tier that supports the inputs wins.
 _LAST = 1e9
 
+
+def _last(*_args: object, **_kwargs: object) -> float:
+    return _LAST
+
+
+def _own_plan_only(*_args: object, plan: object = None, **_kwargs: object) -> str | None:
+    # A plan from another tier must run on that tier; the public op routes it there, this is the backstop.
+    tier = getattr(plan, "tier", "reference")
+    return None if tier == "reference" else f"the plan was built by tier {tier!r}"
+
+
 TIER = Tier(
     name="reference",
     available=lambda: None,
     ops={
-        "sparse_mla_fwd": OpImpl(reference.sparse_mla_fwd, rank=lambda *a, **k: _LAST),
-        "fp8_mqa_logits": OpImpl(reference.fp8_mqa_logits, rank=lambda *a, **k: _LAST),
+        "sparse_mla_fwd": OpImpl(reference.sparse_mla_fwd, rank=_last),
+        "fp8_mqa_logits": OpImpl(reference.fp8_mqa_logits, rank=_last),
+        "fp8_paged_mqa_logits": OpImpl(reference.fp8_paged_mqa_logits, rank=_last),
+        "plan_sparse_mla_decode": OpImpl(reference.plan_sparse_mla_decode, rank=_last),
+        "sparse_mla_decode": OpImpl(reference.sparse_mla_decode, supports=_own_plan_only, rank=_last),
+        "topk_transform_ragged": OpImpl(topk.topk_transform_ragged, rank=_last),
+        "topk_transform_paged": OpImpl(topk.topk_transform_paged, rank=_last),
     },
 )

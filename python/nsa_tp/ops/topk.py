@@ -1,0 +1,168 @@
+"""Top-k transform: from per-row indexer logits to the top-K token ids, ragged or paged.
+
+Every row ``r`` scores the candidate columns ``[row_starts[r], row_starts[r] + lengths[r])`` of
+``logits [R, W]``; a candidate whose logit is ``-inf`` (or NaN) is not selectable. The row keeps its
+``min(topk, #candidates)`` best candidates, as ``p`` = position *relative to the row start*
+(``0 <= p < lengths[r]``), sorted by logit descending with ties broken by the lower position, and ``-1``
+fills the rest of the ``topk`` columns. (Upstream's K = min(2048, len): a row with fewer than ``topk``
+candidates keeps all of them.) The two transforms then map ``p`` to an index space:
+
+- :func:`topk_transform_ragged`: ``offset[r] + p``. The offset is ``row_starts[r]`` unless
+  ``offset_override`` is given — the chunked indexer computes a chunk's logits over a column *window* of
+  the ragged key buffer and passes its rows' *global* offsets here (upstream's
+  ``topk_indices_offset_override``), so every chunk writes global ids.
+- :func:`topk_transform_paged`: the global KV-cache slot of request token ``p``:
+  ``page_table[req[r], p // 64] * 64 + p % 64``.
+
+Outputs are ``[R, topk]`` int32. Plain torch (the reference tier); any device.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from nsa_tp.ops._check import check_same_device, check_tensor
+
+__all__ = ["topk_transform_ragged", "topk_transform_paged", "topk_positions"]
+
+# Rows per chunk so the sort never holds more than ~16M elements at once.
+_MAX_SORT_ELEMS = 1 << 24
+
+
+def _check_rows(logits: torch.Tensor, topk: int, row_starts: torch.Tensor | None, lengths: torch.Tensor) -> None:
+    check_tensor(logits, "logits", ndim=2, dtype=torch.float32)
+    R, W = logits.shape
+    if not isinstance(topk, int) or isinstance(topk, bool) or topk < 1:
+        raise ValueError(f"topk: expected a positive int, got {topk!r}")
+    check_tensor(lengths, "lengths", shape=(R,), dtype=torch.int32)
+    if row_starts is not None:
+        check_tensor(row_starts, "row_starts", shape=(R,), dtype=torch.int32)
+    if R == 0:
+        return
+    starts = row_starts if row_starts is not None else torch.zeros_like(lengths)
+    bad = (lengths < 0) | (starts < 0) | (starts.long() + lengths.long() > W)
+    if bool(bad.any()):
+        r = int(bad.nonzero()[0, 0])
+        raise ValueError(
+            f"row_starts/lengths: row {r} asks for columns [{int(starts[r])}, {int(starts[r]) + int(lengths[r])}) "
+            f"outside logits' [0, {W})"
+        )
+
+
+def topk_positions(
+    logits: torch.Tensor, topk: int, lengths: torch.Tensor, row_starts: torch.Tensor | None = None
+) -> torch.Tensor:
+    """The shared selection: ``[R, topk]`` int32 positions relative to each row's start, ``-1`` fill.
+
+    Args:
+        logits: ``[R, W]`` float32.
+        topk: K >= 1.
+        lengths: ``[R]`` int32, candidates a row scores (0 gives an all ``-1`` row).
+        row_starts: ``[R]`` int32 first candidate column (default 0).
+    """
+    _check_rows(logits, topk, row_starts, lengths)
+    return _topk_positions(logits, topk, lengths, row_starts)
+
+
+def _topk_positions(
+    logits: torch.Tensor, topk: int, lengths: torch.Tensor, row_starts: torch.Tensor | None
+) -> torch.Tensor:
+    R, W = logits.shape
+    device = logits.device
+    out = torch.full((R, topk), -1, dtype=torch.int32, device=device)
+    keep = min(topk, W)
+    if R == 0 or keep == 0:
+        return out
+    cols = torch.arange(W, device=device)
+    step = max(1, _MAX_SORT_ELEMS // max(W, 1))
+    for r0 in range(0, R, step):
+        lg = logits[r0 : r0 + step]
+        start = row_starts[r0 : r0 + step, None].long() if row_starts is not None else 0
+        rel = cols[None, :] - start  # [r, W] position relative to the row start
+        inside = (rel >= 0) & (rel < lengths[r0 : r0 + step, None].long())
+        # `> -inf` is False for -inf and NaN: neither is a candidate.
+        masked = torch.where(inside & (lg > float("-inf")), lg, torch.full_like(lg, float("-inf")))
+        # Stable descending sort: equal logits keep ascending column order, so ties go to the lower id.
+        vals, idx = torch.sort(masked, dim=1, descending=True, stable=True)
+        vals, idx = vals[:, :keep], idx[:, :keep]
+        pos = idx - start
+        out[r0 : r0 + step, :keep] = torch.where(vals > float("-inf"), pos, torch.full_like(pos, -1)).to(torch.int32)
+    return out
+
+
+def topk_transform_ragged(
+    logits: torch.Tensor,
+    topk: int,
+    *,
+    row_starts: torch.Tensor,
+    lengths: torch.Tensor,
+    offset_override: torch.Tensor | None = None,
+) -> torch.Tensor:
+    """Top-k ids in the ragged (concatenated keys) space: ``[R, topk]`` int32, ``-1`` fill.
+
+    Args:
+        logits: ``[R, W]`` float32 (e.g. from ``fp8_mqa_logits``, or a chunk computed over a column window).
+        topk: K >= 1.
+        row_starts: ``[R]`` int32, the row's first candidate column in ``logits`` (``ks`` for full logits).
+        lengths: ``[R]`` int32, number of candidates (``ke - ks``).
+        offset_override: ``[R]`` int32, added instead of ``row_starts`` — the rows' global offsets when
+            ``logits`` is a chunk over a column window.
+
+    Returns: ``offset[r] + p`` for each kept candidate ``p`` (see module docstring), else ``-1``.
+    """
+    check_tensor(row_starts, "row_starts", ndim=1, dtype=torch.int32)
+    _check_rows(logits, topk, row_starts, lengths)
+    offsets = row_starts
+    if offset_override is not None:
+        check_tensor(offset_override, "offset_override", shape=(logits.shape[0],), dtype=torch.int32)
+        offsets = offset_override
+    check_same_device(logits=logits, row_starts=row_starts, lengths=lengths, offsets=offsets)
+    pos = _topk_positions(logits, topk, lengths, row_starts)
+    return torch.where(pos >= 0, pos + offsets[:, None], pos)
+
+
+def topk_transform_paged(
+    logits: torch.Tensor,
+    topk: int,
+    *,
+    lengths: torch.Tensor,
+    page_table: torch.Tensor,
+    row_to_req: torch.Tensor | None = None,
+    row_starts: torch.Tensor | None = None,
+    page_size: int = 64,
+) -> torch.Tensor:
+    """Top-k ids as global KV-cache slots: ``[R, topk]`` int32, ``-1`` fill.
+
+    Args:
+        logits: ``[R, W]`` float32 (decode: ``fp8_paged_mqa_logits``'s ``[B, max_seq_len]``).
+        topk: K >= 1.
+        lengths: ``[R]`` int32, the request's token count the row may attend (decode: seq_lens).
+        page_table: ``[B, max_pages]`` int32, request -> cache pages (page size ``page_size``).
+        row_to_req: ``[R]`` int32 request of each row (default: row r is request r, needs R == B).
+        row_starts: ``[R]`` int32 column of the row's token 0 in ``logits`` (default 0).
+        page_size: tokens per page (64).
+
+    Returns: ``page_table[req, p // page_size] * page_size + p % page_size`` for kept positions ``p``.
+    """
+    _check_rows(logits, topk, row_starts, lengths)
+    R = logits.shape[0]
+    check_tensor(page_table, "page_table", ndim=2, dtype=torch.int32)
+    B, max_pages = page_table.shape
+    if page_size < 1:
+        raise ValueError(f"page_size: expected >= 1, got {page_size}")
+    if row_to_req is None:
+        if R != B:
+            raise ValueError(f"row_to_req: needed when logits has {R} rows but page_table has {B} requests")
+        req = torch.arange(R, device=logits.device)
+    else:
+        check_tensor(row_to_req, "row_to_req", shape=(R,), dtype=torch.int32)
+        if R and bool(((row_to_req < 0) | (row_to_req >= B)).any()):
+            raise ValueError(f"row_to_req: expected request ids in [0, {B})")
+        req = row_to_req.long()
+    if R and bool((lengths.long() > max_pages * page_size).any()):
+        raise ValueError(f"lengths: a row is longer than page_table holds ({max_pages} pages x {page_size})")
+    check_same_device(logits=logits, lengths=lengths, page_table=page_table, row_to_req=req)
+    pos = _topk_positions(logits, topk, lengths, row_starts).long()
+    safe = pos.clamp_min(0)
+    slots = page_table[req[:, None], safe // page_size].long() * page_size + safe % page_size
+    return torch.where(pos >= 0, slots, torch.full_like(slots, -1)).to(torch.int32)
