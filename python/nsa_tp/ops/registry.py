@@ -22,6 +22,7 @@ __all__ = ["Tier", "OpImpl", "BackendUnavailableError", "dispatch", "get_tier", 
 
 # Import paths of every tier; the order is only the tie-break for equal ranks.
 _TIER_MODULES: dict[str, str] = {
+    "flashmla": "nsa_tp.ops.flashmla",
     "reference": "nsa_tp.ops.reference_tier",
 }
 
