@@ -1,0 +1,402 @@
+"""Token-parallel sparse attention inside an attention TP group: the split plans and the per-batch policy.
+
+Under pure TP every rank of an attention TP group holds the whole latent KV cache and the whole index-K
+cache (``kv_a`` and the indexer are replicated), yet each rank runs the indexer for *all* tokens and the
+sparse core for its ``h = H / W`` heads, which FlashMLA pads to 64 on Hopper (4x the FLOPs at TP8).
+Token-parallel regroups the queries (:mod:`nsa_tp.parallel.collectives`) so that rank ``r`` runs *all*
+``H`` heads of a contiguous slice of the tokens through the indexer and the sparse core, then regroups the
+output back. What is split over the group, per batch (:func:`choose_strategy`):
+
+- ``"heads"``  — pure TP (upstream): every rank scores every token, sparse core on its padded heads.
+- ``"tokens"`` — token-parallel: prefill, or decode with at least ``W`` requests (requests are tokens).
+- ``"keys"``   — decode with fewer than ``W`` tokens (batch 1): each rank scores a slice of every
+  request's context and keeps a local top-k; the candidates are gathered and merged into the exact
+  global top-k (:mod:`nsa_tp.attention.topk_merge`); the sparse core stays split by heads.
+
+Everything here is pure host-side arithmetic (no tensors, no device queries), built once per batch.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+from collections.abc import Sequence
+
+from nsa_tp.parallel.layout import TOKEN_PARALLEL_MODES, ParallelLayout
+
+__all__ = [
+    "TokenSplit",
+    "KeyShard",
+    "TokenParallelCosts",
+    "DEFAULT_COSTS",
+    "STRATEGIES",
+    "plan_token_split",
+    "plan_key_shards",
+    "token_costs",
+    "predict_ms",
+    "choose_strategy",
+    "choose_token_parallel",
+    "crossover_tokens",
+    "crossover_decode_context",
+    "causal_mean_keys",
+]
+
+STRATEGIES = ("heads", "tokens", "keys")
+D_QK = 576  # absorbed q: 512 latent + 64 rope (what heads_to_tokens sends)
+D_V = 512  # latent output (what tokens_to_heads sends back)
+
+
+# --------------------------------------------------------------------------------------------------
+# Token split (prefill, and decode with batch >= W)
+# --------------------------------------------------------------------------------------------------
+
+
+@dataclasses.dataclass(frozen=True)
+class TokenSplit:
+    """Which contiguous token rows each rank of the group owns in token-parallel mode.
+
+    Rows ``[0, num_real)`` are real tokens, split as ``splits`` (rank ``r``: ``rows(r)``); rows
+    ``[num_real, num_rows)`` are DP padding (for the MLP sync) that no rank computes: their output is 0,
+    as under pure TP where their top-k row is all -1.
+    """
+
+    splits: tuple[int, ...]
+    num_rows: int
+
+    @property
+    def world(self) -> int:
+        return len(self.splits)
+
+    @property
+    def num_real(self) -> int:
+        return sum(self.splits)
+
+    @property
+    def offsets(self) -> tuple[int, ...]:
+        out = [0]
+        for s in self.splits:
+            out.append(out[-1] + s)
+        return tuple(out)
+
+    def rows(self, rank: int) -> range:
+        if not 0 <= rank < self.world:
+            raise ValueError(f"rank: expected 0 <= rank < {self.world}, got {rank}")
+        off = self.offsets
+        return range(off[rank], off[rank + 1])
+
+
+def _check_count(value: object, name: str, minimum: int = 0) -> int:
+    if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
+        raise ValueError(f"{name}: expected an int >= {minimum}, got {value!r}")
+    return value
+
+
+def plan_token_split(
+    num_tokens: int,
+    world: int,
+    *,
+    num_rows: int | None = None,
+    costs: Sequence[float] | None = None,
+) -> TokenSplit:
+    """Split ``num_tokens`` real tokens into ``world`` contiguous slices.
+
+    Args:
+        num_tokens: real tokens in the batch (>= 0; fewer than ``world`` leaves some ranks empty).
+        world: ranks in the attention TP group (>= 1).
+        num_rows: rows of q including DP padding (>= ``num_tokens``; default ``num_tokens``).
+        costs: optional per-token cost (``len == num_tokens``, each >= 0), e.g. :func:`token_costs`.
+            Without it the counts differ by at most one (the first ranks take the extra). With it the
+            cuts balance the cumulative cost: rank ``r`` ends at the first token whose prefix cost reaches
+            ``(r+1)/world`` of the total, so no rank exceeds its share by more than one token's cost.
+            Causal prefill needs this: the last token of a 32K prompt scores 32K keys, the first one.
+
+    Returns:
+        :class:`TokenSplit` with ``splits`` summing to ``num_tokens``.
+    """
+    _check_count(num_tokens, "num_tokens")
+    _check_count(world, "world", 1)
+    rows = num_tokens if num_rows is None else _check_count(num_rows, "num_rows")
+    if rows < num_tokens:
+        raise ValueError(f"num_rows: expected >= num_tokens ({num_tokens}), got {rows}")
+    if costs is None:
+        base, extra = divmod(num_tokens, world)
+        return TokenSplit(tuple(base + (r < extra) for r in range(world)), rows)
+    c = [float(x) for x in costs]
+    if len(c) != num_tokens:
+        raise ValueError(f"costs: expected one cost per token ({num_tokens}), got {len(c)}")
+    if any(not math.isfinite(x) or x < 0 for x in c):
+        raise ValueError("costs: expected finite non-negative values")
+    total = sum(c)
+    if total == 0:
+        return plan_token_split(num_tokens, world, num_rows=rows)
+    cuts, acc, t = [], 0.0, 0
+    for r in range(1, world):
+        target = total * r / world
+        while t < num_tokens and acc + c[t] / 2 < target:  # cut where the token's midpoint passes the share
+            acc += c[t]
+            t += 1
+        cuts.append(t)
+    bounds = [0, *cuts, num_tokens]
+    return TokenSplit(tuple(bounds[i + 1] - bounds[i] for i in range(world)), rows)
+
+
+def causal_mean_keys(prefix_len: int, extend_len: int) -> float:
+    """Mean keys a query token scores when ``extend_len`` new tokens follow ``prefix_len`` cached ones."""
+    _check_count(prefix_len, "prefix_len")
+    _check_count(extend_len, "extend_len")
+    return prefix_len + (extend_len + 1) / 2 if extend_len else 0.0
+
+
+# --------------------------------------------------------------------------------------------------
+# Key shards (decode with batch < W)
+# --------------------------------------------------------------------------------------------------
+
+
+@dataclasses.dataclass(frozen=True)
+class KeyShard:
+    """One rank's slice of every request's context for the key-sharded decode indexer.
+
+    Request ``b``'s pages ``[page_start[b], page_start[b] + num_pages[b])`` of its page table, i.e. token
+    positions ``[key_start[b], key_start[b] + key_len[b])``. Slices of one request over the ranks are
+    disjoint and cover ``[0, seq_len)`` exactly; a request shorter than the group leaves some ranks empty.
+    """
+
+    page_start: tuple[int, ...]
+    num_pages: tuple[int, ...]
+    key_start: tuple[int, ...]
+    key_len: tuple[int, ...]
+
+    @property
+    def max_keys(self) -> int:
+        return max(self.key_len, default=0)
+
+
+def plan_key_shards(seq_lens: Sequence[int], world: int, page_size: int = 64) -> tuple[KeyShard, ...]:
+    """Split each request's context ``[0, seq_lens[b])`` into ``world`` page-aligned slices, one per rank.
+
+    Page-aligned so that each rank's slice is a column range of the page table and the paged logits
+    kernel reads whole pages; rank ``r`` takes pages ``[r*P//W, (r+1)*P//W)`` of the ``P = ceil(L/page)``.
+    """
+    _check_count(world, "world", 1)
+    _check_count(page_size, "page_size", 1)
+    lens = [_check_count(v, f"seq_lens[{i}]") for i, v in enumerate(seq_lens)]
+    shards = []
+    for r in range(world):
+        ps, npg, ks, kl = [], [], [], []
+        for L in lens:
+            pages = -(-L // page_size)
+            p0, p1 = r * pages // world, (r + 1) * pages // world
+            k0, k1 = p0 * page_size, min(p1 * page_size, L)
+            ps.append(p0)
+            npg.append(p1 - p0)
+            ks.append(k0)
+            kl.append(max(k1 - k0, 0))
+        shards.append(KeyShard(tuple(ps), tuple(npg), tuple(ks), tuple(kl)))
+    return tuple(shards)
+
+
+# --------------------------------------------------------------------------------------------------
+# Cost model and policy
+# --------------------------------------------------------------------------------------------------
+
+
+@dataclasses.dataclass(frozen=True)
+class TokenParallelCosts:
+    """Per-unit times of the attention layer's parts on one card, the inputs of the per-batch policy.
+
+    ``benchmark/bench_token_parallel.py`` measures every field and writes them (with card, date and
+    command) into its JSON under ``"costs"``; :meth:`from_dict` reads that block back.
+    """
+
+    card: str
+    date: str
+    source: str  # where each number came from: measured (which run) or estimated (from what)
+    indexer_ns_per_row_key: float  # prefill indexer: fp8 logits (64 index heads x 128) + top-k, per row x key
+    sparse_ns_per_token_head: float  # sparse MLA prefill at top-k 2048, per token x *executed* head
+    a2a_latency_us: float  # fixed cost of one all_to_all_single in the group
+    a2a_gbytes_per_s: float  # bytes one rank sends off-rank per second in all_to_all_single
+    decode_indexer_ns_per_key: float  # paged decode logits + top-k, per request x context key
+    decode_indexer_fixed_us: float  # launches and top-k floor of one decode indexer call
+    gather_merge_us: float  # key-sharded decode: all-gather of [B, 2048] candidates + the merge top-k
+    margin: float = 0.05  # switch only for a predicted gain above this fraction (measurement noise)
+
+    def to_dict(self) -> dict[str, object]:
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def from_dict(cls, d: dict[str, object]) -> TokenParallelCosts:
+        names = {f.name for f in dataclasses.fields(cls)}
+        missing = [f.name for f in dataclasses.fields(cls) if f.name not in d and f.name != "margin"]
+        if missing:
+            raise ValueError(f"costs: missing fields {missing}")
+        return cls(**{k: v for k, v in d.items() if k in names})  # type: ignore[arg-type]
+
+
+# H100 SXM. The sparse-core number is measured (DESIGN.md anchor: sgl-flash-mla 1.0.0, T=4096,
+# N=32768, K=2048, 64 heads in 1.94 ms -> 1.94e6 / (4096*64) = 7.40 ns per token-head). The others are
+# estimates until `benchmark/bench_token_parallel.py` runs on the device and its "costs" block replaces
+# them: indexer 16384 FLOP per row-key at ~700 fp8 TFLOP/s plus 8 bytes of fp32 logits traffic at
+# ~3 TB/s; all-to-all ~30 us + ~300 GB/s per rank over NVLink (450 GB/s a direction); paged decode
+# logits ~132 bytes a key at ~2.5 TB/s; a small NCCL all-gather ~25 us.
+DEFAULT_COSTS = TokenParallelCosts(
+    card="NVIDIA H100 80GB HBM3",
+    date="2026-11-27",
+    source="sparse: measured (DESIGN.md anchor, H100, FlashMLA 64 heads); the rest: estimates, see comment",
+    indexer_ns_per_row_key=0.026,
+    sparse_ns_per_token_head=7.40,
+    a2a_latency_us=30.0,
+    a2a_gbytes_per_s=300.0,
+    decode_indexer_ns_per_key=0.06,
+    decode_indexer_fixed_us=40.0,
+    gather_merge_us=35.0,
+)
+
+
+def token_costs(key_counts: Sequence[int], costs: TokenParallelCosts = DEFAULT_COSTS,
+                num_heads: int = 128) -> list[float]:
+    """Predicted time (ns) of each token in token-parallel mode: its indexer row plus its sparse row.
+
+    ``key_counts[t]`` is how many keys token ``t`` scores (``ke - ks``); a token with none costs nothing.
+    Feed to :func:`plan_token_split` to balance causal prefill.
+    """
+    per_row = costs.sparse_ns_per_token_head * num_heads
+    return [costs.indexer_ns_per_row_key * k + (per_row if k > 0 else 0.0) for k in key_counts]
+
+
+def _a2a_ms(num_tokens: int, layout: ParallelLayout, d: int, costs: TokenParallelCosts) -> float:
+    w = layout.attn_tp_size
+    sent = num_tokens * layout.heads_per_rank * d * 2 * (w - 1) / w  # bf16 bytes leaving this rank
+    return costs.a2a_latency_us / 1e3 + sent / (costs.a2a_gbytes_per_s * 1e9) * 1e3
+
+
+def predict_ms(
+    layout: ParallelLayout,
+    num_tokens: int,
+    context_len: float,
+    strategy: str,
+    *,
+    is_decode: bool = False,
+    costs: TokenParallelCosts = DEFAULT_COSTS,
+) -> dict[str, float]:
+    """Predicted per-rank time (ms) of the indexer, the sparse core and the collectives under ``strategy``.
+
+    ``context_len``: mean keys each query token scores (:func:`causal_mean_keys` for a prefill; the
+    request length for decode). Decode's sparse core is left out: its time is the same in every strategy
+    (memory-bound on the 2048 selected rows, whatever the head split). Returns the parts and ``"total"``.
+    """
+    if strategy not in STRATEGIES:
+        raise ValueError(f"strategy: expected one of {STRATEGIES}, got {strategy!r}")
+    w, T = layout.attn_tp_size, num_tokens
+    local = -(-T // w)  # the busiest rank of a balanced split
+    parts: dict[str, float] = {}
+    if is_decode:
+        per_req = costs.decode_indexer_ns_per_key * context_len / 1e6
+        fixed = costs.decode_indexer_fixed_us / 1e3
+        if strategy == "heads":
+            parts["indexer"] = fixed + T * per_req
+        elif strategy == "tokens":
+            parts["indexer"] = fixed + local * per_req
+            parts["all_to_all"] = _a2a_ms(T, layout, D_QK, costs) + _a2a_ms(T, layout, D_V, costs)
+        else:
+            parts["indexer"] = fixed + T * per_req / w
+            parts["gather_merge"] = costs.gather_merge_us / 1e3
+    else:
+        idx = costs.indexer_ns_per_row_key * context_len / 1e6  # ms per query row
+        sparse = costs.sparse_ns_per_token_head / 1e6  # ms per token-head
+        if strategy == "heads":
+            parts["indexer"] = T * idx
+            parts["sparse"] = T * layout.flashmla_padded_heads * sparse
+        elif strategy == "tokens":
+            heads = layout.num_attention_heads  # 128 (or 2x64 on Hopper): no padding
+            parts["indexer"] = local * idx
+            parts["sparse"] = local * heads * sparse
+            parts["all_to_all"] = _a2a_ms(T, layout, D_QK, costs) + _a2a_ms(T, layout, D_V, costs)
+        else:
+            raise ValueError("strategy 'keys' is for decode only (is_decode=True)")
+    parts["total"] = sum(parts.values())
+    return parts
+
+
+def choose_strategy(
+    layout: ParallelLayout,
+    num_tokens: int,
+    context_len: float,
+    mode: str | None = None,
+    *,
+    is_decode: bool = False,
+    costs: TokenParallelCosts = DEFAULT_COSTS,
+) -> str:
+    """``"heads"``, ``"tokens"`` or ``"keys"`` for this batch (see the module docstring). Pure.
+
+    Args:
+        layout: the resolved layout (its ``attn_tp_size``, head counts and FlashMLA padding).
+        num_tokens: real query tokens in the batch (decode: requests x tokens per request).
+        context_len: mean keys a query token scores (see :func:`predict_ms`).
+        mode: ``"auto"``, ``"on"`` or ``"off"``; ``None`` takes ``layout.token_parallel`` (the
+            ``--nsa-token-parallel`` flag). ``"on"`` forces the split whenever the group has more than one
+            rank and the batch is not empty; ``"auto"`` splits when the cost model predicts a gain larger
+            than ``costs.margin``.
+        is_decode: decode step (the indexer reads the paged index-K cache).
+        costs: the measured parts (:data:`DEFAULT_COSTS`).
+    """
+    mode = layout.token_parallel if mode is None else mode
+    if mode not in TOKEN_PARALLEL_MODES:
+        raise ValueError(f"mode: expected one of {TOKEN_PARALLEL_MODES}, got {mode!r}")
+    _check_count(num_tokens, "num_tokens")
+    if isinstance(context_len, bool) or not isinstance(context_len, (int, float)) or context_len < 0:
+        raise ValueError(f"context_len: expected a number >= 0, got {context_len!r}")
+    w = layout.attn_tp_size
+    if w == 1 or mode == "off" or num_tokens == 0:
+        return "heads"
+    split = "keys" if is_decode and num_tokens < w else "tokens"
+    if mode == "on":
+        return split
+    base = predict_ms(layout, num_tokens, context_len, "heads", is_decode=is_decode, costs=costs)["total"]
+    alt = predict_ms(layout, num_tokens, context_len, split, is_decode=is_decode, costs=costs)["total"]
+    return split if alt < base * (1.0 - costs.margin) else "heads"
+
+
+def choose_token_parallel(
+    layout: ParallelLayout,
+    num_tokens: int,
+    context_len: float,
+    mode: str | None = None,
+    *,
+    is_decode: bool = False,
+    costs: TokenParallelCosts = DEFAULT_COSTS,
+) -> bool:
+    """True when this batch leaves pure TP (token-parallel or key-sharded decode); see :func:`choose_strategy`."""
+    return choose_strategy(layout, num_tokens, context_len, mode, is_decode=is_decode, costs=costs) != "heads"
+
+
+def _first_true(lo: int, hi: int, pred) -> int | None:  # noqa: ANN001 - a predicate monotone in its int argument
+    if not pred(hi):
+        return None
+    while lo < hi:
+        mid = (lo + hi) // 2
+        if pred(mid):
+            hi = mid
+        else:
+            lo = mid + 1
+    return lo
+
+
+def crossover_tokens(layout: ParallelLayout, context_len: float | None = None, *,
+                     costs: TokenParallelCosts = DEFAULT_COSTS, max_tokens: int = 1 << 20) -> int | None:
+    """Smallest prefill token count at which ``auto`` picks token-parallel (``None``: never up to max_tokens).
+
+    ``context_len=None`` means a fresh causal prompt of that many tokens (mean keys ``(T+1)/2``).
+    The gain grows with the token count while the collectives' fixed cost does not, so the search is valid.
+    """
+    def pays(t: int) -> bool:
+        ctx = causal_mean_keys(0, t) if context_len is None else context_len
+        return choose_strategy(layout, t, ctx, "auto", costs=costs) == "tokens"
+
+    return _first_true(1, max_tokens, pays)
+
+
+def crossover_decode_context(layout: ParallelLayout, batch: int = 1, *,
+                             costs: TokenParallelCosts = DEFAULT_COSTS, max_context: int = 1 << 22) -> int | None:
+    """Smallest context at which ``auto`` leaves pure TP for a decode batch of ``batch`` requests."""
+    return _first_true(1, max_context,
+                       lambda c: choose_strategy(layout, batch, c, "auto", is_decode=True, costs=costs) != "heads")

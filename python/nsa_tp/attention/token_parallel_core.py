@@ -1,0 +1,178 @@
+"""Token-parallel attention core and the key-sharded decode indexer, run across an attention TP group.
+
+Both produce exactly what pure TP produces on each rank (bf16 tolerance; top-k equal up to ties):
+
+- :func:`token_parallel_attention`: ``q [T, h, 576]`` (this rank's heads of every token) -> the latent
+  output ``[T, h, 512]`` of the same heads. Inside: queries all-to-all'd to ``[t_r, H, 576]`` (all heads
+  of this rank's tokens), the indexer runs on this rank's tokens only (overlapping the exchange), the
+  sparse core runs all ``H`` heads without padding, and the output goes back ``[t_r, H, 512] -> [T, h, 512]``.
+  The indexer and the sparse core come in as callables, so the same orchestration serves ragged prefill
+  (``fp8_mqa_logits`` + ``sparse_mla_fwd``) and decode with ``batch >= W`` (paged logits +
+  ``sparse_mla_decode``): every input they read — index queries, index-K cache, latent cache — is
+  replicated in the group, so any rank can compute any token's rows.
+- :func:`key_sharded_decode_topk`: decode with fewer rows than ranks: each rank scores its page-aligned
+  slice of every row's context (:func:`shard_page_table`), keeps a local top-k, the candidates are
+  all-gathered and merged (:func:`nsa_tp.attention.topk_merge.merge_topk`) into the global top-k as
+  global cache slots — what ``topk_transform_paged(fp8_paged_mqa_logits(...))`` gives unsharded.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+import torch
+import torch.distributed as dist
+
+from nsa_tp import ops
+from nsa_tp.attention.token_parallel import TokenSplit
+from nsa_tp.attention.topk_merge import local_topk, merge_topk
+from nsa_tp.ops._check import check_same_device, check_tensor
+from nsa_tp.parallel.collectives import all_gather_stack, heads_to_tokens, tokens_to_heads
+
+__all__ = ["token_parallel_attention", "key_sharded_decode_topk", "shard_page_table", "SelectTopk", "Attend"]
+
+# select_topk(rows) -> [len(rows), K] int32 ids for the sparse core (-1 fill), rows = global token rows.
+SelectTopk = Callable[[range], torch.Tensor]
+# attend(q [t, H, 576], topk [t, K], rows) -> out [t, H, 512] bf16 for those token rows, all heads.
+Attend = Callable[[torch.Tensor, torch.Tensor, range], torch.Tensor]
+
+
+def _rank_world(group: dist.ProcessGroup | None) -> tuple[int, int]:
+    if not dist.is_available() or not dist.is_initialized():
+        raise ValueError("group: torch.distributed is not initialized; call init_process_group first")
+    return dist.get_rank(group), dist.get_world_size(group)
+
+
+def token_parallel_attention(
+    q: torch.Tensor,
+    split: TokenSplit,
+    group: dist.ProcessGroup | None,
+    select_topk: SelectTopk,
+    attend: Attend,
+    *,
+    d_v: int = 512,
+    fp8_q: bool = False,
+) -> torch.Tensor:
+    """Token-parallel sparse attention for one batch; returns what pure TP returns on this rank.
+
+    Args:
+        q: ``[num_rows, h, 576]`` bfloat16 — absorbed queries of this rank's ``h`` heads (global heads
+            ``[r*h, (r+1)*h)``) for every row, DP padding rows included.
+        split: :class:`TokenSplit` of the real rows over the group (``split.num_rows == num_rows``).
+        group: the attention TP group (its size is ``split.world``).
+        select_topk: the indexer for a range of rows (see :data:`SelectTopk`); called once, for this
+            rank's rows only (never for DP padding rows), while the query exchange is in flight.
+        attend: the sparse core for this rank's rows with all ``H = W*h`` heads (see :data:`Attend`).
+        d_v: the core's output dim (512).
+        fp8_q: send q as e4m3 + per-64 scales (0.53x the bytes, lossy).
+
+    Returns:
+        ``[num_rows, h, d_v]`` bfloat16: this rank's heads of every row; DP padding rows are 0.
+    """
+    check_tensor(q, "q", ndim=3, dtype=(torch.bfloat16, torch.float16, torch.float32))
+    rank, world = _rank_world(group)
+    if not isinstance(split, TokenSplit):
+        raise ValueError(f"split: expected a TokenSplit from plan_token_split, got {type(split).__name__}")
+    if split.world != world:
+        raise ValueError(f"split: planned for {split.world} ranks, the group has {world}")
+    if split.num_rows != q.shape[0]:
+        raise ValueError(f"q: expected {split.num_rows} rows (split.num_rows), got shape {tuple(q.shape)}")
+    num_rows, h, _ = q.shape
+    real = split.num_real
+    rows = split.rows(rank)
+    # [T, h, 576] -> [t_r, W*h, 576]; in flight while this rank's indexer rows run.
+    pending = heads_to_tokens(q[:real], group, split.splits, fp8=fp8_q, async_op=True)
+    topk = select_topk(rows) if len(rows) else None
+    q_tok = pending.wait()
+    if topk is None:
+        out_tok = q.new_zeros((0, world * h, d_v), dtype=torch.bfloat16)
+    else:
+        check_tensor(topk, "select_topk(rows)", ndim=2, dtype=torch.int32)
+        if topk.shape[0] != len(rows):
+            raise ValueError(f"select_topk(rows): expected {len(rows)} rows, got shape {tuple(topk.shape)}")
+        out_tok = attend(q_tok, topk, rows)
+        check_tensor(out_tok, "attend(...)", shape=(len(rows), world * h, d_v), dtype=torch.bfloat16)
+    # [t_r, W*h, 512] -> [T, h, 512]
+    out = tokens_to_heads(out_tok, group, split.splits)
+    if num_rows == real:
+        return out
+    padded = out.new_zeros((num_rows, h, d_v))
+    padded[:real] = out
+    return padded
+
+
+def shard_page_table(
+    page_table: torch.Tensor, seq_lens: torch.Tensor, rank: int, world: int, page_size: int = 64
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Rank ``rank``'s slice of every row's context, as a page table the paged logits kernel can read.
+
+    Row ``r`` with ``P = ceil(seq_lens[r] / page_size)`` pages gets pages ``[rank*P//W, (rank+1)*P//W)``
+    (the same cut as :func:`nsa_tp.attention.token_parallel.plan_key_shards`). Computed on the device,
+    no host sync.
+
+    Returns:
+        ``(local_page_table [R, ceil(max_pages/W)] int32, local_lens [R] int32, key_start [R] int64)``:
+        column ``j`` of the local table is page ``p0 + j`` of the row (unused columns repeat a valid entry
+        of the row and are never read: ``local_lens`` stops before them).
+    """
+    check_tensor(page_table, "page_table", ndim=2, dtype=torch.int32)
+    R, max_pages = page_table.shape
+    check_tensor(seq_lens, "seq_lens", shape=(R,), dtype=torch.int32)
+    check_same_device(page_table=page_table, seq_lens=seq_lens)
+    lens = seq_lens.long()
+    pages = (lens + page_size - 1) // page_size
+    p0 = rank * pages // world
+    p1 = (rank + 1) * pages // world
+    width = max(1, -(-max_pages // world))  # no row's slice has more pages than this
+    cols = (p0[:, None] + torch.arange(width, device=page_table.device)[None, :]).clamp_max(max(max_pages - 1, 0))
+    local_table = torch.gather(page_table, 1, cols) if max_pages else page_table.new_zeros(R, width)
+    key_start = p0 * page_size
+    local_lens = (torch.minimum(p1 * page_size, lens) - key_start).clamp_min(0)
+    return local_table.contiguous(), local_lens.to(torch.int32), key_start
+
+
+def key_sharded_decode_topk(
+    q: torch.Tensor,
+    index_k_cache: torch.Tensor,
+    weights: torch.Tensor,
+    seq_lens: torch.Tensor,
+    page_table: torch.Tensor,
+    topk: int,
+    group: dist.ProcessGroup | None,
+    *,
+    page_size: int = 64,
+    backend: str = "auto",
+) -> torch.Tensor:
+    """The decode indexer's top-k with the context split over the group's ranks (exact, up to ties).
+
+    Args (the contract of :func:`nsa_tp.ops.fp8_paged_mqa_logits`, identical on every rank):
+        q: ``[R, H_idx, 128]`` float8_e4m3fn index queries, one row per decode token.
+        index_k_cache: ``[P, 8448]`` uint8 paged index-K cache (replicated in the group).
+        weights: ``[R, H_idx]`` float32.
+        seq_lens: ``[R]`` int32, keys row ``r`` scores: its request's tokens ``[0, seq_lens[r])``.
+        page_table: ``[R, max_pages]`` int32, the row's request pages.
+        topk: K (2048).
+        group: the attention TP group.
+        page_size: 64.
+        backend: tier for the logits and the local top-k.
+
+    Returns:
+        ``[R, topk]`` int32 global cache slots (``page * 64 + offset``), ``-1`` fill — the same set as
+        ``topk_transform_paged(fp8_paged_mqa_logits(...), topk, ...)`` on one rank.
+    """
+    rank, world = _rank_world(group)
+    check_tensor(q, "q", ndim=3, dtype=torch.float8_e4m3fn)
+    R = q.shape[0]
+    check_tensor(seq_lens, "seq_lens", shape=(R,), dtype=torch.int32)
+    check_tensor(page_table, "page_table", shape=(R, None), dtype=torch.int32)
+    local_table, local_lens, key_start = shard_page_table(page_table, seq_lens, rank, world, page_size)
+    width = local_table.shape[1] * page_size
+    logits = ops.fp8_paged_mqa_logits(q, index_k_cache, weights, local_lens, local_table, width, backend=backend)
+    scores, positions = local_topk(logits, topk, local_lens, key_start)  # [R, K] each, global positions
+    # [R, K] -> [W, R, K] on every rank: 2 * 4 bytes * R * K (16 KB a row at K = 2048).
+    all_scores = all_gather_stack(scores, group)
+    all_pos = all_gather_stack(positions, group)
+    pos, _ = merge_topk(all_scores, all_pos, topk)
+    safe = pos.long().clamp_min(0)
+    slots = page_table.long().gather(1, safe // page_size) * page_size + safe % page_size
+    return torch.where(pos >= 0, slots, torch.full_like(slots, -1)).to(torch.int32)

@@ -1,0 +1,298 @@
+"""Token-parallel attention, pure parts: split plans, key shards, the per-batch policy, exact top-k merge,
+fp8 wire packing. No process groups here (see test_token_parallel_dist.py)."""
+
+from __future__ import annotations
+
+import dataclasses
+import random
+
+import pytest
+import torch
+
+from nsa_tp.attention.token_parallel import (
+    DEFAULT_COSTS,
+    TokenParallelCosts,
+    causal_mean_keys,
+    choose_strategy,
+    choose_token_parallel,
+    crossover_decode_context,
+    crossover_tokens,
+    plan_key_shards,
+    plan_token_split,
+    predict_ms,
+    token_costs,
+)
+from nsa_tp.attention.token_parallel_core import shard_page_table
+from nsa_tp.attention.topk_merge import local_topk, merge_topk
+from nsa_tp.ops.topk import topk_positions
+from nsa_tp.parallel import resolve_layout
+from nsa_tp.parallel.collectives import a2a_bytes_per_rank, fp8_pack_rows, fp8_row_bytes, fp8_unpack_rows
+
+# ---------------------------------------------------------------------------------------------- split plans
+
+
+@pytest.mark.parametrize("T,W", [(0, 2), (1, 4), (3, 4), (4, 4), (7, 2), (10, 3), (4097, 8)])
+def test_even_split_counts(T, W):
+    s = plan_token_split(T, W)
+    assert sum(s.splits) == T and len(s.splits) == W and s.num_rows == T
+    assert max(s.splits) - min(s.splits) <= 1
+    assert list(s.splits) == sorted(s.splits, reverse=True)  # the first ranks take the extra token
+    covered = [t for r in range(W) for t in s.rows(r)]
+    assert covered == list(range(T))  # contiguous, disjoint, in order
+
+
+def test_split_with_dp_padding_rows():
+    s = plan_token_split(7, 2, num_rows=8)  # 7 real tokens padded to 8 for the MLP sync
+    assert s.splits == (4, 3) and s.num_real == 7 and s.num_rows == 8
+    assert list(s.rows(1)) == [4, 5, 6]
+    with pytest.raises(ValueError, match="num_rows"):
+        plan_token_split(7, 2, num_rows=6)
+
+
+@pytest.mark.parametrize("T,W", [(1, 2), (5, 4), (64, 2), (300, 4), (1000, 8)])
+def test_cost_balanced_split_bounds_the_busiest_rank(T, W):
+    rng = random.Random(T * 31 + W)
+    keys = sorted(rng.randrange(0, 5000) for _ in range(T))  # causal-ish: later tokens score more keys
+    costs = token_costs(keys)
+    s = plan_token_split(T, W, costs=costs)
+    assert sum(s.splits) == T
+    per_rank = [sum(costs[i] for i in s.rows(r)) for r in range(W)]
+    # Each cut lands within one token of the ideal share: no rank exceeds total/W + one token's cost.
+    assert max(per_rank) <= sum(costs) / W + max(costs) + 1e-6
+
+
+def test_cost_balanced_split_beats_count_split_on_causal_prefill():
+    T, W = 32768, 2
+    costs = token_costs([t + 1 for t in range(T)])  # a fresh causal prompt: token t scores t+1 keys
+    even = plan_token_split(T, W)
+    bal = plan_token_split(T, W, costs=costs)
+
+    def busiest(s):
+        return max(sum(costs[i] for i in s.rows(r)) for r in range(W))
+
+    assert bal.splits[0] > bal.splits[1]  # the early (cheap) tokens go together
+    # The indexer row of token t costs ~t: the even split leaves rank 1 with 3/4 of the indexer work.
+    assert busiest(bal) <= sum(costs) / W + max(costs)
+    assert busiest(bal) < 0.9 * busiest(even)
+
+
+def test_split_rejects_bad_input():
+    for bad in (dict(num_tokens=-1, world=2), dict(num_tokens=3, world=0), dict(num_tokens=True, world=2)):
+        with pytest.raises(ValueError):
+            plan_token_split(**bad)
+    with pytest.raises(ValueError, match="one cost per token"):
+        plan_token_split(3, 2, costs=[1.0, 2.0])
+    with pytest.raises(ValueError, match="non-negative"):
+        plan_token_split(2, 2, costs=[1.0, float("nan")])
+    with pytest.raises(ValueError, match="rank"):
+        plan_token_split(3, 2).rows(2)
+
+
+def test_causal_mean_keys():
+    assert causal_mean_keys(0, 1) == 1
+    assert causal_mean_keys(0, 4) == (1 + 2 + 3 + 4) / 4
+    assert causal_mean_keys(100, 3) == 102
+    assert causal_mean_keys(5, 0) == 0
+
+
+# ---------------------------------------------------------------------------------------------- key shards
+
+
+@pytest.mark.parametrize("W", [1, 2, 3, 4, 8])
+def test_key_shards_cover_each_context_once_page_aligned(W):
+    lens = [0, 1, 63, 64, 65, 130, 1000, 131072]
+    shards = plan_key_shards(lens, W)
+    assert len(shards) == W
+    for b, L in enumerate(lens):
+        seen = []
+        for sh in shards:
+            assert sh.key_start[b] == sh.page_start[b] * 64
+            assert sh.key_len[b] <= sh.num_pages[b] * 64
+            seen.extend(range(sh.key_start[b], sh.key_start[b] + sh.key_len[b]))
+        assert seen == list(range(L))
+        sizes = [sh.num_pages[b] for sh in shards]
+        assert max(sizes) - min(sizes) <= 1  # balanced to a page
+
+
+@pytest.mark.parametrize("W", [2, 3, 4])
+def test_shard_page_table_matches_the_plan(W):
+    lens = [0, 5, 64, 200, 700]
+    max_pages = 12
+    table = torch.arange(len(lens) * max_pages, dtype=torch.int32).reshape(len(lens), max_pages) * 7 % 97
+    for r, plan in enumerate(plan_key_shards(lens, W)):
+        local, local_lens, start = shard_page_table(table, torch.tensor(lens, dtype=torch.int32), r, W)
+        assert local.shape == (len(lens), -(-max_pages // W))
+        assert local_lens.tolist() == list(plan.key_len) and start.tolist() == list(plan.key_start)
+        for b in range(len(lens)):
+            n = plan.num_pages[b]
+            assert local[b, :n].tolist() == table[b, plan.page_start[b] : plan.page_start[b] + n].tolist()
+
+
+# ---------------------------------------------------------------------------------------------- policy
+
+_TOY = TokenParallelCosts(
+    card="toy", date="-", source="test", indexer_ns_per_row_key=0.02, sparse_ns_per_token_head=7.4,
+    a2a_latency_us=30.0, a2a_gbytes_per_s=300.0, decode_indexer_ns_per_key=1.0, decode_indexer_fixed_us=40.0,
+    gather_merge_us=35.0,
+)
+
+
+def test_policy_modes_and_trivial_groups():
+    tp8 = resolve_layout(8, sm_major=9)
+    tp1 = resolve_layout(1, sm_major=9)
+    dp8 = resolve_layout(8, 8, True, sm_major=9)
+    assert choose_strategy(tp8, 32768, 16384, "off", costs=_TOY) == "heads"
+    assert choose_strategy(tp8, 1, 10, "on", costs=_TOY) == "tokens"
+    assert choose_strategy(tp8, 3, 100000, "on", is_decode=True, costs=_TOY) == "keys"  # 3 requests < 8 ranks
+    assert choose_strategy(tp8, 8, 100000, "on", is_decode=True, costs=_TOY) == "tokens"
+    assert choose_strategy(tp8, 0, 0, "on", costs=_TOY) == "heads"  # nothing to split
+    for lay in (tp1, dp8):  # one-rank attention groups never split
+        assert choose_strategy(lay, 32768, 16384, "on", costs=_TOY) == "heads"
+    # mode=None reads the layout's --nsa-token-parallel
+    off = resolve_layout(8, sm_major=9, token_parallel="off")
+    assert not choose_token_parallel(off, 32768, 16384, costs=_TOY)
+    on = resolve_layout(8, sm_major=9, token_parallel="on")
+    assert choose_token_parallel(on, 2, 10, costs=_TOY)
+    with pytest.raises(ValueError, match="mode"):
+        choose_strategy(tp8, 8, 8, "maybe")
+    with pytest.raises(ValueError, match="context_len"):
+        choose_strategy(tp8, 8, -1.0)
+    with pytest.raises(ValueError, match="num_tokens"):
+        choose_strategy(tp8, -3, 8.0)
+
+
+def test_auto_policy_follows_the_cost_model():
+    tp8 = resolve_layout(8, sm_major=9)
+    # Long prefill at TP8: 16 heads padded to 64 plus a replicated indexer -> token-parallel pays.
+    assert choose_strategy(tp8, 32768, causal_mean_keys(0, 32768), costs=_TOY) == "tokens"
+    # A handful of tokens: the all-to-all's fixed cost dominates.
+    assert choose_strategy(tp8, 2, 2.0, costs=_TOY) == "heads"
+    for lay in (resolve_layout(2, sm_major=9), resolve_layout(4, sm_major=9), tp8):
+        t = crossover_tokens(lay, costs=_TOY)
+        if t is None:
+            continue
+        assert choose_strategy(lay, t, causal_mean_keys(0, t), costs=_TOY) == "tokens"
+        assert t == 1 or choose_strategy(lay, t - 1, causal_mean_keys(0, t - 1), costs=_TOY) == "heads"
+    # Padding makes TP8 pay earlier than TP2, whose 64 heads need no padding on Hopper.
+    assert crossover_tokens(tp8, costs=_TOY) < (crossover_tokens(resolve_layout(2, sm_major=9), costs=_TOY) or 10**9)
+
+
+def test_auto_policy_decode_key_sharding_has_a_context_crossover():
+    tp2 = resolve_layout(2, sm_major=9)
+    c = crossover_decode_context(tp2, costs=_TOY)
+    assert c is not None
+    assert choose_strategy(tp2, 1, c, is_decode=True, costs=_TOY) == "keys"
+    assert choose_strategy(tp2, 1, c - 1, is_decode=True, costs=_TOY) == "heads"
+    parts = predict_ms(tp2, 1, 131072, "keys", is_decode=True, costs=_TOY)
+    assert set(parts) == {"indexer", "gather_merge", "total"}
+    with pytest.raises(ValueError, match="decode only"):
+        predict_ms(tp2, 8, 100.0, "keys", costs=_TOY)
+
+
+def test_predicted_parts_are_consistent():
+    tp4 = resolve_layout(4, sm_major=9)
+    T, ctx = 32768, causal_mean_keys(0, 32768)
+    heads = predict_ms(tp4, T, ctx, "heads", costs=_TOY)
+    toks = predict_ms(tp4, T, ctx, "tokens", costs=_TOY)
+    assert toks["indexer"] == pytest.approx(heads["indexer"] / 4)  # the indexer divided by attn_tp
+    assert heads["sparse"] == pytest.approx(toks["sparse"] * 2)  # 32 heads padded to 64 vs 128 real / 4 tokens
+    assert heads["total"] == pytest.approx(sum(v for k, v in heads.items() if k != "total"))
+    assert toks["all_to_all"] > 0
+
+
+def test_costs_round_trip_and_default_is_labelled():
+    d = DEFAULT_COSTS.to_dict()
+    assert TokenParallelCosts.from_dict(d) == DEFAULT_COSTS
+    assert DEFAULT_COSTS.card and DEFAULT_COSTS.date and "measured" in DEFAULT_COSTS.source
+    with pytest.raises(ValueError, match="missing"):
+        TokenParallelCosts.from_dict({"card": "x"})
+    assert dataclasses.replace(DEFAULT_COSTS, margin=0.1).margin == 0.1
+
+
+# ---------------------------------------------------------------------------------------------- top-k merge
+
+
+def _shard_and_merge(logits: torch.Tensor, lengths: list[int], W: int, K: int) -> torch.Tensor:
+    """Split each row's columns by plan_key_shards, local top-k per shard, then merge."""
+    R = logits.shape[0]
+    scores, positions = [], []
+    for sh in plan_key_shards(lengths, W, page_size=4):
+        width = max(sh.max_keys, 1)
+        local = torch.full((R, width), float("-inf"))
+        for r in range(R):
+            k0, n = sh.key_start[r], sh.key_len[r]
+            local[r, :n] = logits[r, k0 : k0 + n]
+        s, p = local_topk(local, K, torch.tensor(sh.key_len, dtype=torch.int32),
+                          torch.tensor(sh.key_start, dtype=torch.int32))
+        scores.append(s)
+        positions.append(p)
+    pos, merged_scores = merge_topk(torch.stack(scores), torch.stack(positions), K)
+    assert pos.dtype == torch.int32 and merged_scores.dtype == torch.float32
+    return pos
+
+
+@pytest.mark.parametrize("W", [1, 2, 3, 4])
+@pytest.mark.parametrize("K", [1, 5, 16, 100])
+def test_merge_equals_global_topk_exactly_with_ties(W, K):
+    g = torch.Generator().manual_seed(W * 1000 + K)
+    lengths = [0, 1, 3, 17, 40, 64, 99]
+    N = max(lengths)
+    # Integer-valued logits from a small range: many exact ties across and within shards.
+    logits = torch.randint(-4, 5, (len(lengths), N), generator=g).float()
+    for r, L in enumerate(lengths):
+        logits[r, L:] = float("-inf")
+    logits[5, 10:20] = float("-inf")  # -inf inside the range: not a candidate
+    want = topk_positions(logits, K, torch.tensor(lengths, dtype=torch.int32))
+    got = _shard_and_merge(logits, lengths, W, K)
+    assert torch.equal(got, want)  # same total order (score desc, lower position first): identical ids
+
+
+def test_merge_rows_with_fewer_than_k_candidates_and_empty_rows():
+    scores = torch.full((2, 3, 4), float("-inf"))
+    pos = torch.full((2, 3, 4), -1, dtype=torch.int64)
+    scores[0, 0, :2] = torch.tensor([1.0, 0.5])
+    pos[0, 0, :2] = torch.tensor([7, 3])
+    scores[1, 0, :1] = 2.0
+    pos[1, 0, :1] = 40
+    scores[1, 1, 0] = float("nan")  # NaN is never a candidate
+    pos[1, 1, 0] = 41
+    p, s = merge_topk(scores, pos, 5)
+    assert p.tolist() == [[40, 7, 3, -1, -1], [-1] * 5, [-1] * 5]
+    assert s[0, :3].tolist() == [2.0, 1.0, 0.5] and torch.isneginf(s[0, 3:]).all() and torch.isneginf(s[1:]).all()
+
+
+def test_merge_and_local_topk_reject_bad_input():
+    with pytest.raises(ValueError, match="positions"):
+        merge_topk(torch.zeros(2, 1, 3), torch.zeros(2, 1, 4, dtype=torch.int64), 2)
+    with pytest.raises(ValueError, match="scores"):
+        merge_topk(torch.zeros(2, 1, 3, dtype=torch.float64), torch.zeros(2, 1, 3, dtype=torch.int64), 2)
+    with pytest.raises(ValueError, match="topk"):
+        merge_topk(torch.zeros(2, 1, 3), torch.zeros(2, 1, 3, dtype=torch.int64), 0)
+    with pytest.raises(ValueError, match="key_start"):
+        local_topk(torch.zeros(2, 3), 2, torch.ones(2, dtype=torch.int32), torch.zeros(3, dtype=torch.int32))
+
+
+# ---------------------------------------------------------------------------------------------- fp8 wire format
+
+
+@pytest.mark.parametrize("d", [64, 512, 576])
+def test_fp8_pack_round_trip(d):
+    g = torch.Generator().manual_seed(d)
+    x = (torch.randn(5, 3, d, generator=g) * torch.logspace(-3, 3, d)).to(torch.bfloat16)
+    x[0, 0] = 0  # an all-zero row must come back as zeros, not NaN
+    packed = fp8_pack_rows(x)
+    assert packed.dtype == torch.uint8 and packed.shape == (5, 3, fp8_row_bytes(d))
+    back = fp8_unpack_rows(packed, d, torch.bfloat16)
+    assert back.shape == x.shape and not back.isnan().any()
+    assert (back[0, 0] == 0).all()
+    rel = (back.float() - x.float()).norm() / x.float().norm()
+    assert rel < 0.05  # e4m3: 3 mantissa bits, one scale per 64 values
+    with pytest.raises(ValueError, match="divisible"):
+        fp8_pack_rows(torch.zeros(2, 65))
+
+
+def test_a2a_bytes_and_fp8_halves_them():
+    bf16 = a2a_bytes_per_rank(4096, 16, 576, 8)
+    assert bf16 == 4096 * 16 * 576 * 2 * 7 // 8
+    assert a2a_bytes_per_rank(4096, 16, 576, 8, fp8=True) / bf16 == pytest.approx(612 / 1152)
+    assert a2a_bytes_per_rank(4096, 16, 576, 1) == 0
