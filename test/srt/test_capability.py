@@ -95,10 +95,18 @@ def test_dispatch_and_forward_never_query_the_device(fake_gpus, monkeypatch):
     calls, freeze = fake_gpus
     kernel = _ShapeOnlyKernel()
     monkeypatch.setattr(flashmla, "_flash_mla", lambda: kernel)
-    # The registry caches each tier's availability once per process; here the tier counts as available
-    # (its probe ran at "construction"), exactly as on a machine with the wheel.
+    # The registry caches each tier's availability once per process; here FlashMLA counts as available (its
+    # probe ran at "construction"), exactly as on a machine with the wheel, and the other GPU tiers are out
+    # of this test (they would try to launch real kernels on these shape-only tensors).
+    def load(name: str):
+        if name == "flashmla":
+            return flashmla.TIER
+        if name == "reference":
+            return real_load(name)
+        return "not under test"
+
     real_load = registry._load
-    monkeypatch.setattr(registry, "_load", lambda name: flashmla.TIER if name == "flashmla" else real_load(name))
+    monkeypatch.setattr(registry, "_load", load)
 
     get_capability("cuda:0")  # construction: the backend builds the probe once
     get_capability("cuda:1")
