@@ -27,7 +27,7 @@ from nsa_tp import ops
 from nsa_tp.attention.token_parallel import TokenSplit
 from nsa_tp.attention.topk_merge import local_topk, merge_topk
 from nsa_tp.ops._check import check_same_device, check_tensor
-from nsa_tp.parallel.collectives import all_gather_stack, heads_to_tokens, tokens_to_heads
+from nsa_tp.parallel.collectives import all_gather_stack, group_rank_world, heads_to_tokens, tokens_to_heads
 
 __all__ = ["token_parallel_attention", "key_sharded_decode_topk", "shard_page_table", "SelectTopk", "Attend"]
 
@@ -35,12 +35,6 @@ __all__ = ["token_parallel_attention", "key_sharded_decode_topk", "shard_page_ta
 SelectTopk = Callable[[range], torch.Tensor]
 # attend(q [t, H, 576], topk [t, K], rows) -> out [t, H, 512] bf16 for those token rows, all heads.
 Attend = Callable[[torch.Tensor, torch.Tensor, range], torch.Tensor]
-
-
-def _rank_world(group: dist.ProcessGroup | None) -> tuple[int, int]:
-    if not dist.is_available() or not dist.is_initialized():
-        raise ValueError("group: torch.distributed is not initialized; call init_process_group first")
-    return dist.get_rank(group), dist.get_world_size(group)
 
 
 def token_parallel_attention(
@@ -59,7 +53,7 @@ def token_parallel_attention(
         q: ``[num_rows, h, 576]`` bfloat16 — absorbed queries of this rank's ``h`` heads (global heads
             ``[r*h, (r+1)*h)``) for every row, DP padding rows included.
         split: :class:`TokenSplit` of the real rows over the group (``split.num_rows == num_rows``).
-        group: the attention TP group (its size is ``split.world``).
+        group: the attention TP group (its size is ``split.world``; ``None`` = one rank).
         select_topk: the indexer for a range of rows (see :data:`SelectTopk`); called once, for this
             rank's rows only (never for DP padding rows), while the query exchange is in flight.
         attend: the sparse core for this rank's rows with all ``H = W*h`` heads (see :data:`Attend`).
@@ -70,7 +64,7 @@ def token_parallel_attention(
         ``[num_rows, h, d_v]`` bfloat16: this rank's heads of every row; DP padding rows are 0.
     """
     check_tensor(q, "q", ndim=3, dtype=(torch.bfloat16, torch.float16, torch.float32))
-    rank, world = _rank_world(group)
+    rank, world = group_rank_world(group)
     if not isinstance(split, TokenSplit):
         raise ValueError(f"split: expected a TokenSplit from plan_token_split, got {type(split).__name__}")
     if split.world != world:
@@ -160,7 +154,7 @@ def key_sharded_decode_topk(
         ``[R, topk]`` int32 global cache slots (``page * 64 + offset``), ``-1`` fill — the same set as
         ``topk_transform_paged(fp8_paged_mqa_logits(...), topk, ...)`` on one rank.
     """
-    rank, world = _rank_world(group)
+    rank, world = group_rank_world(group)
     check_tensor(q, "q", ndim=3, dtype=torch.float8_e4m3fn)
     R = q.shape[0]
     check_tensor(seq_lens, "seq_lens", shape=(R,), dtype=torch.int32)

@@ -35,6 +35,7 @@ __all__ = [
     "heads_to_tokens",
     "tokens_to_heads",
     "check_splits",
+    "group_rank_world",
     "split_offsets",
     "all_gather_stack",
     "fp8_pack_rows",
@@ -49,7 +50,14 @@ _E4M3_MAX = 448.0
 _WIRE_DTYPES = (torch.bfloat16, torch.float16, torch.float32)
 
 
-def _rank_world(group: dist.ProcessGroup | None) -> tuple[int, int]:
+def group_rank_world(group: dist.ProcessGroup | None) -> tuple[int, int]:
+    """``(rank in group, group size)``; ``None`` is a group of one rank (the ``ParallelGroups`` convention).
+
+    ``None`` never means "the default group": a one-rank attention TP group has no group object, and
+    reading it as the world would silently exchange with unrelated ranks.
+    """
+    if group is None:
+        return 0, 1
     if not dist.is_available() or not dist.is_initialized():
         raise ValueError("group: torch.distributed is not initialized; call init_process_group first")
     return dist.get_rank(group), dist.get_world_size(group)
@@ -158,7 +166,7 @@ def heads_to_tokens(
     Args:
         x: ``[T, h, D]`` bfloat16 / float16 / float32, identical ``T``, ``h``, ``D`` and dtype on every
             rank of ``group``; rank ``j`` holds global heads ``[j*h, (j+1)*h)``.
-        group: the attention TP group (``None``: the default group).
+        group: the attention TP group (``None``: a group of one rank, no communication).
         splits: tokens per rank (sum ``T``, zeros allowed); rank ``r`` receives tokens
             ``[offsets[r], offsets[r] + splits[r])`` (:func:`split_offsets`).
         fp8: send e4m3 values with one float32 scale per 64 (0.53x the bytes, lossy; see module doc).
@@ -168,7 +176,7 @@ def heads_to_tokens(
         ``[splits[r], W*h, D]`` in ``x.dtype``, heads in global order.
     """
     check_tensor(x, "x", ndim=3, dtype=_WIRE_DTYPES)
-    rank, world = _rank_world(group)
+    rank, world = group_rank_world(group)
     T, h, d = x.shape
     s = check_splits(splits, T, world)
     if world == 1:
@@ -206,7 +214,7 @@ def tokens_to_heads(
         ``[T, H/W, D]`` in ``y.dtype``: every token, heads ``[r*H/W, (r+1)*H/W)``.
     """
     check_tensor(y, "y", ndim=3, dtype=_WIRE_DTYPES)
-    rank, world = _rank_world(group)
+    rank, world = group_rank_world(group)
     t, H, d = y.shape
     if H % world:
         raise ValueError(f"y: expected a head count divisible by the group size {world}, got {H}")
@@ -235,9 +243,11 @@ def tokens_to_heads(
 def all_gather_stack(x: torch.Tensor, group: dist.ProcessGroup | None) -> torch.Tensor:
     """``x [...]`` (same shape and dtype on every rank) -> ``[W, ...]``, row ``j`` from rank ``j``."""
     check_tensor(x, "x")
-    _, world = _rank_world(group)
+    _, world = group_rank_world(group)
     if world == 1:
         return x.unsqueeze(0)
     out = x.new_empty((world, *x.shape))
-    dist.all_gather_into_tensor(out.view(-1), x.contiguous().view(-1), group=group)
+    # torch 2.13 renamed all_gather_into_tensor to all_gather_single; the GPU hosts run 2.11.
+    gather = getattr(dist, "all_gather_single", None) or dist.all_gather_into_tensor
+    gather(out.view(-1), x.contiguous().view(-1), group=group)
     return out
