@@ -23,6 +23,7 @@ from nsa_tp.attention.indexer import (
     build_prefill_index_batch,
 )
 from nsa_tp.attention.padding import pad_cache_seqlens
+from nsa_tp.ops.capability import get_capability
 from nsa_tp.ops.plan import DecodePlan, normalize_kv_dtype
 
 __all__ = ["ForwardMetadata", "ForwardMetadataBuilder"]
@@ -114,6 +115,8 @@ class ForwardMetadataBuilder:
         self.topk = topk
         self.kv_dtype = normalize_kv_dtype(kv_dtype)
         self.device = torch.device(device)
+        # Device facts (SM version, FlashMLA's head multiple) are read once, here; every op reuses the cache.
+        self.capability = get_capability(self.device)
         self.backend = backend
         self.logits_budget_mb = logits_budget_mb
         self.free_fraction = free_fraction
