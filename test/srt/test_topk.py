@@ -109,3 +109,19 @@ def test_bad_input_names_the_argument():
         ops.topk_transform_paged(torch.zeros(1, 100), 4, lengths=t([100]), page_table=t([[0]]))
     with pytest.raises(ValueError, match="offset_override"):
         ops.topk_transform_ragged(logits, 4, row_starts=t([0, 0]), lengths=t([3, 3]), offset_override=t([1]))
+
+
+def test_check_values_false_gives_the_same_result_without_the_range_check():
+    g = torch.Generator().manual_seed(3)
+    logits = torch.randn(6, 50, generator=g)
+    starts, lengths = t([0, 5, 10, 0, 49, 20]), t([50, 10, 3, 0, 1, 30])
+    a = ops.topk_transform_ragged(logits, 7, row_starts=starts, lengths=lengths)
+    b = ops.topk_transform_ragged(logits, 7, row_starts=starts, lengths=lengths, check_values=False)
+    assert torch.equal(a, b)
+    pt = t([[4], [1], [0], [2], [3], [5]])
+    a = ops.topk_transform_paged(logits, 7, lengths=lengths, page_table=pt, row_to_req=t([5, 4, 3, 2, 1, 0]),
+                                 row_starts=starts)
+    b = ops.topk_transform_paged(logits, 7, lengths=lengths, page_table=pt, row_to_req=t([5, 4, 3, 2, 1, 0]),
+                                 row_starts=starts, check_values=False)
+    assert torch.equal(a, b)
+    assert (a[0] // 64 == 5).all() and (a[1, :7] // 64 == 3).all()  # rows map through their request's page

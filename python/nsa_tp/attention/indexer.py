@@ -398,7 +398,7 @@ class Indexer:
             )
             out[c.rows] = ops.topk_transform_ragged(
                 logits, self.topk, row_starts=c.row_starts, lengths=c.lengths, offset_override=c.offsets,
-                backend=self.backend,
+                check_values=False, backend=self.backend,  # ranges validated once, when the batch was built
             )
         if index_space == "ragged":
             return out
@@ -418,6 +418,7 @@ class Indexer:
                 q8[c.rows], index_k_cache, weights[c.rows], c.lengths, c.page_table, c.hi, backend=self.backend
             )
             out[c.rows] = ops.topk_transform_paged(
-                logits, self.topk, lengths=c.lengths, page_table=c.page_table, backend=self.backend
+                logits, self.topk, lengths=c.lengths, page_table=c.page_table, check_values=False,
+                backend=self.backend,
             )
         return out

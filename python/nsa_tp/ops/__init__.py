@@ -130,12 +130,17 @@ def topk_transform_ragged(
     row_starts: torch.Tensor,
     lengths: torch.Tensor,
     offset_override: torch.Tensor | None = None,
+    check_values: bool = True,
     backend: str = "auto",
 ) -> torch.Tensor:
-    """``[R, topk]`` int32 ragged ids, ``-1`` fill; see :func:`nsa_tp.ops.topk.topk_transform_ragged`."""
+    """``[R, topk]`` int32 ragged ids, ``-1`` fill; see :func:`nsa_tp.ops.topk.topk_transform_ragged`.
+
+    ``check_values=False`` skips the value range checks (a host sync) for inputs validated once per batch;
+    every tier implementing the top-k ops accepts it.
+    """
     return dispatch(
         "topk_transform_ragged", backend, logits, topk,
-        row_starts=row_starts, lengths=lengths, offset_override=offset_override,
+        row_starts=row_starts, lengths=lengths, offset_override=offset_override, check_values=check_values,
     )
 
 
@@ -148,10 +153,12 @@ def topk_transform_paged(
     row_to_req: torch.Tensor | None = None,
     row_starts: torch.Tensor | None = None,
     page_size: int = 64,
+    check_values: bool = True,
     backend: str = "auto",
 ) -> torch.Tensor:
     """``[R, topk]`` int32 global cache slots, ``-1`` fill; see :func:`nsa_tp.ops.topk.topk_transform_paged`."""
     return dispatch(
         "topk_transform_paged", backend, logits, topk,
         lengths=lengths, page_table=page_table, row_to_req=row_to_req, row_starts=row_starts, page_size=page_size,
+        check_values=check_values,
     )

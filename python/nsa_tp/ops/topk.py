@@ -29,7 +29,9 @@ __all__ = ["topk_transform_ragged", "topk_transform_paged", "topk_positions"]
 _MAX_SORT_ELEMS = 1 << 24
 
 
-def _check_rows(logits: torch.Tensor, topk: int, row_starts: torch.Tensor | None, lengths: torch.Tensor) -> None:
+def _check_rows(
+    logits: torch.Tensor, topk: int, row_starts: torch.Tensor | None, lengths: torch.Tensor, values: bool = True
+) -> None:
     check_tensor(logits, "logits", ndim=2, dtype=torch.float32)
     R, W = logits.shape
     if not isinstance(topk, int) or isinstance(topk, bool) or topk < 1:
@@ -37,7 +39,7 @@ def _check_rows(logits: torch.Tensor, topk: int, row_starts: torch.Tensor | None
     check_tensor(lengths, "lengths", shape=(R,), dtype=torch.int32)
     if row_starts is not None:
         check_tensor(row_starts, "row_starts", shape=(R,), dtype=torch.int32)
-    if R == 0:
+    if R == 0 or not values:
         return
     starts = row_starts if row_starts is not None else torch.zeros_like(lengths)
     bad = (lengths < 0) | (starts < 0) | (starts.long() + lengths.long() > W)
@@ -97,6 +99,7 @@ def topk_transform_ragged(
     row_starts: torch.Tensor,
     lengths: torch.Tensor,
     offset_override: torch.Tensor | None = None,
+    check_values: bool = True,
 ) -> torch.Tensor:
     """Top-k ids in the ragged (concatenated keys) space: ``[R, topk]`` int32, ``-1`` fill.
 
@@ -107,11 +110,13 @@ def topk_transform_ragged(
         lengths: ``[R]`` int32, number of candidates (``ke - ks``).
         offset_override: ``[R]`` int32, added instead of ``row_starts`` — the rows' global offsets when
             ``logits`` is a chunk over a column window.
+        check_values: range-check ``row_starts``/``lengths`` (one host sync). ``False`` only for inputs
+            validated once per batch (the indexer's per-layer path); shapes and dtypes are always checked.
 
     Returns: ``offset[r] + p`` for each kept candidate ``p`` (see module docstring), else ``-1``.
     """
     check_tensor(row_starts, "row_starts", ndim=1, dtype=torch.int32)
-    _check_rows(logits, topk, row_starts, lengths)
+    _check_rows(logits, topk, row_starts, lengths, check_values)
     offsets = row_starts
     if offset_override is not None:
         check_tensor(offset_override, "offset_override", shape=(logits.shape[0],), dtype=torch.int32)
@@ -130,6 +135,7 @@ def topk_transform_paged(
     row_to_req: torch.Tensor | None = None,
     row_starts: torch.Tensor | None = None,
     page_size: int = 64,
+    check_values: bool = True,
 ) -> torch.Tensor:
     """Top-k ids as global KV-cache slots: ``[R, topk]`` int32, ``-1`` fill.
 
@@ -141,10 +147,12 @@ def topk_transform_paged(
         row_to_req: ``[R]`` int32 request of each row (default: row r is request r, needs R == B).
         row_starts: ``[R]`` int32 column of the row's token 0 in ``logits`` (default 0).
         page_size: tokens per page (64).
+        check_values: as in :func:`topk_transform_ragged` (also skips the ``row_to_req`` range check).
+            Page ids are never checked here: the page table is validated once per batch by its builder.
 
     Returns: ``page_table[req, p // page_size] * page_size + p % page_size`` for kept positions ``p``.
     """
-    _check_rows(logits, topk, row_starts, lengths)
+    _check_rows(logits, topk, row_starts, lengths, check_values)
     R = logits.shape[0]
     check_tensor(page_table, "page_table", ndim=2, dtype=torch.int32)
     B, max_pages = page_table.shape
@@ -156,10 +164,10 @@ def topk_transform_paged(
         req = torch.arange(R, device=logits.device)
     else:
         check_tensor(row_to_req, "row_to_req", shape=(R,), dtype=torch.int32)
-        if R and bool(((row_to_req < 0) | (row_to_req >= B)).any()):
+        if check_values and R and bool(((row_to_req < 0) | (row_to_req >= B)).any()):
             raise ValueError(f"row_to_req: expected request ids in [0, {B})")
         req = row_to_req.long()
-    if R and bool((lengths.long() > max_pages * page_size).any()):
+    if check_values and R and bool((lengths.long() > max_pages * page_size).any()):
         raise ValueError(f"lengths: a row is longer than page_table holds ({max_pages} pages x {page_size})")
     check_same_device(logits=logits, lengths=lengths, page_table=page_table, row_to_req=req)
     pos = _topk_positions(logits, topk, lengths, row_starts).long()
