@@ -67,6 +67,8 @@ class NSABackend:
         """
         check_tensor(q_latent, "q_latent", shape=(meta.num_padded, meta.num_heads, D_QK), dtype=torch.bfloat16)
         check_tensor(latent_cache, "latent_cache", ndim=4)
+        if not latent_cache.is_contiguous():
+            raise ValueError("latent_cache: expected a contiguous [num_pages, 64, 1, D] buffer (slots index its rows)")
         if kv_cache_dtype_of(latent_cache) != meta.kv_dtype:
             raise ValueError(f"latent_cache: the metadata was built for a {meta.kv_dtype} cache")
         if indexer.topk != meta.topk:
