@@ -14,11 +14,18 @@ import pytest
 import torch
 
 from nsa_tp import ops
+from nsa_tp.attention.backend import NSABackend
+from nsa_tp.attention.indexer import Indexer, IndexerWeights
+from nsa_tp.attention.metadata import ForwardMetadataBuilder
 from nsa_tp.attention.token_parallel import TokenSplit, plan_token_split, token_costs
+from nsa_tp.attention.token_parallel_backend import TokenParallelBackend, build_token_parallel_metadata
 from nsa_tp.attention.token_parallel_core import key_sharded_decode_topk, token_parallel_attention
 from nsa_tp.ops.index_cache import INDEX_PAGE_SIZE, new_index_k_cache, store_index_k
+from nsa_tp.ops.kv_format import pack_fp8_kv
+from nsa_tp.ops.rope import rope_cos_sin
 from nsa_tp.parallel.collectives import all_gather_stack, heads_to_tokens, tokens_to_heads
 from nsa_tp.parallel.launch import RankContext, launch
+from nsa_tp.parallel.layout import resolve_layout
 
 D_QK, D_V, IDX_HEADS, IDX_DIM = 576, 512, 4, 128
 SM_SCALE = 576**-0.5
@@ -150,6 +157,125 @@ def _same_up_to_ties(want: torch.Tensor, got: torch.Tensor, logits: torch.Tensor
     return ""
 
 
+# ------------------------------------------------------------------------------------------ the backend, end to end
+
+L_HIDDEN, L_QLORA, L_TOPK = 64, 32, 16
+L_PREFIX, L_EXTEND = [0, 70, 5], [4, 3, 50]  # ragged prefill with cached prefixes
+
+
+class _LayerState:
+    """One layer's caches and per-token inputs, identical on every rank (same seed)."""
+
+    def __init__(self, seed: int, fp8: bool):
+        g = self.g = _gen(seed)
+        self.fp8 = fp8
+        self.seq = [p + e for p, e in zip(L_PREFIX, L_EXTEND, strict=True)]
+        self.num_pages = 16
+        self.page_table = torch.randperm(self.num_pages, generator=g)[:12].to(torch.int32).reshape(3, 4)
+        self.indexer = Indexer(IndexerWeights(
+            wq_b=torch.randn(IDX_HEADS * 128, L_QLORA, generator=g) * L_QLORA**-0.5,
+            wk=torch.randn(128, L_HIDDEN, generator=g) * L_HIDDEN**-0.5,
+            k_norm_weight=torch.ones(128), k_norm_bias=torch.zeros(128),
+            weights_proj=torch.randn(IDX_HEADS, L_HIDDEN, generator=g) * L_HIDDEN**-0.5,
+        ), topk=L_TOPK, backend="reference")
+        self.index_k = new_index_k_cache(self.num_pages)
+        self.latent = torch.zeros((self.num_pages, 64, 1, 656 if fp8 else 576),
+                                  dtype=torch.uint8 if fp8 else torch.bfloat16)
+        for b, p in enumerate(L_PREFIX):  # the cached prefix: latent rows and index keys
+            x, _ = self.new_tokens(b, 0, p)
+            if p:
+                cos, sin = self.cos_sin(torch.arange(p))
+                k8, ks = self.indexer.project_k(x, cos, sin)
+                store_index_k(self.index_k, self.slots(b, 0, p), k8, ks)
+
+    @staticmethod
+    def cos_sin(pos: torch.Tensor):
+        return rope_cos_sin(pos, 64, 10000.0, factor=40.0, original_max_position=4096)
+
+    def slots(self, b: int, start: int, end: int) -> torch.Tensor:
+        pos = torch.arange(start, end)
+        return self.page_table[b, pos // 64].long() * 64 + pos % 64
+
+    def new_tokens(self, b: int, start: int, end: int):
+        n = end - start
+        x, ql = torch.randn(n, L_HIDDEN, generator=self.g), torch.randn(n, L_QLORA, generator=self.g)
+        rows = torch.randn(n, 576, generator=self.g).bfloat16()
+        flat = self.latent.view(-1, self.latent.shape[-1])
+        flat[self.slots(b, start, end)] = pack_fp8_kv(rows) if self.fp8 else rows
+        return x, ql
+
+    def batch(self, news: list[tuple[int, int, int]], pad: int):
+        xs, qls, pos = [], [], []
+        for b, s, e in news:
+            x, ql = self.new_tokens(b, s, e)
+            xs.append(x)
+            qls.append(ql)
+            pos.append(torch.arange(s, e))
+        x, ql, pos = torch.cat(xs), torch.cat(qls), torch.cat(pos)
+        T = x.shape[0]
+        x = torch.cat([x, torch.full((pad, L_HIDDEN), float("nan"))])  # DP padding: never read
+        ql = torch.cat([ql, torch.full((pad, L_QLORA), float("nan"))])
+        cos, sin = self.cos_sin(torch.cat([pos, torch.zeros(pad, dtype=torch.int64)]))
+        q = torch.randn(T + pad, HEADS, D_QK, generator=self.g).bfloat16()
+        q[T:] = 0
+        return x, ql, cos, sin, q
+
+
+def _layer_cases(r: int, W: int, group) -> dict:
+    h = HEADS // W
+    mine = slice(r * h, (r + 1) * h)
+    layout = resolve_layout(W, num_attention_heads=HEADS, sm_major=9, token_parallel="on")
+    res: dict = {}
+    for fp8 in (False, True):
+        st = _LayerState(21, fp8)
+        kv = "fp8_e4m3" if fp8 else "bfloat16"
+
+        def builder(heads: int, st=st, kv=kv) -> ForwardMetadataBuilder:
+            return ForwardMetadataBuilder(num_heads=heads, topk=L_TOPK, kv_dtype=kv, device="cpu",
+                                          backend="reference", num_pages=st.num_pages)
+
+        ref_be, tp_be = NSABackend(sm_scale=SM_SCALE, backend="reference"), TokenParallelBackend(
+            sm_scale=SM_SCALE, backend="reference")
+        steps = [("prefill", [(b, p, p + e) for b, (p, e) in enumerate(zip(L_PREFIX, L_EXTEND, strict=True))], 2)]
+        steps.append(("decode_all", None, 1))  # 3 requests: >= W ranks splits requests, < W shards keys
+        steps.append(("decode_one", None, 0))  # batch 1: key-sharded on every group size
+        for name, news, pad in steps:
+            reqs = [0, 1, 2] if name != "decode_one" else [2]
+            if news is None:
+                news = [(b, st.seq[b], st.seq[b] + 1) for b in reqs]
+            x, ql, cos, sin, q = st.batch(news, pad)
+            seq = [e for _, _, e in news] if name != "prefill" else st.seq
+            table = st.page_table[reqs]
+            caches = {k: (st.latent.clone(), st.index_k.clone()) for k in ("ref", "pure", "tp")}
+            if name == "prefill":
+                kw = dict(prefix_lens=L_PREFIX)
+                metas = {k: builder(n).prefill(seq, L_PREFIX, table, num_padded=q.shape[0])
+                         for k, n in (("ref", HEADS), ("pure", h))}
+            else:
+                kw = {}
+                metas = {k: builder(n).decode(seq, table, num_padded=q.shape[0])
+                         for k, n in (("ref", HEADS), ("pure", h))}
+            out_ref = ref_be.forward(q, x, ql, cos, sin, st.indexer, *caches["ref"], metas["ref"])[:, mine]
+            out_pure = ref_be.forward(q[:, mine].contiguous(), x, ql, cos, sin, st.indexer, *caches["pure"],
+                                      metas["pure"])
+            tpm = build_token_parallel_metadata(builder(h), layout, r, seq_lens=seq, page_table=table,
+                                                num_padded=q.shape[0], **kw)
+            out_tp = tp_be.forward(q[:, mine].contiguous(), x, ql, cos, sin, st.indexer, *caches["tp"], tpm, group)
+            res[f"layer_{kv}_{name}"] = dict(
+                strategy=tpm.strategy, vs_pure=_rel(out_tp, out_pure), vs_ref=_rel(out_tp, out_ref),
+                pad_zero=bool((out_tp[len(x) - pad :] == 0).all()), shape=tuple(out_tp.shape),
+                # every rank stored every new index key: the replicated cache is identical to pure TP's
+                cache_same=torch.equal(caches["tp"][1], caches["ref"][1]),
+            )
+            st.index_k = caches["ref"][1]
+            if name == "prefill":
+                continue
+            for b in reqs:
+                st.seq[b] += 1
+    return res
+
+
+
 def _rank_main(ctx: RankContext) -> dict:
     group = torch.distributed.group.WORLD
     r, W = ctx.rank, ctx.world_size
@@ -234,6 +360,7 @@ def _rank_main(ctx: RankContext) -> dict:
                 ties=_same_up_to_ties(want, got, _decode_logits(kb, rows), kb["page_table"], where),
                 exact=torch.equal(want, got), kept=int((got >= 0).sum()),
             )
+    res.update(_layer_cases(r, W, group))
     return res  # plain Python values only: tensors would cross the process boundary as shared memory
 
 
@@ -285,3 +412,15 @@ def test_decode_key_sharded_topk_is_exact(world):
             # With bitwise-equal logits the merge's order (score desc, lower position first) is the
             # unsharded transform's, so the ids match exactly, not just up to ties.
             assert c["exact"], (r, name)
+
+
+@pytest.mark.parametrize("world", WORLDS)
+def test_backend_token_parallel_equals_pure_tp_prefill_and_decode(world):
+    for r, res in enumerate(_run(world)):
+        for kv in ("bfloat16", "fp8_e4m3"):
+            for name in ("prefill", "decode_all", "decode_one"):
+                got = res[f"layer_{kv}_{name}"]
+                want = {"prefill": "tokens", "decode_all": "tokens" if world <= 3 else "keys", "decode_one": "keys"}
+                assert got["strategy"] == want[name], (r, kv, name, got)
+                assert got["vs_pure"] < 1e-2 and got["vs_ref"] < 1e-2, (r, kv, name, got)
+                assert got["pad_zero"] and got["cache_same"], (r, kv, name, got)

@@ -54,8 +54,10 @@ def token_parallel_attention(
             ``[r*h, (r+1)*h)``) for every row, DP padding rows included.
         split: :class:`TokenSplit` of the real rows over the group (``split.num_rows == num_rows``).
         group: the attention TP group (its size is ``split.world``; ``None`` = one rank).
-        select_topk: the indexer for a range of rows (see :data:`SelectTopk`); called once, for this
-            rank's rows only (never for DP padding rows), while the query exchange is in flight.
+        select_topk: the indexer for a range of rows (see :data:`SelectTopk`); called exactly once on
+            every rank, for this rank's rows only (never DP padding rows), while the query exchange is in
+            flight — also with an empty range, because the indexer stores the batch's new index keys
+            into the (replicated) index-K cache on every rank.
         attend: the sparse core for this rank's rows with all ``H = W*h`` heads (see :data:`Attend`).
         d_v: the core's output dim (512).
         fp8_q: send q as e4m3 + per-64 scales (0.53x the bytes, lossy).
@@ -76,14 +78,14 @@ def token_parallel_attention(
     rows = split.rows(rank)
     # [T, h, 576] -> [t_r, W*h, 576]; in flight while this rank's indexer rows run.
     pending = heads_to_tokens(q[:real], group, split.splits, fp8=fp8_q, async_op=True)
-    topk = select_topk(rows) if len(rows) else None
+    topk = select_topk(rows)
+    check_tensor(topk, "select_topk(rows)", ndim=2, dtype=torch.int32)
+    if topk.shape[0] != len(rows):
+        raise ValueError(f"select_topk(rows): expected {len(rows)} rows, got shape {tuple(topk.shape)}")
     q_tok = pending.wait()
-    if topk is None:
+    if not len(rows):
         out_tok = q.new_zeros((0, world * h, d_v), dtype=torch.bfloat16)
     else:
-        check_tensor(topk, "select_topk(rows)", ndim=2, dtype=torch.int32)
-        if topk.shape[0] != len(rows):
-            raise ValueError(f"select_topk(rows): expected {len(rows)} rows, got shape {tuple(topk.shape)}")
         out_tok = attend(q_tok, topk, rows)
         check_tensor(out_tok, "attend(...)", shape=(len(rows), world * h, d_v), dtype=torch.bfloat16)
     # [t_r, W*h, 512] -> [T, h, 512]

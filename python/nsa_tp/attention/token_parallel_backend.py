@@ -1,0 +1,218 @@
+"""The NSA backend in token-parallel form: per batch, pick how the attention core is split over the
+attention TP group (:func:`~nsa_tp.attention.token_parallel.choose_strategy`), build that strategy's
+metadata once, and execute it per layer with the same inputs and output as
+:class:`~nsa_tp.attention.backend.NSABackend` (this rank's heads ``[T_pad, h, 512]``).
+
+- ``"heads"``: exactly :class:`NSABackend` (pure TP).
+- ``"tokens"``, prefill: the batch metadata's indexer covers only this rank's rows (the ``index_rows`` hook
+  of :meth:`ForwardMetadataBuilder.prefill`, so its logits chunk plan — and its logits memory — is per
+  rank); queries go heads -> tokens, the sparse core runs all heads on the flattened latent cache, the
+  output comes back tokens -> heads (:func:`~nsa_tp.attention.token_parallel_core.token_parallel_attention`).
+- ``"tokens"``, decode (batch >= attn_tp): the same with requests as tokens; the indexer scores this rank's
+  requests through their own decode index batch and the sparse decode runs a plan for (those requests,
+  all heads).
+- ``"keys"``, decode (batch < attn_tp): the key-sharded indexer with the exact top-k merge, then the sparse
+  decode on this rank's heads with the batch's plan (as pure TP).
+
+Every strategy stores the batch's new index keys on every rank (the index-K cache stays replicated).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Sequence
+
+import torch
+import torch.distributed as dist
+
+from nsa_tp import ops
+from nsa_tp.attention.backend import NSABackend
+from nsa_tp.attention.indexer import DecodeIndexBatch, Indexer, build_decode_index_batch
+from nsa_tp.attention.metadata import ForwardMetadata, ForwardMetadataBuilder
+from nsa_tp.attention.padding import pad_topk_indices
+from nsa_tp.attention.token_parallel import (
+    DEFAULT_COSTS,
+    TokenParallelCosts,
+    TokenSplit,
+    choose_strategy,
+    plan_token_split,
+    token_costs,
+)
+from nsa_tp.attention.token_parallel_core import key_sharded_decode_topk, token_parallel_attention
+from nsa_tp.ops._check import check_tensor
+from nsa_tp.ops.index_cache import store_index_k_unchecked
+from nsa_tp.ops.plan import DecodePlan
+from nsa_tp.parallel.collectives import group_rank_world
+from nsa_tp.parallel.layout import ParallelLayout
+
+__all__ = ["TokenParallelMetadata", "build_token_parallel_metadata", "TokenParallelBackend"]
+
+
+@dataclasses.dataclass(frozen=True, eq=False)
+class TokenParallelMetadata:
+    """One batch's metadata for one rank of an attention TP group (built once per batch)."""
+
+    strategy: str  # "heads" | "tokens" | "keys"
+    meta: ForwardMetadata  # the batch metadata; prefill "tokens": its index covers this rank's rows only
+    split: TokenSplit | None  # "tokens": which rows (tokens or requests) each rank owns
+    local_index: DecodeIndexBatch | None  # decode "tokens": the index batch of this rank's requests
+    local_plan: DecodePlan | None  # decode "tokens": sparse decode plan for (this rank's requests, all heads)
+    num_heads_total: int  # H of the layer (heads_per_rank * attn_tp_size)
+
+
+def _mean(values: Sequence[float]) -> float:
+    return sum(values) / len(values) if values else 0.0
+
+
+def build_token_parallel_metadata(
+    builder: ForwardMetadataBuilder,
+    layout: ParallelLayout,
+    attn_tp_rank: int,
+    *,
+    seq_lens: Sequence[int],
+    page_table: torch.Tensor,
+    prefix_lens: Sequence[int] | None = None,
+    num_padded: int | None = None,
+    mode: str | None = None,
+    costs: TokenParallelCosts = DEFAULT_COSTS,
+) -> TokenParallelMetadata:
+    """Decide the strategy for this batch and build its metadata (host data in, once per batch).
+
+    Args:
+        builder: this rank's :class:`ForwardMetadataBuilder` (``num_heads`` = ``layout.heads_per_rank``).
+        layout: the layout (its ``attn_tp_size``, heads and ``token_parallel`` flag).
+        attn_tp_rank: this rank's index in its attention TP group.
+        seq_lens: ``[B]`` tokens per request after this batch (decode: the new token included).
+        page_table: ``[B, max_pages]`` int32.
+        prefix_lens: ``[B]`` cached tokens per request for a prefill; ``None`` for a decode step.
+        num_padded: q rows including DP padding (default: the real rows).
+        mode: ``"auto" | "on" | "off"``, default the layout's ``--nsa-token-parallel``.
+        costs: the measured parts the ``auto`` policy compares.
+
+    Every rank of the group gets the same strategy and split (same host data, a pure policy).
+    """
+    if builder.num_heads != layout.heads_per_rank:
+        raise ValueError(f"builder: built for {builder.num_heads} heads, the layout gives {layout.heads_per_rank}")
+    W, H = layout.attn_tp_size, layout.num_attention_heads
+    if not 0 <= attn_tp_rank < W:
+        raise ValueError(f"attn_tp_rank: expected 0 <= rank < {W}, got {attn_tp_rank}")
+    seq = [int(s) for s in seq_lens]
+    is_decode = prefix_lens is None
+    if is_decode:
+        keys = seq
+    else:
+        pre = [int(p) for p in prefix_lens]
+        keys = [p + i + 1 for p, s in zip(pre, seq, strict=True) for i in range(s - p)]
+    strategy = choose_strategy(layout, len(keys), _mean(keys), mode, is_decode=is_decode, costs=costs)
+    if strategy == "heads" or strategy == "keys":
+        meta = (builder.decode(seq, page_table, num_padded=num_padded) if is_decode
+                else builder.prefill(seq, pre, page_table, num_padded=num_padded))
+        return TokenParallelMetadata(strategy, meta, None, None, None, H)
+    rows_total = len(keys) if num_padded is None else num_padded
+    split = plan_token_split(len(keys), W, num_rows=rows_total, costs=token_costs(keys, costs, H))
+    rows = split.rows(attn_tp_rank)
+    if not is_decode:
+        meta = builder.prefill(seq, pre, page_table, num_padded=num_padded, index_rows=slice(rows.start, rows.stop))
+        return TokenParallelMetadata(strategy, meta, split, None, None, H)
+    meta = builder.decode(seq, page_table, num_padded=num_padded)
+    local_index = build_decode_index_batch(
+        seq[rows.start : rows.stop], page_table[rows.start : rows.stop], budget_bytes=meta.logits_budget_bytes,
+        device=builder.device, num_pages=builder.num_pages,
+    ) if len(rows) else None
+    local_plan = ops.plan_sparse_mla_decode(
+        len(rows), H, builder.topk, kv_dtype=builder.kv_dtype, device=builder.device, backend=builder.backend,
+    ) if len(rows) else None
+    return TokenParallelMetadata(strategy, meta, split, local_index, local_plan, H)
+
+
+class TokenParallelBackend:
+    """Executes the strategy a :class:`TokenParallelMetadata` chose; one per rank, reused by every layer.
+
+    Args:
+        sm_scale, d_v, backend: as :class:`NSABackend`.
+        fp8_q: send queries as e4m3 with per-64 scales in the all-to-all (0.53x the bytes; lossy, ~1-2%
+            relative error on the output, see docs/token_parallel.md). Off by default.
+    """
+
+    def __init__(self, *, sm_scale: float, d_v: int = 512, backend: str = "auto", fp8_q: bool = False):
+        self.heads = NSABackend(sm_scale=sm_scale, d_v=d_v, backend=backend)
+        self.sm_scale, self.d_v, self.backend, self.fp8_q = float(sm_scale), d_v, backend, fp8_q
+
+    def forward(
+        self,
+        q_latent: torch.Tensor,
+        x: torch.Tensor,
+        q_lora: torch.Tensor,
+        cos: torch.Tensor,
+        sin: torch.Tensor,
+        indexer: Indexer,
+        latent_cache: torch.Tensor,
+        index_k_cache: torch.Tensor,
+        tpm: TokenParallelMetadata,
+        group: dist.ProcessGroup | None,
+    ) -> torch.Tensor:
+        """``[T_pad, h, 512]`` bfloat16 for this rank's heads — what ``NSABackend.forward`` returns.
+
+        Args as :meth:`NSABackend.forward`, plus ``tpm`` (this batch's :class:`TokenParallelMetadata`) and
+        ``group`` (the attention TP group; ``None`` = one rank).
+        """
+        meta = tpm.meta
+        if tpm.strategy == "heads":
+            return self.heads.forward(q_latent, x, q_lora, cos, sin, indexer, latent_cache, index_k_cache, meta)
+        _, world = group_rank_world(group)
+        if world * meta.num_heads != tpm.num_heads_total:
+            raise ValueError(f"group: {world} ranks x {meta.num_heads} heads != the layer's {tpm.num_heads_total}")
+        check_tensor(q_latent, "q_latent", shape=(meta.num_padded, meta.num_heads, None), dtype=torch.bfloat16)
+        if indexer.topk != meta.topk:
+            raise ValueError(f"indexer: top-k {indexer.topk} differs from the metadata's {meta.topk}")
+        if tpm.strategy == "keys":
+            return self._keys(q_latent, x, q_lora, cos, sin, indexer, latent_cache, index_k_cache, meta, group)
+        if meta.is_decode:
+            return self._tokens_decode(q_latent, x, q_lora, cos, sin, indexer, latent_cache, index_k_cache, tpm,
+                                       group)
+        flat = latent_cache.view(-1, 1, latent_cache.shape[-1])  # [pages, 64, 1, D] -> [slots, 1, D]
+
+        def select(rows: range) -> torch.Tensor:
+            # meta.index covers exactly `rows`; forward also stores every new token's index key
+            return indexer.forward(x, q_lora, cos, sin, index_k_cache, meta.index)
+
+        def attend(q: torch.Tensor, topk: torch.Tensor, rows: range) -> torch.Tensor:
+            return ops.sparse_mla_fwd(q, flat, topk.unsqueeze(1), self.sm_scale, self.d_v, backend=self.backend)[0]
+
+        return token_parallel_attention(q_latent, tpm.split, group, select, attend, d_v=self.d_v, fp8_q=self.fp8_q)
+
+    @staticmethod
+    def _store_keys(x, cos, sin, indexer: Indexer, index_k_cache, meta: ForwardMetadata) -> None:
+        n = meta.num_tokens
+        k8, k_scale = indexer.project_k(x[:n], cos[:n], sin[:n])
+        store_index_k_unchecked(index_k_cache, meta.index.store_slots, k8, k_scale)
+
+    def _tokens_decode(self, q_latent, x, q_lora, cos, sin, indexer, latent_cache, index_k_cache,
+                       tpm: TokenParallelMetadata, group) -> torch.Tensor:
+        meta = tpm.meta
+
+        def select(rows: range) -> torch.Tensor:
+            self._store_keys(x, cos, sin, indexer, index_k_cache, meta)
+            if not len(rows):
+                return torch.empty(0, meta.topk, dtype=torch.int32, device=q_latent.device)
+            r = slice(rows.start, rows.stop)
+            q8, w = indexer.project_q(q_lora[r], x[r], cos[r], sin[r])
+            return indexer.topk_decode(q8, w, index_k_cache, tpm.local_index)
+
+        def attend(q: torch.Tensor, topk: torch.Tensor, rows: range) -> torch.Tensor:
+            return ops.sparse_mla_decode(q, latent_cache, topk.unsqueeze(1), self.sm_scale, self.d_v,
+                                         plan=tpm.local_plan, backend=self.backend)[0]
+
+        return token_parallel_attention(q_latent, tpm.split, group, select, attend, d_v=self.d_v, fp8_q=self.fp8_q)
+
+    def _keys(self, q_latent, x, q_lora, cos, sin, indexer, latent_cache, index_k_cache, meta: ForwardMetadata,
+              group) -> torch.Tensor:
+        self._store_keys(x, cos, sin, indexer, index_k_cache, meta)
+        n = meta.num_tokens
+        q8, w = indexer.project_q(q_lora[:n], x[:n], cos[:n], sin[:n])
+        topk = key_sharded_decode_topk(q8, index_k_cache, w, meta.index.seq_lens, meta.index.page_table,
+                                       meta.topk, group, backend=self.backend)
+        indices = pad_topk_indices(topk, meta.num_padded).unsqueeze(1)  # [T_pad, 1, K]
+        out, _lse = ops.sparse_mla_decode(q_latent, latent_cache, indices, self.sm_scale, self.d_v,
+                                          plan=meta.decode_plan, backend=self.backend)
+        return out
