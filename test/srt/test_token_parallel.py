@@ -296,3 +296,41 @@ def test_a2a_bytes_and_fp8_halves_them():
     assert bf16 == 4096 * 16 * 576 * 2 * 7 // 8
     assert a2a_bytes_per_rank(4096, 16, 576, 8, fp8=True) / bf16 == pytest.approx(612 / 1152)
     assert a2a_bytes_per_rank(4096, 16, 576, 1) == 0
+
+
+# ---------------------------------------------------------------------------------------------- memory planner
+
+
+def _chunk_bytes(meta) -> list[int]:
+    return [(c.rows.stop - c.rows.start) * (c.hi - c.lo) * 4 for c in meta.index.chunks]
+
+
+@pytest.mark.parametrize("W", [2, 4, 8])
+def test_indexer_logits_memory_per_rank_drops_by_attn_tp(W):
+    """A 4096-token causal prefill: each rank plans logits only for its rows, so its peak (one chunk,
+    budget not binding) is ~1/attn_tp of pure TP's, and under a binding budget its total is ~1/attn_tp."""
+    from nsa_tp.attention.metadata import ForwardMetadataBuilder
+    from nsa_tp.attention.token_parallel_backend import build_token_parallel_metadata
+
+    T = 4096
+    table = torch.arange(T // 64, dtype=torch.int32)[None, :]
+    layout = resolve_layout(W, sm_major=9, token_parallel="on")
+    big = ForwardMetadataBuilder(num_heads=layout.heads_per_rank, topk=2048, kv_dtype="bfloat16", device="cpu",
+                                 backend="reference", logits_budget_mb=1024)
+    pure = _chunk_bytes(big.prefill([T], [0], table))
+    assert len(pure) == 1 and pure[0] == T * T * 4  # one chunk: every row x every key
+    peaks = []
+    for r in range(W):
+        tpm = build_token_parallel_metadata(big, layout, r, seq_lens=[T], prefix_lens=[0], page_table=table)
+        assert tpm.strategy == "tokens" and tpm.meta.index.num_rows == len(tpm.split.rows(r))
+        peaks.append(max(_chunk_bytes(tpm.meta), default=0))
+    assert max(peaks) <= pure[0] / W * 1.01  # the last rank: T/W rows x T keys
+    # A binding budget (8 MiB < 64 MiB): every chunk fits it, and each rank's planned total is ~1/W.
+    small = ForwardMetadataBuilder(num_heads=layout.heads_per_rank, topk=2048, kv_dtype="bfloat16", device="cpu",
+                                   backend="reference", logits_budget_mb=8)
+    pure_total = sum(_chunk_bytes(small.prefill([T], [0], table)))
+    for r in range(W):
+        b = _chunk_bytes(build_token_parallel_metadata(small, layout, r, seq_lens=[T], prefix_lens=[0],
+                                                       page_table=table).meta)
+        assert max(b) <= 8 << 20
+        assert sum(b) <= pure_total / W * 1.25 + (8 << 20)
