@@ -170,7 +170,7 @@ def test_head_chunks_are_kernel_sized():
     assert flashmla._head_chunks(256) == [(0, 128), (128, 128)]
 
 
-@pytest.mark.parametrize("heads", [1, 3, 16, 64, 96, 128, 192])
+@pytest.mark.parametrize("heads", [1, 16, 64, 96, 192])
 @pytest.mark.parametrize("topk", [300, 128])
 def test_fake_prefill_glue_matches_reference(fake_kernel, heads, topk):
     gen = torch.Generator().manual_seed(heads * 1000 + topk)
@@ -196,7 +196,7 @@ def test_fake_prefill_empty_inputs(fake_kernel):
 
 
 @pytest.mark.parametrize("kv_dtype", ["fp8_e4m3", "bfloat16"])
-@pytest.mark.parametrize("heads", [1, 16, 32, 128, 192])
+@pytest.mark.parametrize("heads", [1, 16, 128, 192])
 def test_fake_decode_glue_plan_once_dp_padding(fake_kernel, kv_dtype, heads):
     gen = torch.Generator().manual_seed(heads + 7)
     B_real, B_pad, pages, K = 5, 8, 4, 300  # DP padding: 3 extra rows, all -1
@@ -207,7 +207,7 @@ def test_fake_decode_glue_plan_once_dp_padding(fake_kernel, kv_dtype, heads):
     assert plan.tier == "flashmla" and plan.data.padded_topk == 384
     idx = _make_indices(B_pad, K, slots, gen=gen, empty_rows=range(B_real, B_pad))
     idx[1, 0, 3] = -5  # an invalid id other than -1: the wrapper must map it to -1 for the fp8 kernel
-    for layer in range(3):  # one plan, reused by every layer
+    for layer in range(2):  # one plan, reused by every layer
         q = torch.randn(B_pad, heads, D_QK, generator=gen).bfloat16()
         out, lse = flashmla.sparse_mla_decode(q, kv_cache, idx, 0.04, plan=plan)
         r_out, r_lse = reference.sparse_mla_decode(q, kv_cache, idx, 0.04)
