@@ -1,0 +1,470 @@
+"""Token-parallel vs pure TP for the NSA attention core (indexer + sparse MLA + collectives), multi-GPU.
+
+What one run measures, on ``--world`` GPUs of one host (NCCL), DeepSeek-V3.2 dims (128 heads, 64 index
+heads x 128, top-k 2048, d_qk 576), one fresh causal prompt:
+
+1. **Prefill** at ``--prefill-tokens`` (8K and 32K): the attention core of one layer as the layer runs it
+   (``NSABackend`` for pure TP, ``TokenParallelBackend`` forced on for token-parallel: the indexer with its
+   projections, top-k, the sparse core, the all-to-alls), per-rank median time (the max over ranks), the
+   all-to-all time alone at the same shapes, per-rank peak memory above the caches, and the two outputs'
+   relative difference (they must agree).
+2. **Decode, batch 1** at ``--decode-context`` (128K): the indexer replicated on every rank (pure TP) vs
+   key-sharded with the exact top-k merge; then the whole decode core both ways. Target: >= 1.6x at 2 GPUs.
+3. **All-to-all bandwidth**: heads_to_tokens at a small and a large size -> latency and GB/s per rank.
+4. **Projection to TP4 / TP8** from measured parts (single GPU, rank 0): the indexer over each rank's rows
+   of the balanced split, the sparse core at the per-rank shapes (``T x 128/W`` heads for pure TP, the
+   rank's rows x 128 heads for token-parallel), plus the all-to-all from the measured latency and bandwidth.
+   Assumes the per-GPU all-to-all bandwidth on an 8-GPU NVSwitch host is what 2 GPUs measured.
+5. **costs**: the policy's :class:`~nsa_tp.attention.token_parallel.TokenParallelCosts` fitted from 1-3,
+   to replace ``DEFAULT_COSTS`` after the run.
+
+Run (the lead, on the device; NVLink multicast must stay off):
+
+    NCCL_NVLS_ENABLE=0 TORCH_SYMM_MEM_DISABLE_MULTICAST=1 NVSHMEM_DISABLE_NVLS=1 \\
+        PYTHONPATH=python python benchmark/bench_token_parallel.py --world 2 \\
+        --out benchmark/results/token_parallel_h100x2.json
+    python benchmark/bench_token_parallel.py --plot benchmark/results/token_parallel_h100x2.json  # PNG only
+
+``--quick`` shrinks everything (tokens, context, top-k) for a CPU/gloo smoke run of the script itself.
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime
+import json
+import os
+import statistics
+import sys
+import time
+from collections.abc import Callable
+
+sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), os.pardir, "python"))
+
+HIDDEN, Q_LORA, HEADS, IDX_HEADS, D_QK = 7168, 1536, 128, 64, 576
+
+
+# ------------------------------------------------------------------------------------------------ timing
+
+
+def _sync() -> None:
+    import torch
+
+    if torch.cuda.is_available():
+        torch.cuda.synchronize()
+
+
+def _time_ms(fn: Callable[[], object], warmup: int, reps: int, barrier: Callable[[], None] | None = None) -> float:
+    """Median wall time of ``fn`` in ms (CUDA events on GPU); ``barrier`` aligns the ranks before each call."""
+    import torch
+
+    for _ in range(warmup):
+        fn()
+    _sync()
+    times = []
+    for _ in range(reps):
+        if barrier:
+            barrier()
+        if torch.cuda.is_available():
+            start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+            start.record()
+            fn()
+            end.record()
+            end.synchronize()
+            times.append(start.elapsed_time(end))
+        else:
+            t0 = time.perf_counter()
+            fn()
+            times.append((time.perf_counter() - t0) * 1e3)
+    return statistics.median(times)
+
+
+def _peak_mb(fn: Callable[[], object]) -> float:
+    """Peak allocated memory of one call above what was allocated before it (MB); 0 on CPU."""
+    import torch
+
+    if not torch.cuda.is_available():
+        return 0.0
+    _sync()
+    base = torch.cuda.memory_allocated()
+    torch.cuda.reset_peak_memory_stats()
+    fn()
+    _sync()
+    return (torch.cuda.max_memory_allocated() - base) / 2**20
+
+
+# ------------------------------------------------------------------------------------------------ setup
+
+
+class _Setup:
+    """One fresh causal prompt's caches and inputs, identical on every rank (same seed)."""
+
+    def __init__(self, device, T: int, topk: int, kv_dtype: str, budget_mb: float, seed: int = 0,
+                 q_rows: int | None = None):
+        import torch
+
+        from nsa_tp.attention.indexer import Indexer, IndexerWeights
+        from nsa_tp.ops.index_cache import new_index_k_cache
+        from nsa_tp.ops.kv_format import pack_fp8_kv
+        from nsa_tp.ops.rope import rope_cos_sin
+
+        g = torch.Generator(device="cpu").manual_seed(seed)
+
+        def rnd(*shape, scale=1.0):
+            return (torch.randn(*shape, generator=g) * scale).to(device)
+
+        self.T, self.topk, self.kv_dtype, self.budget_mb, self.device = T, topk, kv_dtype, budget_mb, device
+        pages = -(-T // 64)
+        self.page_table = torch.arange(pages, dtype=torch.int32, device=device)[None, :]
+        self.num_pages = pages
+        self.indexer = Indexer(IndexerWeights(
+            wq_b=rnd(IDX_HEADS * 128, Q_LORA, scale=Q_LORA**-0.5), wk=rnd(128, HIDDEN, scale=HIDDEN**-0.5),
+            k_norm_weight=torch.ones(128, device=device), k_norm_bias=torch.zeros(128, device=device),
+            weights_proj=rnd(IDX_HEADS, HIDDEN, scale=HIDDEN**-0.5),
+        ), topk=topk, device=device)
+        rows = rnd(pages * 64, D_QK).to(torch.bfloat16)
+        self.latent = (pack_fp8_kv(rows) if kv_dtype == "fp8_e4m3" else rows).view(pages, 64, 1, -1).contiguous()
+        self.index_k = new_index_k_cache(pages, device=device)
+        self.x = rnd(T, HIDDEN).to(torch.bfloat16)
+        self.q_lora = rnd(T, Q_LORA).to(torch.bfloat16)
+        self.cos, self.sin = (t.to(device) for t in rope_cos_sin(torch.arange(T), 64, 10000.0, factor=40.0,
+                                                                 original_max_position=4096))
+        # queries of the last q_rows tokens (all by default); decode needs one row, not 128K x 128 heads
+        self.q_all = rnd(T if q_rows is None else q_rows, HEADS, D_QK, scale=0.1).to(torch.bfloat16)
+
+    def builder(self, heads: int):
+        from nsa_tp.attention.metadata import ForwardMetadataBuilder
+
+        return ForwardMetadataBuilder(num_heads=heads, topk=self.topk, kv_dtype=self.kv_dtype, device=self.device,
+                                      logits_budget_mb=self.budget_mb, num_pages=self.num_pages)
+
+
+# ------------------------------------------------------------------------------------------------ per rank
+
+
+def _rank_main(ctx, args: argparse.Namespace) -> dict:
+    import torch
+    import torch.distributed as dist
+
+    from nsa_tp import ops
+    from nsa_tp.attention.backend import NSABackend
+    from nsa_tp.attention.token_parallel import plan_token_split, token_costs
+    from nsa_tp.attention.token_parallel_backend import TokenParallelBackend, build_token_parallel_metadata
+    from nsa_tp.attention.token_parallel_core import key_sharded_decode_topk
+    from nsa_tp.attention.topk_merge import merge_topk
+    from nsa_tp.parallel.collectives import a2a_bytes_per_rank, all_gather_stack, heads_to_tokens, tokens_to_heads
+    from nsa_tp.parallel.layout import resolve_layout
+
+    dev, r, W = ctx.device, ctx.rank, ctx.world_size
+    group = dist.group.WORLD if W > 1 else None
+    sm = torch.cuda.get_device_capability(dev)[0] if dev.type == "cuda" else 9
+    layout = resolve_layout(W, sm_major=sm, kv_cache_dtype=args.kv_cache_dtype, token_parallel="on")
+    h, mine = layout.heads_per_rank, slice(r * layout.heads_per_rank, (r + 1) * layout.heads_per_rank)
+    sm_scale = 192**-0.5
+    pure_be = NSABackend(sm_scale=sm_scale)
+    tp_be = TokenParallelBackend(sm_scale=sm_scale, fp8_q=args.fp8_q)
+    out: dict = {"rank": r, "prefill": [], "decode": {}, "a2a": [], "projection_parts": [], "tiers": {}}
+
+    def barrier() -> None:
+        if W > 1:
+            dist.barrier()
+
+    def tmax(ms: float) -> float:  # the layer finishes when the slowest rank does
+        if W == 1:
+            return ms
+        t = torch.tensor([ms], dtype=torch.float64, device=dev)
+        dist.all_reduce(t, op=dist.ReduceOp.MAX)
+        return float(t)
+
+    def rel(a, b) -> float:
+        return float((a.float() - b.float()).norm() / b.float().norm().clamp_min(1e-30))
+
+    # ---- 1. prefill
+    for T in args.prefill_tokens:
+        s = _Setup(dev, T, args.topk, layout.kv_cache_dtype, args.logits_budget_mb)
+        q = s.q_all[:, mine].contiguous()
+        meta = s.builder(h).prefill([T], [0], s.page_table)
+        tpm = build_token_parallel_metadata(s.builder(h), layout, r, seq_lens=[T], prefix_lens=[0],
+                                            page_table=s.page_table)
+
+        def pure(s=s, q=q, meta=meta):
+            return pure_be.forward(q, s.x, s.q_lora, s.cos, s.sin, s.indexer, s.latent, s.index_k, meta)
+
+        def tok(s=s, q=q, tpm=tpm):
+            return tp_be.forward(q, s.x, s.q_lora, s.cos, s.sin, s.indexer, s.latent, s.index_k, tpm, group)
+
+        diff = rel(tok(), pure())
+        pure_ms = tmax(_time_ms(pure, args.warmup, args.reps, barrier))
+        tok_ms = tmax(_time_ms(tok, args.warmup, args.reps, barrier))
+        split = tpm.split.splits
+        a2a_ms = tmax(_time_ms(lambda q=q, split=split: tokens_to_heads(
+            heads_to_tokens(q, group, split, fp8=args.fp8_q)[..., :512].contiguous(), group, split),
+            args.warmup, args.reps, barrier))
+        out["prefill"].append(dict(
+            tokens=T, pure_tp_ms=pure_ms, token_parallel_ms=tok_ms, speedup=pure_ms / tok_ms, all_to_all_ms=a2a_ms,
+            pure_tp_peak_mb=_peak_mb(pure), token_parallel_peak_mb=_peak_mb(tok), rel_diff=diff, splits=list(split),
+            a2a_bytes_per_rank=a2a_bytes_per_rank(T, h, D_QK, W, fp8=args.fp8_q) + a2a_bytes_per_rank(T, h, 512, W),
+        ))
+        if r == 0:
+            out["tiers"]["fp8_mqa_logits"] = ops.explain("fp8_mqa_logits", *_explain_logits_args(s))
+        del s, meta, tpm
+        torch.cuda.empty_cache() if dev.type == "cuda" else None
+
+    # ---- 2. decode, batch 1
+    for L in (args.decode_context_small, args.decode_context):
+        s = _Setup(dev, L, args.topk, layout.kv_cache_dtype, args.logits_budget_mb, seed=1, q_rows=1)
+        s.indexer.forward(s.x, s.q_lora, s.cos, s.sin, s.index_k,
+                          s.builder(h).prefill([L], [0], s.page_table, index_rows=slice(0, 0)).index)  # keys
+        last = slice(L - 1, L)
+        q8, w = s.indexer.project_q(s.q_lora[last], s.x[last], s.cos[last], s.sin[last])
+        dmeta = s.builder(h).decode([L], s.page_table)
+        seq = dmeta.index.seq_lens
+
+        def replicated(s=s, q8=q8, w=w, dmeta=dmeta):
+            return s.indexer.topk_decode(q8, w, s.index_k, dmeta.index)
+
+        def sharded(s=s, q8=q8, w=w, seq=seq):
+            return key_sharded_decode_topk(q8, s.index_k, w, seq, s.page_table, s.topk, group)
+
+        a, b = replicated(), sharded()
+        same = bool(torch.equal(a.sort(dim=1).values, b.sort(dim=1).values))
+        rep_ms = tmax(_time_ms(replicated, args.warmup, args.reps, barrier))
+        sh_ms = tmax(_time_ms(sharded, args.warmup, args.reps, barrier))
+        qd = s.q_all[:, mine].contiguous()  # the decode token's query
+        tpm = build_token_parallel_metadata(s.builder(h), layout, r, seq_lens=[L], page_table=s.page_table)
+        xs, qls, cs, sn = s.x[last], s.q_lora[last], s.cos[last], s.sin[last]
+
+        def core_heads(s=s, qd=qd, xs=xs, qls=qls, cs=cs, sn=sn, dmeta=dmeta):
+            return pure_be.forward(qd, xs, qls, cs, sn, s.indexer, s.latent, s.index_k, dmeta)
+
+        def core_keys_fn(s=s, qd=qd, xs=xs, qls=qls, cs=cs, sn=sn, tpm=tpm):
+            return tp_be.forward(qd, xs, qls, cs, sn, s.indexer, s.latent, s.index_k, tpm, group)
+
+        core_pure = tmax(_time_ms(core_heads, args.warmup, args.reps, barrier))
+        core_keys = tmax(_time_ms(core_keys_fn, args.warmup, args.reps, barrier))
+        sc = torch.randn(1, s.topk, device=dev)
+        pos = torch.arange(s.topk, device=dev)[None] + r * s.topk
+
+        def gather_merge(sc=sc, pos=pos, k=s.topk):
+            return merge_topk(all_gather_stack(sc, group), all_gather_stack(pos, group), k)
+
+        gm = tmax(_time_ms(gather_merge, args.warmup, args.reps, barrier))
+        out["decode"][str(L)] = dict(context=L, replicated_indexer_ms=rep_ms, key_sharded_indexer_ms=sh_ms,
+                                     speedup=rep_ms / sh_ms, topk_sets_equal=same, core_pure_tp_ms=core_pure,
+                                     core_key_sharded_ms=core_keys, gather_merge_ms=gm, strategy=tpm.strategy)
+        del s
+        torch.cuda.empty_cache() if dev.type == "cuda" else None
+
+    # ---- 3. all-to-all latency and bandwidth
+    for T in (64, args.a2a_tokens):
+        x = torch.randn(T, h, D_QK, device=dev).to(torch.bfloat16)
+        split = plan_token_split(T, W).splits
+        ms = tmax(_time_ms(lambda x=x, split=split: heads_to_tokens(x, group, split), args.warmup, args.reps, barrier))
+        out["a2a"].append(dict(tokens=T, heads_per_rank=h, bytes_per_rank=a2a_bytes_per_rank(T, h, D_QK, W), ms=ms))
+
+    # ---- 4. single-GPU parts for the TP4/TP8 projection (rank 0 measures, the others wait)
+    if r == 0 and not args.skip_projection:
+        for T in args.prefill_tokens:
+            s = _Setup(dev, T, args.topk, layout.kv_cache_dtype, args.logits_budget_mb)
+            keys = [t + 1 for t in range(T)]
+            for Wp in args.project_to:
+                hp = HEADS // Wp
+                part = dict(tokens=T, world=Wp, heads_per_rank=hp)
+                b_pure = s.builder(hp)
+                meta = b_pure.prefill([T], [0], s.page_table)
+                part["pure_indexer_ms"] = _time_ms(lambda s=s, meta=meta: s.indexer.forward(
+                    s.x, s.q_lora, s.cos, s.sin, s.index_k, meta.index), args.warmup, args.reps)
+                topk_all = s.indexer.forward(s.x, s.q_lora, s.cos, s.sin, s.index_k, meta.index)
+                flat = s.latent.view(-1, 1, s.latent.shape[-1])
+                qh = s.q_all[:, :hp].contiguous()
+                part["pure_sparse_ms"] = _time_ms(lambda qh=qh, flat=flat, tk=topk_all: ops.sparse_mla_fwd(
+                    qh, flat, tk[:, None], sm_scale), args.warmup, args.reps)
+                split = plan_token_split(T, Wp, costs=token_costs(keys))
+                idx_ms, sp_ms = [], []
+                for rr in range(Wp):
+                    rows = split.rows(rr)
+                    if not len(rows):
+                        continue
+                    m = b_pure.prefill([T], [0], s.page_table, index_rows=slice(rows.start, rows.stop))
+                    idx_ms.append(_time_ms(lambda s=s, m=m: s.indexer.forward(
+                        s.x, s.q_lora, s.cos, s.sin, s.index_k, m.index), args.warmup, args.reps))
+                    qt, tk = s.q_all[rows.start : rows.stop], topk_all[rows.start : rows.stop]
+                    sp_ms.append(_time_ms(lambda qt=qt, tk=tk, flat=flat: ops.sparse_mla_fwd(
+                        qt, flat, tk[:, None], sm_scale), args.warmup, args.reps))
+                # a rank's indexer and sparse core run back to back: the busiest rank bounds the layer
+                part["tp_rank_ms"] = max(a + b for a, b in zip(idx_ms, sp_ms, strict=True))
+                part["tp_indexer_ms_max"], part["tp_sparse_ms_max"] = max(idx_ms), max(sp_ms)
+                part["a2a_bytes_per_rank"] = (a2a_bytes_per_rank(T, hp, D_QK, Wp, fp8=args.fp8_q)
+                                              + a2a_bytes_per_rank(T, hp, 512, Wp))
+                out["projection_parts"].append(part)
+            del s
+            torch.cuda.empty_cache() if dev.type == "cuda" else None
+    barrier()
+    return out
+
+
+def _explain_logits_args(s: _Setup) -> tuple:
+    import torch
+
+    q = torch.zeros(2, IDX_HEADS, 128, device=s.device).to(torch.float8_e4m3fn)
+    k = torch.zeros(4, 128, device=s.device).to(torch.float8_e4m3fn)
+    z = torch.zeros(2, dtype=torch.int32, device=s.device)
+    return q, (k, torch.ones(4, device=s.device)), torch.ones(2, IDX_HEADS, device=s.device), z, z + 4
+
+
+# ------------------------------------------------------------------------------------------------ report
+
+
+def _fit_costs(res: dict, card: str, date: str) -> dict:
+    """The policy's TokenParallelCosts from this run's measurements (see the module docstring)."""
+    small, big = sorted(res["a2a"], key=lambda a: a["bytes_per_rank"])[:: len(res["a2a"]) - 1 or 1][:2]
+    lat_us = small["ms"] * 1e3
+    gbps = (big["bytes_per_rank"] - small["bytes_per_rank"]) / max((big["ms"] - small["ms"]) * 1e-3, 1e-9) / 1e9
+    parts = [p for p in res["projection_parts"] if p["world"] == max(x["world"] for x in res["projection_parts"])]
+    p = max(parts, key=lambda x: x["tokens"]) if parts else None
+    dec = sorted(res["decode"].values(), key=lambda d: d["context"])
+    slope = (dec[-1]["replicated_indexer_ms"] - dec[0]["replicated_indexer_ms"]) / max(
+        dec[-1]["context"] - dec[0]["context"], 1)
+    costs = dict(
+        card=card, date=date,
+        source="measured by benchmark/bench_token_parallel.py (this JSON): prefill indexer and sparse core on "
+               "one GPU at the largest prefill, all-to-all latency/bandwidth and decode indexer in the group",
+        a2a_latency_us=lat_us, a2a_gbytes_per_s=gbps,
+        decode_indexer_ns_per_key=slope * 1e6,
+        decode_indexer_fixed_us=max(dec[0]["replicated_indexer_ms"] - slope * dec[0]["context"], 0.0) * 1e3,
+        gather_merge_us=dec[-1]["gather_merge_ms"] * 1e3,
+    )
+    if p:
+        T = p["tokens"]
+        costs["indexer_ns_per_row_key"] = p["pure_indexer_ms"] * 1e6 / (T * (T + 1) / 2)
+        executed = max(p["heads_per_rank"], 64)  # FlashMLA's Hopper multiple; the Triton tier pads nothing
+        costs["sparse_ns_per_token_head"] = p["pure_sparse_ms"] * 1e6 / (T * executed)
+    return costs
+
+
+def _projection(res: dict, costs: dict) -> list[dict]:
+    rows = []
+    for p in res["projection_parts"]:
+        a2a = 2 * costs["a2a_latency_us"] / 1e3 + p["a2a_bytes_per_rank"] / (costs["a2a_gbytes_per_s"] * 1e9) * 1e3
+        pure = p["pure_indexer_ms"] + p["pure_sparse_ms"]
+        tp = p["tp_rank_ms"] + a2a
+        rows.append(dict(tokens=p["tokens"], world=p["world"], pure_tp_ms=pure, token_parallel_ms=tp,
+                         all_to_all_ms=a2a, speedup=pure / tp))
+    return rows
+
+
+def _plot(path: str) -> str:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    with open(path) as f:
+        data = json.load(f)
+    fig, axes = plt.subplots(1, 3, figsize=(15, 4.5))
+    pre = data["prefill"]
+    labels = [f"{p['tokens'] // 1024}K" for p in pre]
+    xs = range(len(pre))
+    ax = axes[0]
+    ax.bar([x - 0.2 for x in xs], [p["pure_tp_ms"] for p in pre], 0.4, label="pure TP")
+    ax.bar([x + 0.2 for x in xs], [p["token_parallel_ms"] - p["all_to_all_ms"] for p in pre], 0.4,
+           label="token-parallel (compute)")
+    ax.bar([x + 0.2 for x in xs], [p["all_to_all_ms"] for p in pre], 0.4,
+           bottom=[p["token_parallel_ms"] - p["all_to_all_ms"] for p in pre], label="all-to-all")
+    ax.set_xticks(list(xs), labels)
+    ax.set_ylabel("ms per layer (max over ranks)")
+    ax.set_title(f"prefill, {data['world']} GPUs")
+    ax.legend()
+    ax = axes[1]
+    dec = list(data["decode"].values())
+    ax.bar([f"{d['context'] // 1024}K repl." for d in dec], [d["replicated_indexer_ms"] for d in dec])
+    ax.bar([f"{d['context'] // 1024}K sharded" for d in dec], [d["key_sharded_indexer_ms"] for d in dec])
+    ax.set_ylabel("ms, decode indexer, batch 1")
+    ax.set_title("decode indexer: replicated vs key-sharded")
+    ax.tick_params(axis="x", rotation=30)
+    ax = axes[2]
+    for T in sorted({p["tokens"] for p in data["projection"]}):
+        pts = sorted((p["world"], p["speedup"]) for p in data["projection"] if p["tokens"] == T)
+        ax.plot([w for w, _ in pts], [s for _, s in pts], marker="o", label=f"{T // 1024}K tokens")
+    ax.axhline(1.0, color="gray", lw=0.8)
+    ax.set_xlabel("attention TP size")
+    ax.set_ylabel("projected speedup, token-parallel / pure TP")
+    ax.set_title("projection from measured parts")
+    ax.legend()
+    fig.suptitle(f"{data['card']} - {data['date']}")
+    fig.tight_layout()
+    png = os.path.splitext(path)[0] + ".png"
+    fig.savefig(png, dpi=110)
+    return png
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--world", type=int, default=2, help="GPUs (ranks) in the attention TP group")
+    p.add_argument("--prefill-tokens", type=int, nargs="+", default=[8192, 32768])
+    p.add_argument("--decode-context", type=int, default=131072)
+    p.add_argument("--decode-context-small", type=int, default=4096, help="second point for the decode fit")
+    p.add_argument("--a2a-tokens", type=int, default=16384)
+    p.add_argument("--project-to", type=int, nargs="+", default=[2, 4, 8])
+    p.add_argument("--topk", type=int, default=2048)
+    p.add_argument("--kv-cache-dtype", default="bfloat16")
+    p.add_argument("--logits-budget-mb", type=float, default=16384.0,
+                   help="indexer logits budget per rank (large: the peak memory shows the logits)")
+    p.add_argument("--fp8-q", action="store_true", help="queries in fp8 on the wire")
+    p.add_argument("--warmup", type=int, default=2)
+    p.add_argument("--reps", type=int, default=5)
+    p.add_argument("--skip-projection", action="store_true")
+    p.add_argument("--quick", action="store_true", help="tiny sizes: a CPU/gloo smoke run of this script")
+    p.add_argument("--out", default="benchmark/results/token_parallel.json")
+    p.add_argument("--plot", default=None, metavar="JSON", help="only draw the PNG of an existing result")
+    args = p.parse_args(argv)
+    if args.plot:
+        print(_plot(args.plot))
+        return 0
+    if args.quick:
+        args.prefill_tokens, args.decode_context, args.decode_context_small = [128, 256], 1024, 256
+        args.a2a_tokens, args.topk, args.warmup, args.reps, args.project_to = 256, 64, 0, 1, [2, 4]
+    import torch
+
+    from nsa_tp.parallel.launch import NCCL_ENV, launch
+
+    for k, v in NCCL_ENV.items():
+        os.environ.setdefault(k, v)
+    results = launch(_rank_main, args.world, (args,), timeout_s=3000)
+    res = results[0]
+    card = torch.cuda.get_device_name(0) if torch.cuda.is_available() else "cpu (gloo)"
+    date = datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d")
+    costs = _fit_costs(res, card, date)
+    report = dict(
+        card=card, date=date, world=args.world, torch=torch.__version__,
+        command="python " + " ".join([os.path.relpath(__file__)] + (argv if argv is not None else sys.argv[1:])),
+        env={k: os.environ.get(k) for k in NCCL_ENV}, fp8_q=args.fp8_q, topk=args.topk,
+        kv_cache_dtype=args.kv_cache_dtype, tiers=res["tiers"], prefill=res["prefill"], decode=res["decode"],
+        a2a=res["a2a"], projection_parts=res["projection_parts"], projection=_projection(res, costs)
+        if res["projection_parts"] else [], costs=costs,
+    )
+    os.makedirs(os.path.dirname(os.path.abspath(args.out)), exist_ok=True)
+    with open(args.out, "w") as f:
+        json.dump(report, f, indent=2)
+    for row in report["prefill"]:
+        print(f"prefill {row['tokens']:>6}: pure TP {row['pure_tp_ms']:.2f} ms, token-parallel "
+              f"{row['token_parallel_ms']:.2f} ms ({row['speedup']:.2f}x; all-to-all {row['all_to_all_ms']:.2f} ms), "
+              f"peak {row['pure_tp_peak_mb']:.0f} vs {row['token_parallel_peak_mb']:.0f} MB, rel diff "
+              f"{row['rel_diff']:.1e}")
+    for d in report["decode"].values():
+        print(f"decode ctx {d['context']:>7}: indexer replicated {d['replicated_indexer_ms']:.3f} ms, key-sharded "
+              f"{d['key_sharded_indexer_ms']:.3f} ms ({d['speedup']:.2f}x, top-k equal: {d['topk_sets_equal']}); "
+              f"core {d['core_pure_tp_ms']:.3f} vs {d['core_key_sharded_ms']:.3f} ms")
+    for row in report["projection"]:
+        print(f"projection TP{row['world']} {row['tokens']:>6}: pure {row['pure_tp_ms']:.2f} ms, token-parallel "
+              f"{row['token_parallel_ms']:.2f} ms ({row['speedup']:.2f}x)")
+    print(f"wrote {args.out}")
+    try:
+        print(_plot(args.out))
+    except ImportError:
+        print("matplotlib not installed: no PNG")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
