@@ -70,7 +70,7 @@ def _format_layout(layout: ParallelLayout, model: str) -> str:
         ("attention groups", f"{layout.attn_dp_size} x {layout.attn_tp_size} ranks (attn_dp x attn_tp)"),
         ("heads per rank", f"{layout.heads_per_rank} of {layout.num_attention_heads}"),
         (f"FlashMLA padding (SM{layout.sm_major}0)", padding),
-        ("token-parallel", layout.token_parallel if layout.attn_tp_size > 1 else "n/a (1-rank attention group)"),
+        ("token-parallel", _token_parallel_text(layout)),
         ("KV cache dtype", layout.kv_cache_dtype),
         ("page size", str(layout.page_size)),
     ]
@@ -78,6 +78,13 @@ def _format_layout(layout: ParallelLayout, model: str) -> str:
     lines = [f"{k:<{width}}  {v}" for k, v in rows]
     lines += [f"warning: {w}" for w in layout.warnings]
     return "\n".join(lines)
+
+
+def _token_parallel_text(layout: ParallelLayout) -> str:
+    """The per-batch policy of ``--nsa-token-parallel`` (nsa_tp.attention.token_parallel, issue 7)."""
+    from nsa_tp.attention.token_parallel import describe_policy
+
+    return describe_policy(layout)
 
 
 def _plan_main(args: argparse.Namespace) -> int:

@@ -334,3 +334,16 @@ def test_indexer_logits_memory_per_rank_drops_by_attn_tp(W):
                                                        page_table=table).meta)
         assert max(b) <= 8 << 20
         assert sum(b) <= pure_total / W * 1.25 + (8 << 20)
+
+
+def test_plan_shows_the_per_batch_policy(capsys):
+    from nsa_tp.attention.token_parallel import describe_policy
+    from nsa_tp.cli import main
+
+    assert main(["plan", "--tp", "8", "--sm", "90"]) == 0
+    line = [ln for ln in capsys.readouterr().out.splitlines() if ln.startswith("token-parallel")][0]
+    t = crossover_tokens(resolve_layout(8, sm_major=9), max_tokens=163840)
+    assert f"from {t} tokens" in line and DEFAULT_COSTS.card in line
+    assert describe_policy(resolve_layout(8, sm_major=9, token_parallel="off")).startswith("off")
+    assert describe_policy(resolve_layout(8, sm_major=9, token_parallel="on")).startswith("on")
+    assert describe_policy(resolve_layout(8, 8, True, sm_major=9)).startswith("n/a")

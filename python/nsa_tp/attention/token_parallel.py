@@ -39,6 +39,7 @@ __all__ = [
     "crossover_tokens",
     "crossover_decode_context",
     "causal_mean_keys",
+    "describe_policy",
 ]
 
 STRATEGIES = ("heads", "tokens", "keys")
@@ -400,3 +401,22 @@ def crossover_decode_context(layout: ParallelLayout, batch: int = 1, *,
     """Smallest context at which ``auto`` leaves pure TP for a decode batch of ``batch`` requests."""
     return _first_true(1, max_context,
                        lambda c: choose_strategy(layout, batch, c, "auto", is_decode=True, costs=costs) != "heads")
+
+
+def describe_policy(layout: ParallelLayout, costs: TokenParallelCosts = DEFAULT_COSTS) -> str:
+    """One line for ``nsa-tp plan``: what ``--nsa-token-parallel`` does per batch under this layout."""
+    w = layout.attn_tp_size
+    if w == 1:
+        return "n/a (1-rank attention group)"
+    if layout.token_parallel == "off":
+        return "off: pure TP for every batch"
+    if layout.token_parallel == "on":
+        return (f"on: every batch; prefill and decode with >= {w} requests split tokens over the {w} ranks, "
+                f"decode with < {w} requests shards the indexer's keys")
+    longest = 163840  # DeepSeek-V3.2's max_position_embeddings: no crossover past it matters
+    t = crossover_tokens(layout, costs=costs, max_tokens=longest)
+    c = crossover_decode_context(layout, costs=costs, max_context=longest)
+    pre = f"prefill token-parallel from {t} tokens (fresh prompt)" if t else "prefill stays pure TP"
+    dec = (f"decode batch 1 key-sharded from {c} context tokens" if c
+           else f"decode batch 1 stays pure TP up to {longest} context")
+    return f"auto: {pre}; {dec} (cost model: {costs.card}, {costs.date})"
