@@ -23,6 +23,7 @@ __all__ = ["Tier", "OpImpl", "BackendUnavailableError", "dispatch", "get_tier", 
 # Import paths of every tier; the order is only the tie-break for equal ranks.
 _TIER_MODULES: dict[str, str] = {
     "flashmla": "nsa_tp.ops.flashmla",
+    "triton": "nsa_tp.ops.triton",
     "reference": "nsa_tp.ops.reference_tier",
 }
 

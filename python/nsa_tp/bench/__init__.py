@@ -1,0 +1,1 @@
+"""Kernel benchmarks: timing and ceilings (:mod:`.timing`), cases (:mod:`.kernels`), plots (:mod:`.plots`)."""

@@ -1,0 +1,75 @@
+"""PNG plots from a benchmark JSON (matplotlib is optional: the GPU machines may lack it).
+
+- ``*_sparse_mla.png``: sparse MLA prefill time vs heads per rank, one line per tier and KV format.
+- ``*_logits.png``: fp8 MQA logits TFLOP/s vs key count, with the fp8 matmul ceiling of the same run.
+"""
+
+from __future__ import annotations
+
+import os
+from typing import Any
+
+__all__ = ["plot_results"]
+
+
+def plot_results(results: dict[str, Any], out_dir: str, stem: str) -> list[str]:
+    """Write the plots next to the JSON; returns the paths written (empty without matplotlib)."""
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        return []
+    written: list[str] = []
+    card = results.get("card", "?")
+    rows = [r for r in results["rows"] if r["ms"] is not None]
+
+    mla = [r for r in rows if r["op"] == "sparse_mla_fwd"]
+    if mla:
+        fig, ax = plt.subplots(figsize=(6.5, 4.2))
+        series: dict[str, list[tuple[int, float]]] = {}
+        for r in mla:
+            label = r["tier"].split("@")[0] + f" ({r['shape']['kv']} KV)"
+            if r["tier"].startswith("flashmla"):
+                label = "FlashMLA, heads padded to 64 (bf16 KV)"
+            series.setdefault(label, []).append((r["shape"]["H"], r["ms"]))
+        for label, pts in sorted(series.items()):
+            pts.sort()
+            ax.plot([p[0] for p in pts], [p[1] for p in pts], marker="o", label=label)
+        s = mla[0]["shape"]
+        ax.set_xscale("log", base=2)
+        ax.set_xticks([16, 32, 64, 128], ["16\n(TP8)", "32\n(TP4)", "64\n(TP2)", "128\n(TP1)"])
+        ax.set_xlabel("heads per rank")
+        ax.set_ylabel("time (ms, median)")
+        ax.set_title(f"sparse MLA prefill T={s['T']} N={s['N']} K={s['K']} — {card}", fontsize=9)
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize=8)
+        path = os.path.join(out_dir, f"{stem}_sparse_mla.png")
+        fig.tight_layout()
+        fig.savefig(path, dpi=120)
+        plt.close(fig)
+        written.append(path)
+
+    logits = [r for r in rows if r["op"] == "fp8_mqa_logits"]
+    if logits:
+        fig, ax = plt.subplots(figsize=(6.5, 4.2))
+        pts = sorted((r["shape"]["N"], r["useful_tflops"]) for r in logits)
+        ax.plot([p[0] for p in pts], [p[1] for p in pts], marker="o", label="Triton fp8 MQA logits (useful)")
+        fp8 = results.get("ceilings", {}).get("fp8_tflops")
+        if fp8:
+            ax.axhline(fp8, color="gray", ls="--", label=f"fp8 matmul, same run ({fp8:.0f})")
+            ax.axhline(0.6 * fp8, color="gray", ls=":", label="60% target")
+        s = logits[0]["shape"]
+        ax.set_xscale("log", base=2)
+        ax.set_xlabel("keys N (causal, last T tokens)")
+        ax.set_ylabel("TFLOP/s")
+        ax.set_title(f"fp8 MQA logits T={s['T']} H={s['H']} D={s['D']} — {card}", fontsize=9)
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize=8)
+        path = os.path.join(out_dir, f"{stem}_logits.png")
+        fig.tight_layout()
+        fig.savefig(path, dpi=120)
+        plt.close(fig)
+        written.append(path)
+    return written

@@ -1,0 +1,165 @@
+"""`nsa-tp bench`: time every kernel tier at chosen shapes, next to the card's own measured ceilings.
+
+Prints one line per case and writes ``<out>/kernels_<card>_<date>.json`` (card, date, exact command,
+versions, ceilings, rows) plus PNG plots when matplotlib is installed (``--plot-from FILE.json`` redraws
+them on another machine). Needs a CUDA GPU and Triton; FlashMLA is timed when ``flash_mla`` imports.
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime
+import json
+import os
+import re
+import shlex
+import sys
+from typing import Any
+
+__all__ = ["add_arguments", "main"]
+
+
+def _ints(text: str) -> list[int]:
+    try:
+        return [int(x) for x in text.split(",") if x]
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected comma-separated integers, got {text!r}") from None
+
+
+def add_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--out", default="benchmark/results", help="folder for the JSON and PNG files")
+    p.add_argument("--heads", type=_ints, default=[16, 32, 64, 128], help="sparse MLA heads per rank")
+    p.add_argument("--tokens", type=int, default=4096, help="sparse MLA / logits query tokens T")
+    p.add_argument("--kv-slots", type=int, default=32768, help="sparse MLA KV rows N")
+    p.add_argument("--topk", type=int, default=2048)
+    p.add_argument("--logits-keys", type=_ints, default=[4096, 8192, 16384, 32768, 65536],
+                   help="key counts N for the fp8 MQA logits sweep (causal over the last T tokens)")
+    p.add_argument("--decode-batches", type=_ints, default=[1, 64])
+    p.add_argument("--decode-heads", type=int, default=16)
+    p.add_argument("--context", type=int, default=32768, help="decode context per request")
+    p.add_argument("--sweep", action="store_true", help="also sweep the kernels' launch configs")
+    p.add_argument("--quick", action="store_true", help="small shapes (a smoke run, includes the reference tier)")
+    p.add_argument("--plot-from", default=None, metavar="JSON", help="only redraw the PNGs of a results file")
+    p.add_argument("--warm-only", action="store_true",
+                   help="compile every kernel variant the full run needs (small shapes with the same integer "
+                        "specializations), time nothing, write nothing; run it beside other work to hide compiles")
+
+
+def _slug(text: str) -> str:
+    return re.sub(r"[^A-Za-z0-9]+", "-", text).strip("-").lower()
+
+
+def _versions() -> dict[str, str | None]:
+    import torch
+
+    out: dict[str, str | None] = {"torch": torch.__version__, "cuda": torch.version.cuda}
+    for name in ("triton", "flash_mla"):
+        try:
+            mod = __import__(name)
+            out[name] = getattr(mod, "__version__", "installed")
+        except Exception:  # noqa: BLE001
+            out[name] = None
+    return out
+
+
+def _fmt(x: float | None, spec: str) -> str:
+    return "-" if x is None else format(x, spec)
+
+
+def _print_table(rows: list[dict[str, Any]]) -> None:
+    print(f"{'op':<22} {'tier':<12} {'shape':<44} {'ms':>9} {'TF/s use':>9} {'TF/s exe':>9} {'GB/s':>8} "
+          f"{'ceil%':>6}  note")
+    for r in rows:
+        shape = " ".join(f"{k}={v}" for k, v in r["shape"].items())
+        frac = None if r["frac_ceiling"] is None else 100 * r["frac_ceiling"]
+        print(f"{r['op']:<22} {r['tier']:<12} {shape:<44} {_fmt(r['ms'], '.4f'):>9} "
+              f"{_fmt(r['useful_tflops'], '.1f'):>9} {_fmt(r['executed_tflops'], '.1f'):>9} "
+              f"{_fmt(r['gbps'], '.0f'):>8} {_fmt(frac, '.1f'):>6}  {r['note']}")
+
+
+def main(args: argparse.Namespace) -> int:
+    from nsa_tp.bench.plots import plot_results
+
+    if args.plot_from:
+        with open(args.plot_from) as f:
+            results = json.load(f)
+        stem = os.path.splitext(os.path.basename(args.plot_from))[0]
+        for path in plot_results(results, os.path.dirname(args.plot_from) or ".", stem):
+            print(f"wrote {path}")
+        return 0
+
+    import torch
+
+    if not torch.cuda.is_available():
+        print("nsa-tp bench: error: needs a CUDA GPU (none visible)", file=sys.stderr)
+        return 2
+    from nsa_tp.bench import kernels
+    from nsa_tp.bench.timing import Ceilings, measure_ceilings
+    from nsa_tp.ops.triton import available
+
+    reason = available()
+    if reason:
+        print(f"nsa-tp bench: error: the Triton tier cannot run here: {reason}", file=sys.stderr)
+        return 2
+    device = torch.device("cuda", torch.cuda.current_device())
+    card = torch.cuda.get_device_name(device)
+    now = datetime.datetime.now(datetime.timezone.utc)
+    T, N, K = args.tokens, args.kv_slots, args.topk
+    heads, keys, batches, ctx = args.heads, args.logits_keys, args.decode_batches, args.context
+    if args.quick:
+        T, N, K, heads, keys, batches, ctx = 256, 4096, 512, [16, 64], [4096], [1, 4], 4096
+
+    if args.warm_only:
+        # Same divisibility-by-16 pattern as the full shapes, so Triton's on-disk cache hits in the timed run.
+        T, N, keys, ctx = 256, 4096, [4096], 2048
+        ceilings = Ceilings(1.0, 1.0, 1.0, ("warm-up run: nothing measured",))
+        kernels.median_ms = lambda fn, **_kw: (fn(), 0.0)[1]  # run once (compiles), time nothing
+    else:
+        ceilings = measure_ceilings(device)
+    print(f"{card}: bf16 {ceilings.bf16_tflops:.0f} TFLOP/s, fp8 {_fmt(ceilings.fp8_tflops, '.0f')} TFLOP/s, "
+          f"copy {ceilings.copy_gbps:.0f} GB/s")
+    sections = [
+        ("sparse_mla_fwd", lambda: kernels.sparse_mla_rows(T, N, K, heads, ["bf16", "fp8"], ceilings, device,
+                                                           with_reference=args.quick)),
+        ("sparse_mla_decode", lambda: kernels.decode_rows(batches, args.decode_heads, ctx, K, ceilings, device)),
+        ("fp8_mqa_logits", lambda: kernels.logits_rows(T, keys, 64, 128, ceilings, device)),
+        ("fp8_paged_mqa_logits", lambda: kernels.paged_logits_rows(batches, 64, ctx, ceilings, device)),
+    ]
+    if args.sweep:
+        sections.append(("sweep", lambda: kernels.sweep_rows(ceilings, device, T, N, K)))
+    stem = f"kernels_{_slug(card)}_{now:%Y%m%d}"
+    path = os.path.join(args.out, stem + ".json")
+    results: dict[str, Any] = {
+        "card": card,
+        "date": now.isoformat(timespec="seconds"),
+        "command": " ".join(shlex.quote(a) for a in sys.argv),
+        "versions": _versions(),
+        "timing": "median of CUDA-event timings (triton.testing.do_bench, L2 cleared between repetitions)",
+        "ceilings": ceilings.to_dict(),
+        "rows": [],
+    }
+    if not args.warm_only:
+        os.makedirs(args.out, exist_ok=True)
+    rows: list[kernels.Row] = []
+    for name, run in sections:
+        try:
+            rows += run()
+        except Exception as e:  # noqa: BLE001 - one broken section must not lose the others' numbers
+            rows.append(kernels.Row(name, "-", {}, None, note=f"section failed: {type(e).__name__}: {e}"[:300]))
+        torch.cuda.empty_cache()
+        print(f"[{datetime.datetime.now(datetime.timezone.utc):%H:%M:%S}] {name} done ({len(rows)} rows so far)",
+              flush=True)
+        if not args.warm_only:  # rewritten after every section: a run cut short keeps what it measured
+            results["rows"] = [r.to_dict() for r in rows]
+            with open(path, "w") as f:
+                json.dump(results, f, indent=1)
+    if args.warm_only:
+        failed = [r for r in rows if r.ms is None]
+        for r in failed:
+            print(f"warm-up: {r.op} {r.tier} {r.shape}: {r.note}")
+        return 1 if failed else 0
+    _print_table(results["rows"])
+    print(f"wrote {path}")
+    for png in plot_results(results, args.out, stem):
+        print(f"wrote {png}")
+    return 0

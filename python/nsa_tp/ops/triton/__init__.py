@@ -1,0 +1,189 @@
+"""The ``"triton"`` tier: our own GPU kernels (padding-free sparse MLA, fp8 MQA logits), one file a kernel.
+
+- :mod:`.sparse_mla` — sparse MLA forward, any head count, bf16 or fp8 KV, optional top-k split.
+- :mod:`.sparse_mla_decode` — decode over the paged latent cache with a per-batch plan.
+- :mod:`.mqa_logits` — fp8 MQA logits over ragged ``[ks, ke)`` key ranges.
+- :mod:`.paged_mqa_logits` — fp8 MQA logits over the paged index-K cache.
+
+``available()`` gives the reason when Triton does not import or no CUDA device is visible (so CPU CI only
+sees the reason). The kernel modules are imported on first use, never at tier import time.
+
+``auto`` ranking (lower runs first; FlashMLA ranks 0, the reference 1e9): sparse MLA prefers this tier
+where it measured faster than FlashMLA on the same card in the same run (``_MEASURED_FASTER`` below), and
+FlashMLA elsewhere; the logits ops have no other GPU tier.
+"""
+
+from __future__ import annotations
+
+import functools
+import importlib
+from collections.abc import Callable
+from typing import Any
+
+import torch
+
+from nsa_tp.ops.kv_format import D_LATENT, D_QK, FP8_BYTES_PER_TOKEN
+from nsa_tp.ops.registry import OpImpl, Tier
+
+__all__ = ["TIER", "available"]
+
+# Sparse MLA prefill, Triton 3.6 vs sgl-flash-mla 1.0.0 (heads padded to 64), same run, T=4096, N=32768,
+# K=2048 bf16 KV. Heads per rank -> Triton faster? PROVISIONAL (from the design's FlashMLA anchor, 1.94 ms at
+# 64 heads) until the H100 run in benchmark/results/ replaces it.
+# A head count not listed takes the verdict of the nearest measured count above it (see below).
+_MEASURED_FASTER: dict[int, bool] = {16: True, 32: True, 64: False, 128: False}
+_PREFER, _DEFER = -1.0, 1.0  # FlashMLA ranks 0
+
+
+@functools.cache
+def available() -> str | None:
+    """Why this tier cannot run here (None if it can). Probed once per process."""
+    try:
+        importlib.import_module("triton")
+    except Exception as e:  # noqa: BLE001 - a broken install is a reason, not a crash
+        return f"cannot import triton: {type(e).__name__}: {e}"
+    if not torch.cuda.is_available():
+        return "no CUDA device visible"
+    return None
+
+
+def _lazy(module: str, name: str) -> Callable[..., Any]:
+    """The kernel module is imported on the first call (it needs Triton, which CPU machines may lack)."""
+
+    def call(*args: Any, **kwargs: Any) -> Any:
+        return getattr(importlib.import_module(f"nsa_tp.ops.triton.{module}"), name)(*args, **kwargs)
+
+    call.__name__ = name
+    call.__qualname__ = f"{module}.{name}"
+    return call
+
+
+@functools.cache
+def _sm(index: int) -> tuple[int, int]:
+    return torch.cuda.get_device_capability(index)
+
+
+def _device_reason(t: Any, name: str, min_sm: tuple[int, int] = (8, 0)) -> str | None:
+    if not isinstance(t, torch.Tensor):
+        return f"{name}: expected a tensor"
+    if t.device.type != "cuda":
+        return f"{name}: not on CUDA ({t.device})"
+    sm = _sm(t.device.index if t.device.index is not None else torch.cuda.current_device())
+    if sm < min_sm:
+        return f"needs SM{min_sm[0]}{min_sm[1]}+, this GPU is SM{sm[0]}{sm[1]}"
+    return None
+
+
+def _kv_reason(kv: Any, name: str, paged: bool) -> str | None:
+    lead = 3 if paged else 2  # [pages, 64, 1, D] or [N, 1, D]
+    if not isinstance(kv, torch.Tensor) or kv.dim() != lead + 1 or kv.shape[-2] != 1:
+        return f"{name}: expected {'[pages, 64, 1, D]' if paged else '[N, 1, D]'}"
+    if paged and kv.shape[1] != 64:
+        return f"{name}: page size must be 64, got {kv.shape[1]}"
+    fp8 = kv.shape[-1] == FP8_BYTES_PER_TOKEN and kv.dtype in (torch.uint8, torch.float8_e4m3fn)
+    if not fp8 and not (kv.shape[-1] == D_QK and kv.dtype == torch.bfloat16):
+        return f"{name}: expected bf16 [..., {D_QK}] or the fp8 format uint8 [..., {FP8_BYTES_PER_TOKEN}]"
+    if not kv.is_contiguous():
+        return f"{name}: must be contiguous"
+    return _device_reason(kv, name, (8, 9) if fp8 else (8, 0))
+
+
+def _mla_reason(q: Any, kv: Any, indices: Any, d_v: int, paged: bool) -> str | None:
+    reason = _device_reason(q, "q")
+    if reason:
+        return reason
+    if q.dtype != torch.bfloat16 or q.dim() != 3:
+        return "q: must be [T, H, 576] bfloat16"
+    if q.shape[-1] != D_QK:
+        return f"d_qk must be {D_QK}, got {q.shape[-1]}"
+    if d_v != D_LATENT:
+        return f"d_v must be {D_LATENT}, got {d_v}"
+    if not isinstance(indices, torch.Tensor) or indices.dtype != torch.int32 or indices.dim() != 3:
+        return "indices: must be [T, 1, K] int32"
+    return _kv_reason(kv, "kv_cache" if paged else "kv", paged)
+
+
+def _fwd_supports(q: Any, kv: Any, indices: Any, sm_scale: Any = None, d_v: int = D_LATENT) -> str | None:
+    return _mla_reason(q, kv, indices, d_v, paged=False)
+
+
+def _faster_than_flashmla(heads: int) -> bool:
+    """The measured verdict for ``heads``, or for the nearest measured count above it that FlashMLA pads to
+    the same multiple of 64 (Triton's time only grows with the heads, FlashMLA's is flat within a multiple).
+    """
+    padded = 64 * -(-heads // 64)
+    above = [h for h in _MEASURED_FASTER if heads <= h <= padded]
+    return _MEASURED_FASTER[min(above)] if above else False
+
+
+def _fwd_rank(q: torch.Tensor, *_args: Any, **_kwargs: Any) -> float:
+    return _PREFER if _faster_than_flashmla(q.shape[1]) else _DEFER
+
+
+def _plan_supports(batch_size: Any, num_heads: Any, topk: Any, *, kv_dtype: Any, device: Any) -> str | None:
+    dev = torch.device(device)
+    if dev.type != "cuda":
+        return f"device: not CUDA ({dev})"
+    return None
+
+
+def _plan_rank(batch_size: int, num_heads: int, *_args: Any, **_kwargs: Any) -> float:
+    # Decode follows the prefill verdict (the same kernel, with the top-k split).
+    return _PREFER if _faster_than_flashmla(num_heads) else _DEFER
+
+
+def _decode_supports(q: Any, kv_cache: Any, indices: Any, sm_scale: Any = None, d_v: int = D_LATENT, *,
+                     plan: Any = None) -> str | None:
+    tier = getattr(plan, "tier", "triton")
+    if plan is not None and tier != "triton":
+        return f"the plan was built by tier {tier!r}"
+    return _mla_reason(q, kv_cache, indices, d_v, paged=True)
+
+
+def _logits_supports(q: Any, kv: Any, weights: Any, ks: Any, ke: Any) -> str | None:
+    reason = _device_reason(q, "q", (8, 9))  # fp8 tensor cores: Ada / Hopper and newer
+    if reason:
+        return reason
+    if q.dtype != torch.float8_e4m3fn or q.dim() != 3:
+        return "q: must be [T, H, D] float8_e4m3fn"
+    H, D = q.shape[1], q.shape[2]
+    if D not in (32, 64, 128, 256):
+        return f"index head dim must be 32, 64, 128 or 256, got {D}"
+    if H > 128:
+        return f"at most 128 index heads, got {H}"
+    return None
+
+
+def _paged_logits_supports(q: Any, index_k_cache: Any, weights: Any, seq_lens: Any, page_table: Any,
+                           max_seq_len: Any) -> str | None:
+    reason = _device_reason(q, "q", (8, 9))
+    if reason:
+        return reason
+    if q.dtype != torch.float8_e4m3fn or q.dim() != 3 or q.shape[2] != 128:
+        return "q: must be [B, H, 128] float8_e4m3fn"
+    if q.shape[1] > 128:
+        return f"at most 128 index heads, got {q.shape[1]}"
+    return None
+
+
+def _first(*_args: Any, **_kwargs: Any) -> float:
+    return 0.0  # no other GPU tier implements the indexer logits
+
+
+TIER = Tier(
+    name="triton",
+    available=available,
+    ops={
+        "sparse_mla_fwd": OpImpl(_lazy("sparse_mla", "sparse_mla_fwd"), supports=_fwd_supports, rank=_fwd_rank),
+        "plan_sparse_mla_decode": OpImpl(
+            _lazy("sparse_mla_decode", "plan_sparse_mla_decode"), supports=_plan_supports, rank=_plan_rank
+        ),
+        "sparse_mla_decode": OpImpl(
+            _lazy("sparse_mla_decode", "sparse_mla_decode"), supports=_decode_supports, rank=_fwd_rank
+        ),
+        "fp8_mqa_logits": OpImpl(_lazy("mqa_logits", "fp8_mqa_logits"), supports=_logits_supports, rank=_first),
+        "fp8_paged_mqa_logits": OpImpl(
+            _lazy("paged_mqa_logits", "fp8_paged_mqa_logits"), supports=_paged_logits_supports, rank=_first
+        ),
+    },
+)

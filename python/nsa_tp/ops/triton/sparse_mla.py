@@ -1,0 +1,401 @@
+"""Padding-free sparse MLA forward in Triton, for any head count, bf16 or fp8 (656-byte) KV.
+
+Semantics: :func:`nsa_tp.ops.reference.sparse_mla_fwd`.
+
+Design (why it is fast at 16 heads). All heads of a query token attend to the *same* top-k KV rows, so one
+program takes one token and a block of ``BLOCK_H`` of its heads, gathers ``BLOCK_K`` KV rows at a time by
+pointer arithmetic from the indices, and reuses each gathered tile for every head of the block — once for
+``S = Q K^T`` (512 latent + 64 rope dims) and once for ``O += P V`` (V is the first 512 dims of the same
+rows, so the tile is loaded once). Softmax is online in fp32 with ``exp2``. A head count below the
+block is masked in registers: nothing is padded in memory, and the gathered bytes — the cost that does not
+shrink with the head count — are read once per token, not once per padded head group.
+
+fp8 KV is dequantized in the kernel, in registers: e4m3 -> fp32 (exact), times the tile's scale (4 a row),
+rounded once to bf16 — the same numbers FlashMLA's dequantization gives — and then used like a bf16 tile.
+The gathered bytes drop from 1152 to 656 a row, which is what bounds the kernel at small head counts.
+
+When ``T * ceil(H / BLOCK_H)`` programs cannot fill the GPU (decode: one token per request), the top-k is
+split across programs (flash-decoding) and a second kernel merges the partial results by their lse.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+
+import torch
+import triton
+import triton.language as tl
+
+from nsa_tp.ops._check import check_same_device, check_tensor
+from nsa_tp.ops.kv_format import D_LATENT, D_QK, FP8_BYTES_PER_TOKEN, is_fp8_kv
+from nsa_tp.ops.triton import _common
+from nsa_tp.ops.triton._common import LN2, LOG2E, cdiv, num_sms
+
+__all__ = ["SparseMLAConfig", "default_config", "choose_num_splits", "sparse_mla_fwd", "sparse_mla_fwd_split"]
+
+# Byte offsets inside a 656-byte fp8 row, in units of the view that reads them.
+_FP8_SCALE_OFF_F32 = D_LATENT // 4  # scales at byte 512 = float32 index 128
+_FP8_ROPE_OFF_BF16 = (D_LATENT + 16) // 2  # rope at byte 528 = bf16 index 264
+_LN2 = tl.constexpr(LN2)  # log2 -> natural-log units, read inside the kernels
+
+
+@dataclasses.dataclass(frozen=True)
+class SparseMLAConfig:
+    """Launch shape: heads per program, gathered rows per step, warps, pipeline stages."""
+
+    block_h: int
+    block_k: int
+    num_warps: int
+    num_stages: int
+
+
+def default_config(num_heads: int, fp8: bool) -> SparseMLAConfig:
+    """Per head count. ``block_h`` covers the heads with the least masking (16 is the smallest dot tile).
+
+    block_h=64 uses Hopper's warpgroup MMA, 16 and 32 the older MMA; all read each gathered tile once for
+    every head of the block. Register budgets were read off the compiler (no spills for these shapes) and
+    the choice between them is the H100 sweep in docs/kernels.md.
+    """
+    if num_heads <= 16:
+        return SparseMLAConfig(16, 32 if fp8 else 64, 8, 2)
+    if num_heads <= 32:
+        return SparseMLAConfig(32, 32, 8, 2)
+    return SparseMLAConfig(64, 32, 8, 2)
+
+
+def choose_num_splits(num_tokens: int, num_heads: int, topk: int, cfg: SparseMLAConfig, sms: int) -> int:
+    """Top-k splits so that about two waves of programs run; 1 when the tokens alone fill the GPU."""
+    base = num_tokens * cdiv(num_heads, cfg.block_h)
+    tiles = max(1, cdiv(topk, cfg.block_k))
+    if base >= sms:
+        return 1
+    want = min(tiles, cdiv(2 * sms, base))
+    per_split = cdiv(tiles, want)  # tiles per split; recompute the count so no split is empty by design
+    return cdiv(tiles, per_split)
+
+
+@triton.jit
+def _online_softmax(s, valid, m_i, l_i, qk_scale_log2):
+    """One step of the online softmax on raw scores ``s [BLOCK_H, BLOCK_K]``; returns (p, alpha, m, l)."""
+    s = tl.where(valid[None, :], s * qk_scale_log2, float("-inf"))
+    m_new = tl.maximum(m_i, tl.max(s, 1))
+    m_use = tl.where(m_new == float("-inf"), 0.0, m_new)  # all masked so far: keep exp2 finite
+    alpha = tl.exp2(m_i - m_use)
+    p = tl.exp2(s - m_use[:, None])
+    return p, alpha, m_new, l_i * alpha + tl.sum(p, 1)
+
+
+@triton.jit
+def _store_stats(ml_ptr, lse_ptr, m_ptrs, m_i, l_i, h_mask, PARTIAL: tl.constexpr):
+    """max_logits and lse: log2 units for a partial (merged later), natural log for the final result."""
+    has = l_i > 0.0
+    lse2 = tl.where(has, m_i + tl.log2(tl.where(has, l_i, 1.0)), float("-inf"))  # empty row: -inf
+    if PARTIAL:
+        tl.store(ml_ptr + m_ptrs, m_i, mask=h_mask)
+        tl.store(lse_ptr + m_ptrs, lse2, mask=h_mask)
+    else:
+        tl.store(ml_ptr + m_ptrs, m_i * _LN2, mask=h_mask)
+        tl.store(lse_ptr + m_ptrs, lse2 * _LN2, mask=h_mask)
+
+
+@triton.jit
+def _store_out(o_ptrs, acc, inv, h_mask, PARTIAL: tl.constexpr):
+    if PARTIAL:
+        tl.store(o_ptrs, acc * inv[:, None], mask=h_mask[:, None])
+    else:
+        tl.store(o_ptrs, (acc * inv[:, None]).to(tl.bfloat16), mask=h_mask[:, None])
+
+
+@triton.jit
+def _sparse_mla_fwd_kernel(
+    q_ptr, stride_qt, stride_qh,
+    nope_ptr, stride_nope,
+    scale_ptr, stride_scale,
+    rope_ptr, stride_rope,
+    idx_ptr, stride_it,
+    out_ptr, stride_os, stride_ot, stride_oh,
+    ml_ptr, lse_ptr, stride_ms, stride_mt,
+    H, N, K, k_per_split,
+    qk_scale_log2,
+    ROPE_OFF: tl.constexpr,
+    SCALE_OFF: tl.constexpr,
+    BLOCK_H: tl.constexpr,
+    BLOCK_K: tl.constexpr,
+    PARTIAL: tl.constexpr,
+):
+    t = tl.program_id(0).to(tl.int64)
+    h0 = tl.program_id(1) * BLOCK_H
+    split = tl.program_id(2)
+    offs_h = h0 + tl.arange(0, BLOCK_H)
+    h_mask = offs_h < H
+    offs_d = tl.arange(0, 512)
+    offs_r = tl.arange(0, 64)
+
+    # Q is loop-invariant: [BLOCK_H, 512] latent + [BLOCK_H, 64] rope (the compiler keeps it in shared memory).
+    q_row = q_ptr + t * stride_qt + offs_h[:, None] * stride_qh
+    qn = tl.load(q_row + offs_d[None, :], mask=h_mask[:, None], other=0.0)
+    qr = tl.load(q_row + 512 + offs_r[None, :], mask=h_mask[:, None], other=0.0)
+
+    m_i = tl.full([BLOCK_H], float("-inf"), tl.float32)  # running max, log2 units
+    l_i = tl.zeros([BLOCK_H], tl.float32)
+    acc = tl.zeros([BLOCK_H, 512], tl.float32)
+
+    # k_per_split is a multiple of BLOCK_K; only the last split can run past K (masked).
+    k_lo = split * k_per_split
+    for kk in range(0, k_per_split, BLOCK_K):
+        offs_k = k_lo + kk + tl.arange(0, BLOCK_K)
+        ids = tl.load(idx_ptr + t * stride_it + offs_k, mask=offs_k < K, other=-1)
+        valid = (ids >= 0) & (ids < N)
+        rows = tl.where(valid, ids, 0).to(tl.int64)  # int64: N * row bytes can pass 2^31
+        kn = tl.load(nope_ptr + rows[:, None] * stride_nope + offs_d[None, :], mask=valid[:, None], other=0.0)
+        kr = tl.load(rope_ptr + rows[:, None] * stride_rope + ROPE_OFF + offs_r[None, :],
+                     mask=valid[:, None], other=0.0)
+        s = tl.dot(qn, tl.trans(kn))
+        s = tl.dot(qr, tl.trans(kr), s)
+        p, alpha, m_i, l_i = _online_softmax(s, valid, m_i, l_i, qk_scale_log2)
+        acc = tl.dot(p.to(tl.bfloat16), kn, acc * alpha[:, None])  # V = the same gathered rows' first 512 dims
+
+    inv = tl.where(l_i > 0.0, 1.0 / tl.where(l_i > 0.0, l_i, 1.0), 0.0)  # empty row: out = 0
+    o_ptrs = out_ptr + split * stride_os + t * stride_ot + offs_h[:, None] * stride_oh + offs_d[None, :]
+    _store_out(o_ptrs, acc, inv, h_mask, PARTIAL)
+    _store_stats(ml_ptr, lse_ptr, split * stride_ms + t * stride_mt + offs_h, m_i, l_i, h_mask, PARTIAL)
+
+
+@triton.jit
+def _fp8_chunk(raw_row, sc_row, valid, offs_c, c: tl.constexpr):
+    """Latent chunk ``c`` (128 dims) of the gathered fp8 rows: bf16 values (e4m3 fits bf16 exactly) + scale."""
+    x = tl.load(raw_row + c * 128 + offs_c[None, :], mask=valid[:, None], other=0)
+    sc = tl.load(sc_row + c, mask=valid, other=0.0)
+    return x.to(tl.float8e4nv, bitcast=True).to(tl.bfloat16), sc
+
+
+@triton.jit
+def _sparse_mla_fwd_fp8_kernel(
+    q_ptr, stride_qt, stride_qh,
+    raw_ptr, stride_raw,
+    scale_ptr, stride_scale,
+    rope_ptr, stride_rope,
+    idx_ptr, stride_it,
+    out_ptr, stride_os, stride_ot, stride_oh,
+    ml_ptr, lse_ptr, stride_ms, stride_mt,
+    H, N, K, k_per_split,
+    qk_scale_log2,
+    ROPE_OFF: tl.constexpr,
+    SCALE_OFF: tl.constexpr,
+    BLOCK_H: tl.constexpr,
+    BLOCK_K: tl.constexpr,
+    PARTIAL: tl.constexpr,
+):
+    """The fp8-cache variant: the scales are applied exactly, per 128-dim tile, to the fp32 scores and to
+    the probabilities (``S = sum_c (q_c . k8_c) * scale_c``, ``O_c += (P * scale_c) @ k8_c``), so the only
+    roundings are the ones the bf16 path has (bf16 P); the fp8 values themselves convert to bf16 exactly.
+    """
+    t = tl.program_id(0).to(tl.int64)
+    h0 = tl.program_id(1) * BLOCK_H
+    split = tl.program_id(2)
+    offs_h = h0 + tl.arange(0, BLOCK_H)
+    h_mask = offs_h < H
+    offs_c = tl.arange(0, 128)
+    offs_r = tl.arange(0, 64)
+    q_row = q_ptr + t * stride_qt + offs_h[:, None] * stride_qh
+    q0 = tl.load(q_row + offs_c[None, :], mask=h_mask[:, None], other=0.0)
+    q1 = tl.load(q_row + 128 + offs_c[None, :], mask=h_mask[:, None], other=0.0)
+    q2 = tl.load(q_row + 256 + offs_c[None, :], mask=h_mask[:, None], other=0.0)
+    q3 = tl.load(q_row + 384 + offs_c[None, :], mask=h_mask[:, None], other=0.0)
+    qr = tl.load(q_row + 512 + offs_r[None, :], mask=h_mask[:, None], other=0.0)
+
+    m_i = tl.full([BLOCK_H], float("-inf"), tl.float32)
+    l_i = tl.zeros([BLOCK_H], tl.float32)
+    acc0 = tl.zeros([BLOCK_H, 128], tl.float32)
+    acc1 = tl.zeros([BLOCK_H, 128], tl.float32)
+    acc2 = tl.zeros([BLOCK_H, 128], tl.float32)
+    acc3 = tl.zeros([BLOCK_H, 128], tl.float32)
+    k_lo = split * k_per_split
+    for kk in range(0, k_per_split, BLOCK_K):
+        offs_k = k_lo + kk + tl.arange(0, BLOCK_K)
+        ids = tl.load(idx_ptr + t * stride_it + offs_k, mask=offs_k < K, other=-1)
+        valid = (ids >= 0) & (ids < N)
+        rows = tl.where(valid, ids, 0).to(tl.int64)
+        raw_row = raw_ptr + rows[:, None] * stride_raw
+        sc_row = scale_ptr + rows * stride_scale + SCALE_OFF
+        k0, sc0 = _fp8_chunk(raw_row, sc_row, valid, offs_c, 0)
+        k1, sc1 = _fp8_chunk(raw_row, sc_row, valid, offs_c, 1)
+        k2, sc2 = _fp8_chunk(raw_row, sc_row, valid, offs_c, 2)
+        k3, sc3 = _fp8_chunk(raw_row, sc_row, valid, offs_c, 3)
+        kr = tl.load(rope_ptr + rows[:, None] * stride_rope + ROPE_OFF + offs_r[None, :],
+                     mask=valid[:, None], other=0.0)
+        s = tl.dot(qr, tl.trans(kr))
+        s += tl.dot(q0, tl.trans(k0)) * sc0[None, :]
+        s += tl.dot(q1, tl.trans(k1)) * sc1[None, :]
+        s += tl.dot(q2, tl.trans(k2)) * sc2[None, :]
+        s += tl.dot(q3, tl.trans(k3)) * sc3[None, :]
+        p, alpha, m_i, l_i = _online_softmax(s, valid, m_i, l_i, qk_scale_log2)
+        acc0 = tl.dot((p * sc0[None, :]).to(tl.bfloat16), k0, acc0 * alpha[:, None])
+        acc1 = tl.dot((p * sc1[None, :]).to(tl.bfloat16), k1, acc1 * alpha[:, None])
+        acc2 = tl.dot((p * sc2[None, :]).to(tl.bfloat16), k2, acc2 * alpha[:, None])
+        acc3 = tl.dot((p * sc3[None, :]).to(tl.bfloat16), k3, acc3 * alpha[:, None])
+
+    inv = tl.where(l_i > 0.0, 1.0 / tl.where(l_i > 0.0, l_i, 1.0), 0.0)
+    o_ptrs = out_ptr + split * stride_os + t * stride_ot + offs_h[:, None] * stride_oh + offs_c[None, :]
+    _store_out(o_ptrs, acc0, inv, h_mask, PARTIAL)
+    _store_out(o_ptrs + 128, acc1, inv, h_mask, PARTIAL)
+    _store_out(o_ptrs + 256, acc2, inv, h_mask, PARTIAL)
+    _store_out(o_ptrs + 384, acc3, inv, h_mask, PARTIAL)
+    _store_stats(ml_ptr, lse_ptr, split * stride_ms + t * stride_mt + offs_h, m_i, l_i, h_mask, PARTIAL)
+
+
+@triton.jit
+def _combine_kernel(
+    po_ptr, pm_ptr, plse_ptr,
+    out_ptr, ml_ptr, lse_ptr,
+    TH, S,
+    BLOCK_S: tl.constexpr,
+):
+    """Merge ``S`` partial results of one (token, head): weights ``2^(lse_s - lse)``; empty splits weigh 0."""
+    th = tl.program_id(0).to(tl.int64)  # flat (token, head)
+    offs_s = tl.arange(0, BLOCK_S)
+    s_mask = offs_s < S
+    lse2 = tl.load(plse_ptr + offs_s * TH + th, mask=s_mask, other=float("-inf"))
+    m2 = tl.load(pm_ptr + offs_s * TH + th, mask=s_mask, other=float("-inf"))
+    top = tl.max(lse2, 0)
+    top_use = tl.where(top == float("-inf"), 0.0, top)
+    w = tl.exp2(lse2 - top_use)
+    total = tl.sum(w, 0)
+    wn = tl.where(total > 0.0, w / tl.where(total > 0.0, total, 1.0), 0.0)
+    offs_d = tl.arange(0, 512)
+    o = tl.load(po_ptr + (offs_s[:, None] * TH + th) * 512 + offs_d[None, :], mask=s_mask[:, None], other=0.0)
+    out = tl.sum(o * wn[:, None], 0)
+    tl.store(out_ptr + th * 512 + offs_d, out.to(tl.bfloat16))
+    lse = tl.where(total > 0.0, (top + tl.log2(tl.where(total > 0.0, total, 1.0))) * _LN2,
+                   float("-inf"))
+    tl.store(lse_ptr + th, lse)
+    tl.store(ml_ptr + th, tl.max(m2, 0) * _LN2)
+
+
+def _validate(q: torch.Tensor, kv: torch.Tensor, indices: torch.Tensor, d_v: int) -> None:
+    check_tensor(q, "q", ndim=3, dtype=torch.bfloat16)
+    T, H, d_qk = q.shape
+    if d_qk != D_QK:
+        raise ValueError(f"q: expected last dim {D_QK} (512 latent + 64 rope), got {d_qk}")
+    if q.stride(2) != 1:
+        raise ValueError("q: expected the last dim contiguous")
+    check_tensor(kv, "kv", ndim=3)
+    if kv.shape[1] != 1:
+        raise ValueError(f"kv: expected shape [N, 1, 576] bf16 or [N, 1, 656] uint8, got {tuple(kv.shape)}")
+    if not is_fp8_kv(kv):
+        check_tensor(kv, "kv", shape=(None, 1, D_QK), dtype=torch.bfloat16)
+    if not kv.is_contiguous():
+        raise ValueError("kv: expected a contiguous tensor")
+    check_tensor(indices, "indices", shape=(T, 1, None), dtype=torch.int32)
+    if indices.stride(2) != 1:
+        raise ValueError("indices: expected the last dim contiguous")
+    if d_v != D_LATENT:
+        raise ValueError(f"d_v: the Triton kernel supports d_v={D_LATENT}, got {d_v}")
+    check_same_device(q=q, kv=kv, indices=indices)
+
+
+def sparse_mla_fwd_split(
+    q: torch.Tensor,
+    kv: torch.Tensor,
+    indices: torch.Tensor,
+    sm_scale: float,
+    num_splits: int | None = None,
+    config: SparseMLAConfig | None = None,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """:func:`sparse_mla_fwd` with an explicit top-k split count and launch config (plans and benchmarks).
+
+    ``num_splits=None`` picks one from the SM count (:func:`choose_num_splits`).
+    """
+    _validate(q, kv, indices, D_LATENT)
+    T, H, _ = q.shape
+    K = indices.shape[2]
+    N = kv.shape[0]
+    fp8 = is_fp8_kv(kv)
+    cfg = config or default_config(H, fp8)
+    if num_splits is None:
+        num_splits = choose_num_splits(T, H, K, cfg, num_sms(q.device))
+    tiles = max(1, cdiv(K, cfg.block_k))
+    num_splits = max(1, min(int(num_splits), tiles))
+    k_per_split = cdiv(tiles, num_splits) * cfg.block_k
+    num_splits = max(1, cdiv(K, k_per_split))
+
+    rows = kv.view(N, kv.shape[-1])
+    if fp8:
+        raw = rows.view(torch.uint8)  # [N, 656]
+        nope, stride_nope = raw, FP8_BYTES_PER_TOKEN
+        scale, stride_scale = raw.view(torch.float32), FP8_BYTES_PER_TOKEN // 4
+        rope, stride_rope = raw.view(torch.bfloat16), FP8_BYTES_PER_TOKEN // 2
+        rope_off, scale_off = _FP8_ROPE_OFF_BF16, _FP8_SCALE_OFF_F32
+    else:
+        nope = scale = rope = rows
+        stride_nope = stride_scale = stride_rope = D_QK
+        rope_off, scale_off = D_LATENT, 0
+
+    out = _common.alloc((T, H, D_LATENT), torch.bfloat16, q.device)
+    max_logits = _common.alloc((T, H), torch.float32, q.device)
+    lse = _common.alloc((T, H), torch.float32, q.device)
+    if T == 0 or H == 0:
+        return out, max_logits, lse
+    partial = num_splits > 1
+    if partial:
+        # [S, T, H, 512] fp32 partial outputs (normalized per split) + log2-unit max and lse per split.
+        p_out = _common.alloc((num_splits, T, H, D_LATENT), torch.float32, q.device)
+        p_ml = _common.alloc((num_splits, T, H), torch.float32, q.device)
+        p_lse = _common.alloc((num_splits, T, H), torch.float32, q.device)
+        dst = (p_out, p_ml, p_lse, T * H * D_LATENT, T * H)
+    else:
+        dst = (out, max_logits, lse, 0, 0)
+    o_t, ml_t, lse_t, stride_os, stride_ms = dst
+    grid = (T, cdiv(H, cfg.block_h), num_splits)
+    kernel = _sparse_mla_fwd_fp8_kernel if fp8 else _sparse_mla_fwd_kernel
+    kernel[grid](
+        q, q.stride(0), q.stride(1),
+        nope, stride_nope,
+        scale, stride_scale,
+        rope, stride_rope,
+        indices, indices.stride(0),
+        o_t, stride_os, H * D_LATENT, D_LATENT,
+        ml_t, lse_t, stride_ms, H,
+        H, N, K, k_per_split,
+        float(sm_scale) * LOG2E,
+        ROPE_OFF=rope_off,
+        SCALE_OFF=scale_off,
+        BLOCK_H=cfg.block_h,
+        BLOCK_K=cfg.block_k,
+        PARTIAL=partial,
+        num_warps=cfg.num_warps,
+        num_stages=cfg.num_stages,
+    )
+    if partial:
+        _combine_kernel[(T * H,)](
+            p_out, p_ml, p_lse, out, max_logits, lse, T * H, num_splits,
+            BLOCK_S=triton.next_power_of_2(num_splits), num_warps=4,
+        )
+    return out, max_logits, lse
+
+
+def sparse_mla_fwd(
+    q: torch.Tensor,
+    kv: torch.Tensor,
+    indices: torch.Tensor,
+    sm_scale: float,
+    d_v: int = 512,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Sparse MLA forward for any ``H >= 1``.
+
+    Args:
+        q: ``[T, H, 576]`` bfloat16, last dim contiguous.
+        kv: ``[N, 1, 576]`` bfloat16 or ``[N, 1, 656]`` uint8 / float8_e4m3fn (the fp8 format of
+            :mod:`nsa_tp.ops.kv_format`), contiguous.
+        indices: ``[T, 1, K]`` int32; ``-1`` or ``>= N`` means "no token".
+        sm_scale: softmax scale on ``q . k``.
+        d_v: must be 512.
+
+    Returns:
+        ``out [T, H, 512]`` bfloat16, ``max_logits [T, H]`` and ``lse [T, H]`` float32 (natural log of
+        ``sum exp(sm_scale * q.k)``). A row without a valid index gives out = 0, max_logits = lse = -inf.
+        Semantics: :func:`nsa_tp.ops.reference.sparse_mla_fwd`.
+    """
+    _validate(q, kv, indices, d_v)
+    return sparse_mla_fwd_split(q, kv, indices, sm_scale)
+
