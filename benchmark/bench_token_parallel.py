@@ -7,7 +7,8 @@ heads x 128, top-k 2048, d_qk 576), one fresh causal prompt:
    (``NSABackend`` for pure TP, ``TokenParallelBackend`` forced on for token-parallel: the indexer with its
    projections, top-k, the sparse core, the all-to-alls), per-rank median time (the max over ranks), the
    all-to-all time alone at the same shapes, per-rank peak memory above the caches, and the two outputs'
-   relative difference (they must agree).
+   relative difference (they must agree); also token-parallel with the core in ``--out-chunks`` slices whose
+   output exchanges overlap the next slice's core.
 2. **Decode, batch 1** at ``--decode-context`` (128K): the indexer replicated on every rank (pure TP) vs
    key-sharded with the exact top-k merge; then the whole decode core both ways. Target: >= 1.6x at 2 GPUs.
 3. **All-to-all bandwidth**: heads_to_tokens at a small and a large size -> latency and GB/s per rank.
@@ -163,6 +164,7 @@ def _rank_main(ctx, args: argparse.Namespace) -> dict:
     sm_scale = 192**-0.5
     pure_be = NSABackend(sm_scale=sm_scale)
     tp_be = TokenParallelBackend(sm_scale=sm_scale, fp8_q=args.fp8_q)
+    tp_pipe = TokenParallelBackend(sm_scale=sm_scale, fp8_q=args.fp8_q, out_chunks=args.out_chunks)
     out: dict = {"rank": r, "prefill": [], "decode": {}, "a2a": [], "projection_parts": [], "tiers": {}}
 
     def barrier() -> None:
@@ -193,15 +195,22 @@ def _rank_main(ctx, args: argparse.Namespace) -> dict:
         def tok(s=s, q=q, tpm=tpm):
             return tp_be.forward(q, s.x, s.q_lora, s.cos, s.sin, s.indexer, s.latent, s.index_k, tpm, group)
 
-        diff = rel(tok(), pure())
+        def pipe(s=s, q=q, tpm=tpm):
+            return tp_pipe.forward(q, s.x, s.q_lora, s.cos, s.sin, s.indexer, s.latent, s.index_k, tpm, group)
+
+        ref_out = pure()
+        diff, diff_pipe = rel(tok(), ref_out), rel(pipe(), ref_out)
+        del ref_out
         pure_ms = tmax(_time_ms(pure, args.warmup, args.reps, barrier))
         tok_ms = tmax(_time_ms(tok, args.warmup, args.reps, barrier))
+        pipe_ms = tmax(_time_ms(pipe, args.warmup, args.reps, barrier))
         split = tpm.split.splits
         a2a_ms = tmax(_time_ms(lambda q=q, split=split: tokens_to_heads(
             heads_to_tokens(q, group, split, fp8=args.fp8_q)[..., :512].contiguous(), group, split),
             args.warmup, args.reps, barrier))
         out["prefill"].append(dict(
             tokens=T, pure_tp_ms=pure_ms, token_parallel_ms=tok_ms, speedup=pure_ms / tok_ms, all_to_all_ms=a2a_ms,
+            out_chunks=args.out_chunks, token_parallel_pipelined_ms=pipe_ms, rel_diff_pipelined=diff_pipe,
             pure_tp_peak_mb=_peak_mb(pure), token_parallel_peak_mb=_peak_mb(tok), rel_diff=diff, splits=list(split),
             a2a_bytes_per_rank=a2a_bytes_per_rank(T, h, D_QK, W, fp8=args.fp8_q) + a2a_bytes_per_rank(T, h, 512, W),
         ))
@@ -411,6 +420,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--logits-budget-mb", type=float, default=16384.0,
                    help="indexer logits budget per rank (large: the peak memory shows the logits)")
     p.add_argument("--fp8-q", action="store_true", help="queries in fp8 on the wire")
+    p.add_argument("--out-chunks", type=int, default=2,
+                   help="also time the prefill with the core in this many slices, output exchange overlapped")
     p.add_argument("--warmup", type=int, default=2)
     p.add_argument("--reps", type=int, default=5)
     p.add_argument("--skip-projection", action="store_true")
@@ -448,7 +459,8 @@ def main(argv: list[str] | None = None) -> int:
         json.dump(report, f, indent=2)
     for row in report["prefill"]:
         print(f"prefill {row['tokens']:>6}: pure TP {row['pure_tp_ms']:.2f} ms, token-parallel "
-              f"{row['token_parallel_ms']:.2f} ms ({row['speedup']:.2f}x; all-to-all {row['all_to_all_ms']:.2f} ms), "
+              f"{row['token_parallel_ms']:.2f} ms ({row['speedup']:.2f}x; all-to-all {row['all_to_all_ms']:.2f} ms; "
+              f"{row['out_chunks']} slices overlapped {row['token_parallel_pipelined_ms']:.2f} ms), "
               f"peak {row['pure_tp_peak_mb']:.0f} vs {row['token_parallel_peak_mb']:.0f} MB, rel diff "
               f"{row['rel_diff']:.1e}")
     for d in report["decode"].values():

@@ -315,11 +315,12 @@ def _rank_main(ctx: RankContext) -> dict:
         "one_rank": TokenSplit((b["T"],) + (0,) * (W - 1), b["rows"]),
     }
     for name, split in splits.items():
-        tp = token_parallel_attention(q_mine, split, group, select, attend)
-        res[f"prefill_{name}"] = dict(
-            vs_pure=_rel(tp, pure), vs_ref=_rel(tp, ref[:, r * h : (r + 1) * h]), shape=tuple(tp.shape),
-            pad_zero=bool((tp[b["T"] :] == 0).all()),
-        )
+        for chunks in (1, 3):  # 3: the core in slices, each slice's output exchange overlapping the next
+            tp = token_parallel_attention(q_mine, split, group, select, attend, out_chunks=chunks)
+            res[f"prefill_{name}" + ("" if chunks == 1 else f"_chunks{chunks}")] = dict(
+                vs_pure=_rel(tp, pure), vs_ref=_rel(tp, ref[:, r * h : (r + 1) * h]), shape=tuple(tp.shape),
+                pad_zero=bool((tp[b["T"] :] == 0).all()),
+            )
     tp8 = token_parallel_attention(q_mine, splits["even"], group, select, attend, fp8_q=True)
     res["prefill_fp8_q"] = _rel(tp8, pure)
 
@@ -384,7 +385,7 @@ def test_collectives_round_trip(world):
 @pytest.mark.parametrize("world", WORLDS)
 def test_prefill_token_parallel_equals_pure_tp_and_reference(world):
     for r, res in enumerate(_run(world)):
-        for name in ("even", "balanced", "one_rank"):
+        for name in ("even", "balanced", "one_rank", "even_chunks3", "balanced_chunks3", "one_rank_chunks3"):
             got = res[f"prefill_{name}"]
             assert got["shape"] == (sum(n for _, n in PREFILL_REQS) + 3, HEADS // world, D_V), (r, name)
             assert got["vs_pure"] < 1e-2 and got["vs_ref"] < 1e-2, (r, name, got)  # NaN fails too

@@ -132,11 +132,17 @@ class TokenParallelBackend:
         sm_scale, d_v, backend: as :class:`NSABackend`.
         fp8_q: send queries as e4m3 with per-64 scales in the all-to-all (0.53x the bytes; lossy, ~1-2%
             relative error on the output, see docs/token_parallel.md). Off by default.
+        out_chunks: prefill only — the sparse core in this many slices per rank, each slice's output
+            exchange overlapping the next slice's core (see ``token_parallel_attention``). 1 = no overlap.
     """
 
-    def __init__(self, *, sm_scale: float, d_v: int = 512, backend: str = "auto", fp8_q: bool = False):
+    def __init__(self, *, sm_scale: float, d_v: int = 512, backend: str = "auto", fp8_q: bool = False,
+                 out_chunks: int = 1):
+        if isinstance(out_chunks, bool) or not isinstance(out_chunks, int) or out_chunks < 1:
+            raise ValueError(f"out_chunks: expected a positive int, got {out_chunks!r}")
         self.heads = NSABackend(sm_scale=sm_scale, d_v=d_v, backend=backend)
         self.sm_scale, self.d_v, self.backend, self.fp8_q = float(sm_scale), d_v, backend, fp8_q
+        self.out_chunks = out_chunks
 
     def forward(
         self,
@@ -179,7 +185,8 @@ class TokenParallelBackend:
         def attend(q: torch.Tensor, topk: torch.Tensor, rows: range) -> torch.Tensor:
             return ops.sparse_mla_fwd(q, flat, topk.unsqueeze(1), self.sm_scale, self.d_v, backend=self.backend)[0]
 
-        return token_parallel_attention(q_latent, tpm.split, group, select, attend, d_v=self.d_v, fp8_q=self.fp8_q)
+        return token_parallel_attention(q_latent, tpm.split, group, select, attend, d_v=self.d_v, fp8_q=self.fp8_q,
+                                        out_chunks=self.out_chunks)
 
     @staticmethod
     def _store_keys(x, cos, sin, indexer: Indexer, index_k_cache, meta: ForwardMetadata) -> None:

@@ -24,7 +24,7 @@ import torch
 import torch.distributed as dist
 
 from nsa_tp import ops
-from nsa_tp.attention.token_parallel import TokenSplit
+from nsa_tp.attention.token_parallel import TokenSplit, plan_token_split
 from nsa_tp.attention.topk_merge import local_topk, merge_topk
 from nsa_tp.ops._check import check_same_device, check_tensor
 from nsa_tp.parallel.collectives import all_gather_stack, group_rank_world, heads_to_tokens, tokens_to_heads
@@ -46,6 +46,7 @@ def token_parallel_attention(
     *,
     d_v: int = 512,
     fp8_q: bool = False,
+    out_chunks: int = 1,
 ) -> torch.Tensor:
     """Token-parallel sparse attention for one batch; returns what pure TP returns on this rank.
 
@@ -61,6 +62,10 @@ def token_parallel_attention(
         attend: the sparse core for this rank's rows with all ``H = W*h`` heads (see :data:`Attend`).
         d_v: the core's output dim (512).
         fp8_q: send q as e4m3 + per-64 scales (0.53x the bytes, lossy).
+        out_chunks: run the sparse core over this many consecutive slices of this rank's tokens and send
+            each slice's output back as soon as it is done, so the output exchange of slice ``c`` overlaps
+            the core of slice ``c + 1``. ``attend`` is then called once per non-empty slice (so it must not
+            hold a per-batch plan: prefill only). 1 = one call, one exchange.
 
     Returns:
         ``[num_rows, h, d_v]`` bfloat16: this rank's heads of every row; DP padding rows are 0.
@@ -83,18 +88,54 @@ def token_parallel_attention(
     if topk.shape[0] != len(rows):
         raise ValueError(f"select_topk(rows): expected {len(rows)} rows, got shape {tuple(topk.shape)}")
     q_tok = pending.wait()
-    if not len(rows):
-        out_tok = q.new_zeros((0, world * h, d_v), dtype=torch.bfloat16)
+    if isinstance(out_chunks, bool) or not isinstance(out_chunks, int) or out_chunks < 1:
+        raise ValueError(f"out_chunks: expected a positive int, got {out_chunks!r}")
+    if out_chunks == 1:
+        # [t_r, W*h, 512] -> [T, h, 512]
+        out = tokens_to_heads(_attend_rows(attend, q_tok, topk, rows, world * h, d_v), group, split.splits)
     else:
-        out_tok = attend(q_tok, topk, rows)
-        check_tensor(out_tok, "attend(...)", shape=(len(rows), world * h, d_v), dtype=torch.bfloat16)
-    # [t_r, W*h, 512] -> [T, h, 512]
-    out = tokens_to_heads(out_tok, group, split.splits)
+        out = _attend_pipelined(attend, q_tok, topk, split, rank, group, h, d_v, out_chunks)
     if num_rows == real:
         return out
     padded = out.new_zeros((num_rows, h, d_v))
     padded[:real] = out
     return padded
+
+
+def _attend_rows(attend: Attend, q_tok: torch.Tensor, topk: torch.Tensor, rows: range, heads: int,
+                 d_v: int) -> torch.Tensor:
+    if not len(rows):
+        return q_tok.new_zeros((0, heads, d_v), dtype=torch.bfloat16)
+    out = attend(q_tok, topk, rows)
+    check_tensor(out, "attend(...)", shape=(len(rows), heads, d_v), dtype=torch.bfloat16)
+    return out
+
+
+def _attend_pipelined(attend: Attend, q_tok: torch.Tensor, topk: torch.Tensor, split: TokenSplit, rank: int,
+                      group: dist.ProcessGroup | None, h: int, d_v: int, n: int) -> torch.Tensor:
+    """Core + output exchange in ``n`` slices per rank; slice ``c`` of every rank travels in exchange ``c``."""
+    world = split.world
+    # slices[j][c]: token count of rank j's slice c (every rank knows every rank's cut: same arithmetic)
+    slices = [plan_token_split(split.splits[j], n).splits for j in range(world)]
+    first = split.rows(rank).start
+    pending = []
+    lo = 0
+    for c in range(n):
+        hi = lo + slices[rank][c]
+        part = _attend_rows(attend, q_tok[lo:hi], topk[lo:hi], range(first + lo, first + hi), world * h, d_v)
+        pending.append(tokens_to_heads(part, group, [slices[j][c] for j in range(world)], async_op=True))
+        lo = hi
+    out = q_tok.new_empty((split.num_real, h, d_v), dtype=torch.bfloat16)
+    offsets = split.offsets
+    for c, p in enumerate(pending):
+        got = p.wait()  # [sum_j slices[j][c], h, d_v]: rank j's slice c, in rank order
+        src = 0
+        for j in range(world):
+            k = slices[j][c]
+            dst = offsets[j] + sum(slices[j][:c])
+            out[dst : dst + k] = got[src : src + k]
+            src += k
+    return out
 
 
 def shard_page_table(
