@@ -17,6 +17,7 @@ Another strategy — token-parallel — is a subclass of :class:`AttentionCore` 
 from __future__ import annotations
 
 import dataclasses
+import importlib
 from collections.abc import Callable, Sequence
 from typing import TYPE_CHECKING, Any
 
@@ -109,7 +110,14 @@ def register_attention_core(name: str, factory: Callable[[NSAAttention], Attenti
     ATTENTION_CORES[name] = factory
 
 
+# Cores defined in their own modules, imported on first use so that they register themselves (also in
+# freshly spawned ranks, which import only what they unpickle).
+_PLUGIN_CORES = {"token_parallel": "nsa_tp.model.token_parallel", "token_parallel_on": "nsa_tp.model.token_parallel"}
+
+
 def make_core(name: str, layer: NSAAttention) -> AttentionCore:
+    if name not in ATTENTION_CORES and name in _PLUGIN_CORES:
+        importlib.import_module(_PLUGIN_CORES[name])
     if name not in ATTENTION_CORES:
         raise ValueError(f"core: unknown attention core {name!r}; registered: {sorted(ATTENTION_CORES)}")
     return ATTENTION_CORES[name](layer)

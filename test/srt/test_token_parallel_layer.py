@@ -1,0 +1,52 @@
+"""The whole sharded layer with the token-parallel core equals the single-rank layer (gloo, 2 and 4 ranks).
+
+Through the issue-6 runner: a ragged batch with cached prefixes, then decode steps, under TP2, TP4 and
+DP2 x TP2 (partial DP attention: padded rows, one group decoding a single request). ``token_parallel_on``
+forces the split at these CPU sizes, so every strategy runs: tokens (prefill; decode with >= attn_tp
+requests) and keys (decode with fewer requests than attn_tp ranks).
+"""
+
+from __future__ import annotations
+
+import pytest
+
+from nsa_tp.attention.token_parallel import choose_strategy
+from nsa_tp.config import NSAConfig
+from nsa_tp.model.runner import Request, RunCase, compare_results, run_case, run_layouts
+
+CFG = NSAConfig(hidden_size=256, q_lora_rank=128, num_attention_heads=32, index_topk=48)
+REQS = (Request(0, 90), Request(70, 23), Request(5, 40))
+TOL = 1e-2  # bf16 tolerance, per request
+
+
+def _case(tp: int, dp: int = 1, dpa: bool = False, **kw) -> RunCase:
+    return RunCase(tp=tp, dp=dp, enable_dp_attention=dpa, cfg=CFG, requests=REQS, decode_steps=2, seed=5,
+                   core="token_parallel_on", **kw)
+
+
+@pytest.fixture(scope="module")
+def reference():
+    return {dt: run_case(None, RunCase(tp=1, cfg=CFG, requests=REQS, decode_steps=2, seed=5, kv_cache_dtype=dt))
+            for dt in ("bfloat16", "fp8_e4m3")}
+
+
+def _check(case: RunCase, results, reference) -> None:
+    err = compare_results(reference[case.kv_cache_dtype], results[0])
+    assert err["max"] < TOL, (case.name, err)
+
+
+def test_layer_token_parallel_two_ranks(reference):
+    cases = [_case(2, name="TP2 tokens"), _case(2, name="TP2 tokens fp8", kv_cache_dtype="fp8_e4m3")]
+    lay = cases[0].layout()
+    assert choose_strategy(lay, 3, 100, "on", is_decode=True) == "tokens"  # 3 decode requests >= 2 ranks
+    for case, res in zip(cases, run_layouts(cases, 2), strict=True):
+        _check(case, res, reference)
+
+
+def test_layer_token_parallel_four_ranks(reference):
+    cases = [_case(4, name="TP4 keys-decode"), _case(4, 2, True, name="DP2xTP2")]
+    assert choose_strategy(cases[0].layout(), 3, 100, "on", is_decode=True) == "keys"  # 3 < 4 ranks
+    for case, res in zip(cases, run_layouts(cases, 4), strict=True):
+        _check(case, res, reference)
+        if case.enable_dp_attention:  # requests 0, 2 on group 0 and 1 on group 1: group 1 pads
+            assert sum(r.pad_rows for r in res) > 0
