@@ -347,3 +347,20 @@ def test_plan_shows_the_per_batch_policy(capsys):
     assert describe_policy(resolve_layout(8, sm_major=9, token_parallel="off")).startswith("off")
     assert describe_policy(resolve_layout(8, sm_major=9, token_parallel="on")).startswith("on")
     assert describe_policy(resolve_layout(8, 8, True, sm_major=9)).startswith("n/a")
+
+
+def test_case_strategies_for_the_run_table():
+    from nsa_tp.model.runner import Request, RunCase
+    from nsa_tp.model.token_parallel import case_strategies
+
+    reqs = (Request(0, 160), Request(80, 54), Request(0, 35))
+
+    def run(tp, dp=1, dpa=False, core="token_parallel_on"):
+        return case_strategies(RunCase(tp=tp, dp=dp, enable_dp_attention=dpa, requests=reqs, core=core))
+
+    assert run(2) == "tokens/tokens"  # 3 decode requests >= 2 ranks: split requests
+    assert run(4) == "tokens/keys"  # 3 < 4 ranks: key-sharded decode indexer
+    assert run(4, 2, True) == "tokens/tokens,tokens/keys"  # group 0 decodes 2 requests, group 1 one
+    assert run(4, 4, True) == "heads/heads"  # full DP attention: nothing to split
+    assert run(2, core="heads") == "heads/heads"
+    assert run(2, core="some_other_core") == "-"

@@ -18,6 +18,7 @@ from typing import TYPE_CHECKING
 
 import torch
 
+from nsa_tp.attention.token_parallel import choose_strategy
 from nsa_tp.attention.token_parallel_backend import TokenParallelBackend, build_token_parallel_metadata
 from nsa_tp.model.core import CoreInputs, HeadsCore, register_attention_core
 
@@ -25,8 +26,12 @@ if TYPE_CHECKING:
     from nsa_tp.attention.kv_cache import NSACaches
     from nsa_tp.attention.token_parallel_backend import TokenParallelMetadata
     from nsa_tp.model.attention import NSAAttention
+    from nsa_tp.model.runner import RunCase
 
-__all__ = ["TokenParallelCore", "ForcedTokenParallelCore"]
+__all__ = ["TokenParallelCore", "ForcedTokenParallelCore", "CORE_MODES", "case_strategies"]
+
+# Core name -> the --nsa-token-parallel mode it runs under (None: the layout's flag).
+CORE_MODES: dict[str, str | None] = {"heads": "off", "token_parallel": None, "token_parallel_on": "on"}
 
 
 class TokenParallelCore(HeadsCore):
@@ -68,3 +73,26 @@ class ForcedTokenParallelCore(TokenParallelCore):
 
 register_attention_core(TokenParallelCore.name, TokenParallelCore)
 register_attention_core(ForcedTokenParallelCore.name, ForcedTokenParallelCore)
+
+
+def case_strategies(case: RunCase) -> str:
+    """What a :class:`~nsa_tp.model.runner.RunCase`'s core splits over the attention TP group, as
+    ``"<prefill>/<decode>"`` per attention DP group (distinct values joined by ``,``): ``heads`` (pure TP),
+    ``tokens`` or ``keys``; ``-`` for a core that is not token-parallel aware. The same pure policy the core
+    runs (``choose_strategy``), for ``nsa-tp run``'s table."""
+    if case.core not in CORE_MODES:
+        return "-"
+    lay = case.layout()
+    mode = CORE_MODES[case.core]
+    seen: list[str] = []
+    for reqs in case.groups_of_requests(lay.attn_dp_size):
+        if not reqs:
+            continue  # an idle attention DP group runs no core
+        rs = [case.requests[i] for i in reqs]
+        keys = [r.prefix_len + i + 1 for r in rs for i in range(r.new_len)]
+        pre = choose_strategy(lay, len(keys), sum(keys) / len(keys), mode)
+        ctx = [r.prefix_len + r.new_len + 1 for r in rs]
+        dec = choose_strategy(lay, len(rs), sum(ctx) / len(ctx), mode, is_decode=True)
+        if f"{pre}/{dec}" not in seen:
+            seen.append(f"{pre}/{dec}")
+    return ",".join(seen) or "-"
