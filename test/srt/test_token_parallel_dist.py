@@ -51,6 +51,10 @@ def _rel(a: torch.Tensor, b: torch.Tensor) -> float:
 # ------------------------------------------------------------------------------------------ batch builders
 
 
+def _on(batch: dict, device: torch.device) -> dict:
+    return {k: v.to(device) if isinstance(v, torch.Tensor) else v for k, v in batch.items()}
+
+
 def _prefill_batch(seed: int, reqs: list[tuple[int, int]], pad_rows: int) -> dict:
     """A ragged prefill over a concatenated key buffer: request b's context at [off_b, off_b + prefix + new)."""
     g = _gen(seed)
@@ -123,7 +127,7 @@ def _decode_select(b: dict, rows: range) -> torch.Tensor:
 
 
 def _decode_attend(b: dict, q: torch.Tensor, topk: torch.Tensor, rows: range) -> torch.Tensor:
-    plan = ops.plan_sparse_mla_decode(len(rows), q.shape[1], topk.shape[1], kv_dtype="bfloat16", device="cpu")
+    plan = ops.plan_sparse_mla_decode(len(rows), q.shape[1], topk.shape[1], kv_dtype="bfloat16", device=q.device)
     return ops.sparse_mla_decode(q, b["kv_cache"], topk[:, None, :], SM_SCALE, plan=plan)[0]
 
 
@@ -276,7 +280,7 @@ def _layer_cases(r: int, W: int, group) -> dict:
 
 
 
-def _rank_main(ctx: RankContext) -> dict:
+def _rank_main(ctx: RankContext, with_layer: bool = True) -> dict:
     group = torch.distributed.group.WORLD
     r, W = ctx.rank, ctx.world_size
     h = HEADS // W
@@ -284,7 +288,8 @@ def _rank_main(ctx: RankContext) -> dict:
 
     # 1. collectives on their own: uneven and empty splits, async, fp8
     g = _gen(11)
-    x_all = torch.randn(7, HEADS, 64, generator=g).to(torch.bfloat16)  # [T, H, D] as one rank would hold it
+    dev = ctx.device  # cpu under gloo, this rank's GPU under NCCL
+    x_all = torch.randn(7, HEADS, 64, generator=g).to(dev, torch.bfloat16)  # [T, H, D] as one rank would hold it
     for name, splits in {"even": plan_token_split(7, W).splits, "skewed": (7,) + (0,) * (W - 1),
                          "tail": (0,) * (W - 1) + (7,)}.items():
         mine = x_all[:, r * h : (r + 1) * h].contiguous()
@@ -297,13 +302,13 @@ def _rank_main(ctx: RankContext) -> dict:
         res[f"async_{name}"] = torch.equal(pending.wait(), got)
         got8 = heads_to_tokens(mine, group, splits, fp8=True)  # every rank joins, even with 0 tokens
         res[f"fp8_{name}"] = _rel(got8, got) if splits[r] else float(got8.numel())
-    res["gather"] = torch.equal(all_gather_stack(torch.full((2, 3), float(r)), group)[:, 0, 0],
+    res["gather"] = torch.equal(all_gather_stack(torch.full((2, 3), float(r), device=dev), group)[:, 0, 0].cpu(),
                                 torch.arange(W, dtype=torch.float32))
 
     # 2. prefill: ragged batch + 3 DP padding rows; several split plans
-    b = _prefill_batch(5, PREFILL_REQS, pad_rows=3)
+    b = _on(_prefill_batch(5, PREFILL_REQS, pad_rows=3), dev)
     select, attend = functools.partial(_prefill_select, b), functools.partial(_prefill_attend, b)
-    topk_all = torch.full((b["rows"], K), -1, dtype=torch.int32)
+    topk_all = torch.full((b["rows"], K), -1, dtype=torch.int32, device=dev)
     topk_all[: b["T"]] = select(range(b["T"]))
     ref = attend(b["q"], topk_all, range(b["rows"]))  # single rank, all heads
     pure = _pure_tp(b["q"], topk_all, attend, r, h)
@@ -325,9 +330,9 @@ def _rank_main(ctx: RankContext) -> dict:
     res["prefill_fp8_q"] = _rel(tp8, pure)
 
     # 3. a batch smaller than the group: one real token (plus padding)
-    tiny = _prefill_batch(6, [(3, 1)], pad_rows=1)
+    tiny = _on(_prefill_batch(6, [(3, 1)], pad_rows=1), dev)
     t_sel, t_att = functools.partial(_prefill_select, tiny), functools.partial(_prefill_attend, tiny)
-    t_topk = torch.full((tiny["rows"], K), -1, dtype=torch.int32)
+    t_topk = torch.full((tiny["rows"], K), -1, dtype=torch.int32, device=dev)
     t_topk[:1] = t_sel(range(1))
     t_pure = _pure_tp(tiny["q"], t_topk, t_att, r, h)
     t_tp = token_parallel_attention(tiny["q"][:, r * h : (r + 1) * h].contiguous(),
@@ -335,7 +340,7 @@ def _rank_main(ctx: RankContext) -> dict:
     res["tiny"] = _rel(t_tp, t_pure)
 
     # 4. decode with batch >= W: requests split like tokens
-    d = _decode_batch(7, DECODE_LENS["batch_ge_w"], topk=64)
+    d = _on(_decode_batch(7, DECODE_LENS["batch_ge_w"], topk=64), dev)
     d_sel, d_att = functools.partial(_decode_select, d), functools.partial(_decode_attend, d)
     d_topk = d_sel(range(d["B"]))
     d_ref = d_att(d["q"], d_topk, range(d["B"]))
@@ -351,23 +356,41 @@ def _rank_main(ctx: RankContext) -> dict:
         if name == "batch_ge_w":
             continue
         for topk in (64, 2048):  # 2048 > every context here: every row keeps all its keys
-            kb = _decode_batch(13 + len(lens), lens, topk=topk)
+            kb = _on(_decode_batch(13 + len(lens), lens, topk=topk), dev)
             rows = range(kb["B"])
             want = _decode_select(kb, rows)
             got = key_sharded_decode_topk(kb["q_idx"], kb["index_cache"], kb["w"], kb["seq_lens"],
                                           kb["page_table"], topk, group)
             where = f"rank {r} keys_{name}_{topk}"
             res[f"keys_{name}_{topk}"] = dict(
-                ties=_same_up_to_ties(want, got, _decode_logits(kb, rows), kb["page_table"], where),
+                ties=_same_up_to_ties(want.cpu(), got.cpu(), _decode_logits(kb, rows).cpu(), kb["page_table"].cpu(),
+                                      where),
                 exact=torch.equal(want, got), kept=int((got >= 0).sum()),
             )
-    res.update(_layer_cases(r, W, group))
+    if with_layer:
+        res.update(_layer_cases(r, W, group))
     return res  # plain Python values only: tensors would cross the process boundary as shared memory
 
 
 @functools.cache
 def _run(world: int) -> list[dict]:
     return launch(_rank_main, world, backend="gloo", timeout_s=240)
+
+
+@pytest.mark.gpu
+@pytest.mark.multigpu
+def test_nccl_two_gpus_collectives_prefill_decode_and_key_sharding():
+    """The same cases on 2 GPUs with NCCL and the fastest tiers (the layer itself: test_token_parallel_layer)."""
+    for r, res in enumerate(launch(_rank_main, 2, (False,), backend="nccl", timeout_s=300)):
+        for key in ("even", "skewed", "tail"):
+            assert res[f"h2t_{key}"] and res[f"t2h_{key}"] and res[f"async_{key}"], (r, key)
+        assert res["gather"], r
+        for name in ("even", "balanced", "one_rank", "even_chunks3"):
+            got = res[f"prefill_{name}"]
+            assert got["vs_pure"] < 1e-2 and got["vs_ref"] < 1e-2 and got["pad_zero"], (r, name, got)
+        assert res["tiny"] < 1e-2 and res["decode_tokens"]["vs_pure"] < 1e-2, r
+        for name in [k for k in res if k.startswith("keys_")]:
+            assert res[name]["ties"] == "" and res[name]["kept"] > 0, res[name]
 
 
 WORLDS = [2, 4]
