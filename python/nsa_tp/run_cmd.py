@@ -1,0 +1,230 @@
+"""`nsa-tp run`: the sharded DeepSeek-V3.2 attention layer in every layout this machine allows, checked.
+
+With no arguments: a DeepSeek-V3.2-shaped layer (128 heads, real head dims; on CPU a smaller hidden size
+and top-k so it stays quick) and a batch of 3 requests of uneven lengths, one with a cached prefix:
+prefix fill, a measured prefill, then decode steps. It runs one rank holding everything (the reference),
+then every layout the hardware allows — up to the GPU count with NCCL, else 2 and 4 gloo ranks on CPU —
+compares each layout's output with the reference per request, and prints a table (progress on stderr).
+``--tp/--dp/--enable-dp-attention`` pick one layout. Exit code 1 if any layout misses the tolerance.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import datetime
+import json
+import platform
+import sys
+import time
+from collections.abc import Callable
+from typing import Any
+
+import torch
+
+from nsa_tp.cli import add_layout_args, layout_from_args
+from nsa_tp.config import NSAConfig
+from nsa_tp.model.runner import CaseResult, Request, RunCase, compare_results, run_layouts
+
+__all__ = ["add_arguments", "main", "default_layouts", "default_requests", "COLUMNS"]
+
+TOLERANCE = 1e-2  # bf16: relative error per request
+
+
+def add_arguments(p: argparse.ArgumentParser) -> None:
+    add_layout_args(p, tp_default=None)
+    p.add_argument("--prompt-len", type=int, default=None,
+                   help="longest request's new tokens (default 160 on CPU, 4096 on GPU); the others are shorter")
+    p.add_argument("--decode-steps", type=int, default=4)
+    p.add_argument("--hidden-size", type=int, default=None, help="default 512 on CPU, 7168 (real) on GPU")
+    p.add_argument("--topk", type=int, default=None, help="indexer top-k (default 64 on CPU, 2048 on GPU)")
+    p.add_argument("--heads", type=int, default=128, help="attention heads of the layer (DeepSeek-V3.2: 128)")
+    p.add_argument("--model-path", default=None, help="a HF checkpoint (config.json + safetensors): real weights")
+    p.add_argument("--layer", type=int, default=0, help="which layer's weights to load with --model-path")
+    p.add_argument("--core", default="heads", help="attention core strategy (nsa_tp.model.core; default heads)")
+    p.add_argument("--backend", default="auto", help="kernel tier: auto | reference | triton | flashmla")
+    p.add_argument("--max-ranks", type=int, default=None, help="largest world size to try (default: GPUs, else 4)")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--json", action="store_true", help="print the results as JSON instead of a table")
+
+
+def default_requests(prompt_len: int) -> tuple[Request, ...]:
+    """3 uneven requests: a long fresh prompt, a shorter one behind a cached prefix, a short one."""
+    if prompt_len < 4:
+        raise ValueError(f"--prompt-len must be at least 4, got {prompt_len}")
+    return (
+        Request(0, prompt_len),
+        Request(prompt_len // 2, prompt_len // 3 + 1),  # half a prompt already cached (a radix-cache hit)
+        Request(0, prompt_len // 5 + 3),
+    )
+
+
+def default_layouts(max_ranks: int) -> list[tuple[int, int, bool]]:
+    """``(tp, dp, enable_dp_attention)`` for world sizes 2, 4, 8 up to ``max_ranks``: pure TP, partial DP
+    attention (every split with 2+ ranks per group) and full DP attention."""
+    out: list[tuple[int, int, bool]] = []
+    n = 2
+    while n <= max_ranks:
+        out.append((n, 1, False))
+        d = 2
+        while d < n:
+            out.append((n, d, True))
+            d *= 2
+        out.append((n, n, True))
+        n *= 2
+    return out
+
+
+@dataclasses.dataclass(frozen=True)
+class Column:
+    header: str
+    fmt: Callable[[dict[str, Any]], str]
+
+
+# The table's columns, in order; another mode adds a column by appending here (e.g. token-parallel's split).
+COLUMNS: list[Column] = [
+    Column("layout", lambda r: r["layout"]),
+    Column("mode", lambda r: r["mode"]),
+    Column("ranks", lambda r: str(r["ranks"])),
+    Column("heads/rank", lambda r: str(r["heads_per_rank"])),
+    Column("core", lambda r: r["core"]),
+    Column("DP pad rows", lambda r: str(r["pad_rows"])),
+    Column("max rel err", lambda r: f"{r['max_rel_err']:.1e}" + ("" if r["ok"] else " FAIL")),
+    Column("prefill ms", lambda r: f"{r['prefill_ms']:.1f}"),
+    Column("decode ms/step", lambda r: f"{r['decode_ms']:.1f}"),
+    Column("peak MiB", lambda r: f"{r['peak_mem_mb']:.0f}"),
+]
+
+
+class Progress:
+    """A one-line bar on stderr (redrawn in place on a terminal, one line per step otherwise)."""
+
+    def __init__(self, total: int, width: int = 24):
+        self.total, self.done, self.width, self.t0 = total, 0, width, time.perf_counter()
+        self.tty = sys.stderr.isatty()
+
+    def step(self, what: str) -> None:
+        self.show(f"running {what}")
+
+    def advance(self, what: str) -> None:
+        self.done += 1
+        self.show(what)
+        if self.done == self.total and self.tty:
+            sys.stderr.write("\n")
+
+    def show(self, what: str) -> None:
+        filled = self.width * self.done // max(self.total, 1)
+        bar = "#" * filled + "." * (self.width - filled)
+        line = f"[{bar}] {self.done}/{self.total} {time.perf_counter() - self.t0:6.1f}s {what}"
+        if self.tty:
+            sys.stderr.write("\r" + line.ljust(100)[:100])
+        else:
+            sys.stderr.write(line + "\n")
+        sys.stderr.flush()
+
+
+def _row(case: RunCase, ranks: list[CaseResult], ref: CaseResult) -> dict[str, Any]:
+    lay = case.layout()
+    err = compare_results(ref, ranks[0])
+    return {
+        "layout": case.label(), "mode": lay.mode, "ranks": lay.world_size, "tp": case.tp, "dp": case.dp,
+        "enable_dp_attention": case.enable_dp_attention, "heads_per_rank": lay.heads_per_rank, "core": case.core,
+        "pad_rows": sum(r.pad_rows for r in ranks), "prefill_rel_err": err["prefill"], "decode_rel_err": err["decode"],
+        "max_rel_err": err["max"], "ok": err["max"] < TOLERANCE,
+        # the slowest rank bounds the step; memory is per rank
+        "prefill_ms": max(r.prefill_ms for r in ranks), "decode_ms": max(r.decode_ms for r in ranks),
+        "peak_mem_mb": max(r.peak_mem_mb for r in ranks), "device": ranks[0].device,
+    }
+
+
+def _format_table(rows: list[dict[str, Any]]) -> str:
+    cells = [[c.header for c in COLUMNS]] + [[c.fmt(r) for c in COLUMNS] for r in rows]
+    widths = [max(len(row[i]) for row in cells) for i in range(len(COLUMNS))]
+    lines = ["  ".join(v.ljust(w) for v, w in zip(row, widths, strict=True)).rstrip() for row in cells]
+    lines.insert(1, "  ".join("-" * w for w in widths))
+    return "\n".join(lines)
+
+
+def _plan(args: argparse.Namespace, gpus: int) -> tuple[NSAConfig, tuple[Request, ...], list[RunCase], RunCase]:
+    """Config, batch, the layouts' cases and the reference case from the flags (ValueError names the flag)."""
+    on_gpu = gpus > 0
+    if args.model_path:
+        cfg = NSAConfig.from_hf_config(args.model_path)
+    else:
+        cfg = NSAConfig(
+            hidden_size=args.hidden_size or (7168 if on_gpu else 512),
+            q_lora_rank=1536 if on_gpu else 256,  # CPU: a smaller q_lora keeps the 2-core run under 2 minutes
+            num_attention_heads=args.heads,
+        )
+    cfg = cfg.replace(index_topk=args.topk or (cfg.index_topk if on_gpu else 64))
+    requests = default_requests(args.prompt_len or (4096 if on_gpu else 160))
+    if args.decode_steps < 0:
+        raise ValueError(f"--decode-steps must be >= 0, got {args.decode_steps}")
+    if args.tp is not None:
+        lay = layout_from_args(args, cfg.num_attention_heads)  # LayoutError names the flag to change
+        layouts = [(lay.tp_size, lay.dp_size, lay.enable_dp_attention)]
+    else:
+        layouts = default_layouts(args.max_ranks or (gpus if on_gpu else 4))
+    kv = layout_from_args(argparse.Namespace(**{**vars(args), "tp": 1, "dp": 1, "enable_dp_attention": False}),
+                          cfg.num_attention_heads).kv_cache_dtype
+
+    def case(tp: int, dp: int, dpa: bool) -> RunCase:
+        return RunCase(
+            tp=tp, dp=dp, enable_dp_attention=dpa, cfg=cfg, requests=requests, decode_steps=args.decode_steps,
+            kv_cache_dtype=kv, seed=args.seed, core=args.core if tp > 1 or dpa else "heads",
+            backend=args.backend, weights_path=str(args.model_path) if args.model_path else None,
+            layer_index=args.layer,
+        )
+
+    cases = [case(*lo) for lo in layouts]
+    for c in cases:
+        need = c.layout().world_size
+        if on_gpu and need > gpus:
+            raise ValueError(f"--tp {c.tp}: {c.label()} needs {need} GPUs, {gpus} visible")
+    return cfg, requests, cases, case(1, 1, False)
+
+
+def main(args: argparse.Namespace) -> int:
+    gpus = torch.cuda.device_count() if torch.cuda.is_available() else 0
+    on_gpu = gpus > 0
+    try:
+        cfg, requests, cases, ref_case = _plan(args, gpus)
+    except ValueError as e:  # bad flags: one line naming the flag, exit 2 (as `nsa-tp plan` does)
+        print(f"nsa-tp run: error: {e}", file=sys.stderr)
+        return 2
+    kv = ref_case.kv_cache_dtype
+    progress = Progress(len(cases) + 1)
+    progress.step("TP1 reference (one rank holds everything)")
+    ref = run_layouts([ref_case], 1)[0]
+    rows = [_row(ref_case, ref, ref[0])]
+    progress.advance("TP1 reference")
+    for c in cases:
+        progress.step(c.label())
+        res = run_layouts([c], c.layout().world_size)[0]
+        rows.append(_row(c, res, ref[0]))
+        progress.advance(c.label())
+
+    meta = {
+        "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+        "command": "nsa-tp run " + " ".join(sys.argv[2:]) if sys.argv[1:2] == ["run"] else " ".join(sys.argv),
+        "device": torch.cuda.get_device_name(0) if on_gpu else f"CPU ({platform.processor() or platform.machine()})",
+        "torch": torch.__version__, "comm": "nccl" if on_gpu else "gloo",
+        "config": {k: v for k, v in cfg.to_dict().items() if k in (
+            "hidden_size", "num_attention_heads", "q_lora_rank", "kv_lora_rank", "qk_rope_head_dim", "index_topk")},
+        "requests": [dataclasses.asdict(r) for r in requests], "decode_steps": args.decode_steps,
+        "kv_cache_dtype": kv, "tolerance": TOLERANCE,
+        "peak_memory": "torch.cuda.max_memory_allocated" if on_gpu else "process peak RSS (includes torch itself)",
+    }
+    if args.json:
+        print(json.dumps({"meta": meta, "rows": rows}, indent=2))
+    else:
+        c0 = meta["config"]
+        print(f"DeepSeek-V3.2 attention layer: {c0['num_attention_heads']} heads, hidden {c0['hidden_size']}, "
+              f"q_lora {c0['q_lora_rank']}, latent {c0['kv_lora_rank']}+{c0['qk_rope_head_dim']}, top-k "
+              f"{c0['index_topk']}, {kv} KV cache; {meta['device']}, {meta['comm']}")
+        print("batch: " + ", ".join(f"{r.new_len} new" + (f" + {r.prefix_len} cached" if r.prefix_len else "")
+                                    for r in requests) + f" tokens; then {args.decode_steps} decode steps")
+        print(_format_table(rows))
+        print(f"max rel err: worst request's ||out - TP1|| / ||TP1|| over prefill and decode (pass < {TOLERANCE}); "
+              f"peak MiB: {meta['peak_memory']}")
+    return 0 if all(r["ok"] for r in rows) else 1
