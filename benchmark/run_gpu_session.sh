@@ -22,7 +22,7 @@ python3 -c "import flash_mla; print('flash_mla', flash_mla.__file__)" 2>&1 | tai
 T=test/srt/test_triton_ops.py
 PT="python3 -m pytest -q -m gpu -p no:cacheprovider"
 timeout "${TEST_S:-150}" $PT $T -k "matches_reference" >"$LOG/pytest_a.log" 2>&1 &
-timeout "${TEST_S:-150}" $PT $T -k "topk_2048 or split_merge" >"$LOG/pytest_b.log" 2>&1 &
+timeout "${TEST_S:-150}" $PT $T -k "topk_2048 or split_merge or exact_fp8" >"$LOG/pytest_b.log" 2>&1 &
 timeout "${TEST_S:-150}" $PT $T -k "decode" >"$LOG/pytest_c.log" 2>&1 &
 timeout "${TEST_S:-150}" $PT $T -k "logits or rejects or auto" >"$LOG/pytest_d.log" 2>&1 &
 timeout "${WARM_S:-150}" python3 benchmark/bench_kernels.py --warm-only --sweep >"$LOG/warm.log" 2>&1 &

@@ -73,6 +73,32 @@ def _frac(value: float | None, ceiling: float | None) -> float | None:
     return None if value is None or not ceiling else value / ceiling
 
 
+def _mla_accuracy(q: torch.Tensor, kv: torch.Tensor, idx: torch.Tensor, sm_scale: float, cfg: Any = None,
+                  rows: int = 128) -> str:
+    """``||out - ref|| / ||ref||`` (and the same for lse) on the first ``rows`` tokens, for the notes."""
+    from nsa_tp.ops import reference
+    from nsa_tp.ops.triton.sparse_mla import sparse_mla_fwd_split
+
+    q, idx = q[:rows], idx[:rows]
+    out, _, lse = sparse_mla_fwd_split(q, kv, idx, sm_scale, 1, cfg)
+    r_out, _, r_lse = reference.sparse_mla_fwd(q, kv, idx, sm_scale)
+
+    def rel(a: torch.Tensor, b: torch.Tensor) -> float:
+        return float((a.double() - b.double()).norm() / b.double().norm())
+
+    return f"rel err vs reference: out {rel(out, r_out):.1e}, lse {rel(lse, r_lse):.1e}"
+
+
+def _flashmla_tier() -> Any | None:
+    """Our FlashMLA tier (head padding, legacy SM90 kernels), or None where it cannot run."""
+    from nsa_tp.ops.registry import BackendUnavailableError, get_tier
+
+    try:
+        return get_tier("flashmla")
+    except BackendUnavailableError:
+        return None
+
+
 def _random_kv(n: int, fp8: bool, device: torch.device, gen: torch.Generator) -> torch.Tensor:
     """``[n, 1, 576]`` bf16 or ``[n, 1, 656]`` packed fp8, built in chunks to bound the fp32 temporaries."""
     out = torch.empty(n, 1, FP8_BYTES_PER_TOKEN if fp8 else D_QK, dtype=torch.uint8 if fp8 else torch.bfloat16,
@@ -94,6 +120,7 @@ def sparse_mla_rows(
 
     gen = torch.Generator(device=device).manual_seed(1)
     fm = _flash_mla()
+    fmt_tier = _flashmla_tier()
     rows: list[Row] = []
     sm_scale = D_QK**-0.5
     idx = torch.randint(0, N, (T, 1, K), device=device, dtype=torch.int32, generator=gen)
@@ -110,17 +137,23 @@ def sparse_mla_rows(
             rows.append(Row("sparse_mla_fwd", "triton", shape, ms, _tflops(useful, ms),
                             _tflops(useful, ms), _gbps(moved, ms),
                             _frac(_tflops(useful, ms), ceilings.bf16_tflops), note))
+            if fp8:
+                rows[-1].note = (rows[-1].note + " " + _mla_accuracy(q, kv, idx, sm_scale)).strip()
             if fm is not None and not fp8:
                 hp = 64 * -(-H // 64)
                 qp = q if hp == H else torch.cat([q, q.new_zeros(T, hp - H, D_QK)], dim=1)
-                ms_f, note_f = _timed(fm.flash_mla_sparse_fwd, qp, kv, idx, sm_scale, D_LATENT)
+                # The 576-dim V3.2 kernels (SM90 too) are the wheel's legacy set.
+                ms_f, note_f = _timed(fm.flash_mla_sparse_fwd, qp, kv, idx, sm_scale, D_LATENT, use_legacy=True)
                 executed = 2.0 * T * hp * K * (D_QK + D_LATENT)
-                rows.append(Row("sparse_mla_fwd", f"flashmla@{hp}", shape, ms_f,
-                                _tflops(useful, ms_f),
-                                _tflops(executed, ms_f),
-                                _gbps(moved, ms_f),
+                rows.append(Row("sparse_mla_fwd", f"flashmla@{hp}", shape, ms_f, _tflops(useful, ms_f),
+                                _tflops(executed, ms_f), _gbps(moved, ms_f),
                                 _frac(_tflops(executed, ms_f), ceilings.bf16_tflops),
                                 (note_f + " " if note_f else "") + "kernel only, q pre-padded"))
+            if fmt_tier is not None and not fp8:
+                ms_t, note_t = _timed(fmt_tier.ops["sparse_mla_fwd"].fn, q, kv, idx, sm_scale)
+                rows.append(Row("sparse_mla_fwd", "flashmla-tier", shape, ms_t, _tflops(useful, ms_t), None,
+                                _gbps(moved, ms_t), None,
+                                (note_t + " " if note_t else "") + "our FlashMLA tier: pad heads, run, trim"))
             if with_reference:
                 ms_r, note_r = _timed(reference.sparse_mla_fwd, q, kv, idx, sm_scale)
                 rows.append(Row("sparse_mla_fwd", "reference", shape, ms_r,
@@ -135,7 +168,6 @@ def decode_rows(batches: list[int], H: int, ctx: int, K: int, ceilings: Ceilings
     from nsa_tp.ops.triton.sparse_mla_decode import plan_sparse_mla_decode, sparse_mla_decode
 
     gen = torch.Generator(device=device).manual_seed(2)
-    fm = _flash_mla()
     rows: list[Row] = []
     sm_scale = D_QK**-0.5
     pages_per_req = -(-ctx // 64)
@@ -152,17 +184,17 @@ def decode_rows(batches: list[int], H: int, ctx: int, K: int, ceilings: Ceilings
         rows.append(Row("sparse_mla_decode", "triton", shape, ms, gbps=_gbps(moved, ms),
                         frac_ceiling=_frac(_gbps(moved, ms), ceilings.copy_gbps),
                         note=f"{plan.data.num_splits} top-k splits; {note}".strip("; ")))
-        if fm is not None:
+        fmt_tier = _flashmla_tier()
+        if fmt_tier is not None:
+            try:
+                fplan = fmt_tier.ops["plan_sparse_mla_decode"].fn(B, H, K, kv_dtype="fp8_e4m3", device=device)
+                ms_f, note_f = _timed(fmt_tier.ops["sparse_mla_decode"].fn, q, cache, idx, sm_scale, plan=fplan)
+            except Exception as e:  # noqa: BLE001
+                ms_f, note_f = None, f"{type(e).__name__}: {e}"[:200]
             hp = 64 * -(-H // 64)
-            qp = torch.cat([q, q.new_zeros(B, hp - H, D_QK)], dim=1) if hp != H else q
-            qp = qp[:, None]  # [B, 1, Hp, 576]
-            meta = fm.get_mla_metadata()[0]
-            ms_f, note_f = _timed(fm.flash_mla_with_kvcache, qp, cache, None, None, D_LATENT, meta,
-                                  softmax_scale=sm_scale, indices=idx, is_fp8_kvcache=True)
-            rows.append(Row("sparse_mla_decode", f"flashmla@{hp}", shape, ms_f,
-                            gbps=_gbps(moved, ms_f),
+            rows.append(Row("sparse_mla_decode", "flashmla-tier", shape, ms_f, gbps=_gbps(moved, ms_f),
                             frac_ceiling=_frac(_gbps(moved, ms_f), ceilings.copy_gbps),
-                            note=(note_f + " " if note_f else "") + "kernel only, q pre-padded"))
+                            note=(note_f + " " if note_f else "") + f"our FlashMLA tier, heads padded to {hp}"))
         del cache
     return rows
 
@@ -232,22 +264,27 @@ def sweep_rows(ceilings: Ceilings, device: torch.device, T: int, N: int, K: int)
     gen = torch.Generator(device=device).manual_seed(5)
     rows: list[Row] = []
     idx = torch.randint(0, N, (T, 1, K), device=device, dtype=torch.int32, generator=gen)
-    kv = _random_kv(N, False, device, gen)
-    grid = {  # alternatives to default_config (the defaults themselves are the main rows)
-        16: [(16, 32, 8, 2), (16, 32, 4, 2), (16, 64, 8, 3)],
-        64: [(32, 32, 8, 2), (64, 64, 8, 2)],
-    }
-    for H, cfgs in grid.items():
+    # Alternatives to default_config (the defaults themselves are the main rows): (H, kv, config).
+    grid = [
+        (16, "bf16", (16, 32, 4, 3)), (16, "bf16", (16, 16, 4, 2)), (16, "bf16", (16, 64, 8, 2)),
+        (32, "bf16", (32, 32, 4, 2)), (32, "bf16", (64, 64, 8, 2)),
+        (64, "bf16", (64, 32, 8, 2)), (64, "bf16", (16, 32, 4, 2)),
+        (16, "fp8", (16, 16, 4, 2, False)), (16, "fp8", (16, 32, 8, 2, False)), (16, "fp8", (16, 32, 8, 2, True)),
+        (64, "fp8", (64, 32, 8, 2, True)),
+    ]
+    kvs = {"bf16": _random_kv(N, False, device, gen), "fp8": _random_kv(N, True, device, gen)}
+    for H, fmt, c in grid:
         q = torch.randn(T, H, D_QK, device=device, dtype=torch.bfloat16, generator=gen)
         useful = 2.0 * T * H * K * (D_QK + D_LATENT)
-        for c in cfgs:
-            cfg = SparseMLAConfig(*c)
-            ms, note = _timed(sparse_mla_fwd_split, q, kv, idx, D_QK**-0.5, 1, cfg)
-            tf = _tflops(useful, ms)
-            rows.append(Row("sweep:sparse_mla_fwd", "triton", {"T": T, "H": H, "N": N, "K": K, "config": c}, ms, tf,
-                            tf, None, _frac(tf, ceilings.bf16_tflops), note))
-    del kv
-    for c in [(256, 64, 8, 3), (128, 32, 4, 3), (64, 64, 4, 3)]:
+        cfg = SparseMLAConfig(*c)
+        ms, note = _timed(sparse_mla_fwd_split, q, kvs[fmt], idx, D_QK**-0.5, 1, cfg)
+        if fmt == "fp8" and ms is not None:
+            note = (note + " " + _mla_accuracy(q, kvs[fmt], idx, D_QK**-0.5, cfg)).strip()
+        tf = _tflops(useful, ms)
+        rows.append(Row("sweep:sparse_mla_fwd", "triton", {"T": T, "H": H, "N": N, "K": K, "kv": fmt, "config": c},
+                        ms, tf, tf, None, _frac(tf, ceilings.bf16_tflops), note))
+    del kvs
+    for c in [(256, 128, 8, 3), (128, 64, 8, 3), (128, 128, 4, 3)]:
         rows += logits_rows(4096, [65536], 64, 128, ceilings, device, config=MQALogitsConfig(*c),
                             tier_label="triton")
         rows[-1].op = "sweep:fp8_mqa_logits"

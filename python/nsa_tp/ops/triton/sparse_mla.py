@@ -10,9 +10,10 @@ rows, so the tile is loaded once). Softmax is online in fp32 with ``exp2``. A he
 block is masked in registers: nothing is padded in memory, and the gathered bytes — the cost that does not
 shrink with the head count — are read once per token, not once per padded head group.
 
-fp8 KV is dequantized in the kernel, in registers: e4m3 -> fp32 (exact), times the tile's scale (4 a row),
-rounded once to bf16 — the same numbers FlashMLA's dequantization gives — and then used like a bf16 tile.
-The gathered bytes drop from 1152 to 656 a row, which is what bounds the kernel at small head counts.
+fp8 KV is dequantized in the kernel (the gathered bytes drop from 1152 to 656 a row), two ways
+(``SparseMLAConfig.exact_fp8``): exactly, e4m3 -> bf16 (exact) with the per-128 scales applied to the fp32
+scores and to the probabilities, 4 chunked dots a step; or FlashMLA's way, the tile times its scales rounded
+once to bf16 in registers, then used like a bf16 tile (fewer, larger dots).
 
 When ``T * ceil(H / BLOCK_H)`` programs cannot fill the GPU (decode: one token per request), the top-k is
 split across programs (flash-decoding) and a second kernel merges the partial results by their lse.
@@ -47,20 +48,22 @@ class SparseMLAConfig:
     block_k: int
     num_warps: int
     num_stages: int
+    # fp8 cache only. True: scales applied exactly to scores / probabilities, per 128-dim tile (4 dots a
+    # step). False: dequantize the tile to bf16 in registers (one rounding, as FlashMLA does), 1 dot a step.
+    exact_fp8: bool = True
 
 
 def default_config(num_heads: int, fp8: bool) -> SparseMLAConfig:
-    """Per head count. ``block_h`` covers the heads with the least masking (16 is the smallest dot tile).
+    """Per head count, from the H100 sweep in docs/kernels.md (register budgets read off the compiler).
 
-    block_h=64 uses Hopper's warpgroup MMA, 16 and 32 the older MMA; all read each gathered tile once for
-    every head of the block. Register budgets were read off the compiler (no spills for these shapes) and
-    the choice between them is the H100 sweep in docs/kernels.md.
+    Up to 32 heads: blocks of 16 heads, 4 warps, 32 gathered rows a step (Ampere-style MMA; 32 heads run
+    as two programs, each gathering its own copy of the rows — measured faster than one 32-head program).
+    From 64 heads: blocks of 64 on Hopper's warpgroup MMA. fp8: the bf16-rounded dequantization (FlashMLA's
+    numerics) unless ``exact_fp8`` is asked for.
     """
-    if num_heads <= 16:
-        return SparseMLAConfig(16, 32 if fp8 else 64, 8, 2)
     if num_heads <= 32:
-        return SparseMLAConfig(32, 32, 8, 2)
-    return SparseMLAConfig(64, 32, 8, 2)
+        return SparseMLAConfig(16, 32, 4, 2, exact_fp8=False)
+    return SparseMLAConfig(64, 64, 8, 2, exact_fp8=False)
 
 
 def choose_num_splits(num_tokens: int, num_heads: int, topk: int, cfg: SparseMLAConfig, sms: int) -> int:
@@ -121,6 +124,7 @@ def _sparse_mla_fwd_kernel(
     SCALE_OFF: tl.constexpr,
     BLOCK_H: tl.constexpr,
     BLOCK_K: tl.constexpr,
+    FP8: tl.constexpr,
     PARTIAL: tl.constexpr,
 ):
     t = tl.program_id(0).to(tl.int64)
@@ -147,7 +151,15 @@ def _sparse_mla_fwd_kernel(
         ids = tl.load(idx_ptr + t * stride_it + offs_k, mask=offs_k < K, other=-1)
         valid = (ids >= 0) & (ids < N)
         rows = tl.where(valid, ids, 0).to(tl.int64)  # int64: N * row bytes can pass 2^31
-        kn = tl.load(nope_ptr + rows[:, None] * stride_nope + offs_d[None, :], mask=valid[:, None], other=0.0)
+        if FP8:
+            # e4m3 -> fp32 is exact; x the row's 4 tile scales; one rounding to bf16 (FlashMLA's dequant numerics).
+            raw = tl.load(nope_ptr + rows[:, None] * stride_nope + offs_d[None, :], mask=valid[:, None], other=0)
+            vals = raw.to(tl.float8e4nv, bitcast=True).to(tl.float32)
+            sc = tl.load(scale_ptr + rows[:, None] * stride_scale + SCALE_OFF + tl.arange(0, 4)[None, :],
+                         mask=valid[:, None], other=0.0)
+            kn = tl.reshape(tl.reshape(vals, [BLOCK_K, 4, 128]) * sc[:, :, None], [BLOCK_K, 512]).to(tl.bfloat16)
+        else:
+            kn = tl.load(nope_ptr + rows[:, None] * stride_nope + offs_d[None, :], mask=valid[:, None], other=0.0)
         kr = tl.load(rope_ptr + rows[:, None] * stride_rope + ROPE_OFF + offs_r[None, :],
                      mask=valid[:, None], other=0.0)
         s = tl.dot(qn, tl.trans(kn))
@@ -347,7 +359,9 @@ def sparse_mla_fwd_split(
         dst = (out, max_logits, lse, 0, 0)
     o_t, ml_t, lse_t, stride_os, stride_ms = dst
     grid = (T, cdiv(H, cfg.block_h), num_splits)
-    kernel = _sparse_mla_fwd_fp8_kernel if fp8 else _sparse_mla_fwd_kernel
+    exact = fp8 and cfg.exact_fp8
+    kernel = _sparse_mla_fwd_fp8_kernel if exact else _sparse_mla_fwd_kernel
+    extra = {} if exact else {"FP8": fp8}
     kernel[grid](
         q, q.stride(0), q.stride(1),
         nope, stride_nope,
@@ -363,6 +377,7 @@ def sparse_mla_fwd_split(
         BLOCK_H=cfg.block_h,
         BLOCK_K=cfg.block_k,
         PARTIAL=partial,
+        **extra,
         num_warps=cfg.num_warps,
         num_stages=cfg.num_stages,
     )
