@@ -25,8 +25,10 @@ from __future__ import annotations
 import dataclasses
 import os
 import resource
+import statistics
 import time
 from collections.abc import Sequence
+from typing import Any
 
 import torch
 
@@ -39,7 +41,17 @@ from nsa_tp.parallel.groups import ParallelGroups, build_groups
 from nsa_tp.parallel.launch import RankContext, launch
 from nsa_tp.parallel.layout import ParallelLayout, resolve_layout
 
-__all__ = ["Request", "RunCase", "CaseResult", "run_case", "run_layouts", "request_inputs", "compare_results"]
+__all__ = [
+    "Request",
+    "RunCase",
+    "CaseResult",
+    "run_case",
+    "run_layouts",
+    "request_inputs",
+    "compare_results",
+    "time_layer_prefill",
+    "time_cases",
+]
 
 
 @dataclasses.dataclass(frozen=True)
@@ -246,6 +258,59 @@ def run_case(ctx: RankContext | None, case: RunCase, weights: LayerWeights | Non
         mode=layout.mode, prefill=prefill, decode=decode, pad_rows=rank.pad_rows, prefill_ms=prefill_ms,
         decode_ms=decode_ms / max(case.decode_steps, 1), peak_mem_mb=_peak_mem_mb(device), device=str(device),
     )
+
+
+def time_layer_prefill(ctx: RankContext | None, case: RunCase, warmup: int = 2, iters: int = 5) -> dict[str, Any]:
+    """Latency of the attention layer alone (projections, indexer, sparse MLA, o_proj, the attention-TP
+    all-reduce) for the case's prefill on this rank: the batch and its metadata are built once, then
+    ``layer.forward`` is timed ``iters`` times after ``warmup`` runs (CUDA events on GPUs, wall clock on CPU).
+
+    Each run rewrites the same cache slots with the same values, so the runs are identical. Ranks of an
+    idle attention DP group (no request) run their padding rows like upstream's idle batches do.
+    Returns ``{"median_ms", "times_ms", "num_tokens", "num_padded", "peak_mem_mb", "device"}``.
+    """
+    device = ctx.device if ctx is not None else torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    groups = build_groups(case.layout())
+    rank = _Rank(case, groups, device, random_weights(case.cfg, case.seed))
+    reqs = case.requests
+    if any(r.prefix_len for r in reqs):
+        rank.forward({i: (0, reqs[i].prefix_len) for i in range(len(reqs))}, is_decode=False)
+    mine = [i for i in rank.mine if reqs[i].new_len]
+    starts = [reqs[i].prefix_len for i in mine]
+    ends = [reqs[i].prefix_len + reqs[i].new_len for i in mine]
+    n = sum(e - s for s, e in zip(starts, ends, strict=True))
+    num_padded = max(groups.all_gather_attn_dp_counts(n, device))
+    batch = build_layer_batch(rank.layer, rank.caches, mine, starts, ends, num_padded, is_decode=False)
+    x = torch.zeros(num_padded, case.cfg.hidden_size, dtype=torch.bfloat16, device=device)
+    if n:
+        x[:n] = torch.cat([rank.inputs[i][s:e] for i, s, e in zip(mine, starts, ends, strict=True)])
+    if device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats(device)
+    times: list[float] = []
+    for it in range(warmup + iters):
+        rank.groups_barrier()  # every rank starts together: the all-reduce then measures compute skew too
+        if device.type == "cuda":
+            start, stop = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+            start.record()
+            rank.layer(x, batch, rank.caches)
+            stop.record()
+            stop.synchronize()
+            ms = start.elapsed_time(stop)
+        else:
+            t0 = time.perf_counter()
+            rank.layer(x, batch, rank.caches)
+            ms = (time.perf_counter() - t0) * 1e3
+        if it >= warmup:
+            times.append(ms)
+    return {
+        "median_ms": statistics.median(times), "times_ms": times, "num_tokens": n,
+        "num_padded": num_padded, "peak_mem_mb": _peak_mem_mb(device), "device": str(device),
+    }
+
+
+def time_cases(ctx: RankContext, cases: Sequence[RunCase], warmup: int, iters: int) -> list[dict[str, Any]]:
+    """Rank body for benchmarks: :func:`time_layer_prefill` of every case, in order (pass to ``launch``)."""
+    return [time_layer_prefill(ctx, c, warmup, iters) for c in cases]
 
 
 def _run_cases(ctx: RankContext, cases: Sequence[RunCase]) -> list[CaseResult | None]:
