@@ -302,6 +302,7 @@ def _rank_main(ctx, args: argparse.Namespace) -> dict:
                         qt, flat, tk[:, None], sm_scale), args.warmup, args.reps))
                 # a rank's indexer and sparse core run back to back: the busiest rank bounds the layer
                 part["tp_rank_ms"] = max(a + b for a, b in zip(idx_ms, sp_ms, strict=True))
+                part["tp_sparse_ns_per_token"] = sum(sp_ms) * 1e6 / T  # 128 heads, all ranks' slices
                 part["tp_indexer_ms_max"], part["tp_sparse_ms_max"] = max(idx_ms), max(sp_ms)
                 part["a2a_bytes_per_rank"] = (a2a_bytes_per_rank(T, hp, D_QK, Wp, fp8=args.fp8_q)
                                               + a2a_bytes_per_rank(T, hp, 512, Wp))
@@ -329,8 +330,8 @@ def _fit_costs(res: dict, card: str, date: str) -> dict:
     small, big = sorted(res["a2a"], key=lambda a: a["bytes_per_rank"])[:: len(res["a2a"]) - 1 or 1][:2]
     lat_us = small["ms"] * 1e3
     gbps = (big["bytes_per_rank"] - small["bytes_per_rank"]) / max((big["ms"] - small["ms"]) * 1e-3, 1e-9) / 1e9
-    parts = [p for p in res["projection_parts"] if p["world"] == max(x["world"] for x in res["projection_parts"])]
-    p = max(parts, key=lambda x: x["tokens"]) if parts else None
+    parts = res["projection_parts"]
+    p = max(parts, key=lambda x: (x["tokens"], x["world"])) if parts else None
     dec = sorted(res["decode"].values(), key=lambda d: d["context"])
     slope = (dec[-1]["replicated_indexer_ms"] - dec[0]["replicated_indexer_ms"]) / max(
         dec[-1]["context"] - dec[0]["context"], 1)
@@ -346,8 +347,11 @@ def _fit_costs(res: dict, card: str, date: str) -> dict:
     if p:
         T = p["tokens"]
         costs["indexer_ns_per_row_key"] = p["pure_indexer_ms"] * 1e6 / (T * (T + 1) / 2)
-        executed = max(p["heads_per_rank"], 64)  # FlashMLA's Hopper multiple; the Triton tier pads nothing
-        costs["sparse_ns_per_token_head"] = p["pure_sparse_ms"] * 1e6 / (T * executed)
+        # per-rank heads -> ns per token as the auto tier runs them, at the largest prefill
+        table = {q["heads_per_rank"]: q["pure_sparse_ms"] * 1e6 / T for q in res["projection_parts"]
+                 if q["tokens"] == T}
+        table[HEADS] = p["tp_sparse_ns_per_token"]
+        costs["sparse_ns_per_token"] = sorted([h, ns] for h, ns in table.items())
     return costs
 
 

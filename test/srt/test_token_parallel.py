@@ -131,7 +131,8 @@ def test_shard_page_table_matches_the_plan(W):
 # ---------------------------------------------------------------------------------------------- policy
 
 _TOY = TokenParallelCosts(
-    card="toy", date="-", source="test", indexer_ns_per_row_key=0.02, sparse_ns_per_token_head=7.4,
+    card="toy", date="-", source="test", indexer_ns_per_row_key=0.02,
+    sparse_ns_per_token=((64, 473.6), (128, 947.2)),  # FlashMLA-like: 16/32 heads cost what 64 do
     a2a_latency_us=30.0, a2a_gbytes_per_s=300.0, decode_indexer_ns_per_key=1.0, decode_indexer_fixed_us=40.0,
     gather_merge_us=35.0,
 )
@@ -364,3 +365,14 @@ def test_case_strategies_for_the_run_table():
     assert run(4, 4, True) == "heads/heads"  # full DP attention: nothing to split
     assert run(2, core="heads") == "heads/heads"
     assert run(2, core="some_other_core") == "-"
+
+
+def test_sparse_cost_table_lookup():
+    c = dataclasses.replace(_TOY, sparse_ns_per_token=[[128, 900.0], [16, 300.0], [64, 500.0]])
+    assert c.sparse_ns_per_token == ((16, 300.0), (64, 500.0), (128, 900.0))  # sorted, tuples
+    assert c.sparse_ns(16) == 300.0 and c.sparse_ns(32) == 500.0  # pads up to the next measured count
+    assert c.sparse_ns(256) == pytest.approx(1800.0)  # past the table: per-head scaling of the largest
+    with pytest.raises(ValueError, match="sparse_ns_per_token"):
+        dataclasses.replace(_TOY, sparse_ns_per_token=())
+    with pytest.raises(ValueError, match="sparse_ns_per_token"):
+        dataclasses.replace(_TOY, sparse_ns_per_token=((64, 0.0),))

@@ -213,7 +213,9 @@ class TokenParallelCosts:
     date: str
     source: str  # where each number came from: measured (which run) or estimated (from what)
     indexer_ns_per_row_key: float  # prefill indexer: fp8 logits (64 index heads x 128) + top-k, per row x key
-    sparse_ns_per_token_head: float  # sparse MLA prefill at top-k 2048, per token x *executed* head
+    # sparse MLA prefill at top-k 2048, ns per query token, by the heads a rank holds: ((heads, ns), ...)
+    # as the fastest tier runs them (FlashMLA pads 16/32 to 64 on Hopper; a padding-free tier does not)
+    sparse_ns_per_token: tuple[tuple[int, float], ...]
     a2a_latency_us: float  # fixed cost of one all_to_all_single in the group
     a2a_gbytes_per_s: float  # bytes one rank sends off-rank per second in all_to_all_single
     decode_indexer_ns_per_key: float  # paged decode logits + top-k, per request x context key
@@ -221,8 +223,25 @@ class TokenParallelCosts:
     gather_merge_us: float  # key-sharded decode: all-gather of [B, 2048] candidates + the merge top-k
     margin: float = 0.05  # switch only for a predicted gain above this fraction (measurement noise)
 
+    def __post_init__(self) -> None:
+        table = tuple(sorted((int(h), float(ns)) for h, ns in self.sparse_ns_per_token))
+        if not table or any(h < 1 or not ns > 0 for h, ns in table):
+            raise ValueError(f"sparse_ns_per_token: expected ((heads >= 1, ns > 0), ...), got {table}")
+        object.__setattr__(self, "sparse_ns_per_token", table)
+
+    def sparse_ns(self, heads: int) -> float:
+        """ns per token of the sparse core with ``heads`` heads: the measured entry for that head count,
+        else the next larger measured one (a kernel pads up, never down), else the largest scaled by heads."""
+        for h, ns in self.sparse_ns_per_token:
+            if h >= heads:
+                return ns
+        h, ns = self.sparse_ns_per_token[-1]
+        return ns * heads / h
+
     def to_dict(self) -> dict[str, object]:
-        return dataclasses.asdict(self)
+        d = dataclasses.asdict(self)
+        d["sparse_ns_per_token"] = [list(p) for p in self.sparse_ns_per_token]
+        return d
 
     @classmethod
     def from_dict(cls, d: dict[str, object]) -> TokenParallelCosts:
@@ -233,18 +252,21 @@ class TokenParallelCosts:
         return cls(**{k: v for k, v in d.items() if k in names})  # type: ignore[arg-type]
 
 
-# H100 SXM. The sparse-core number is measured (DESIGN.md anchor: sgl-flash-mla 1.0.0, T=4096,
-# N=32768, K=2048, 64 heads in 1.94 ms -> 1.94e6 / (4096*64) = 7.40 ns per token-head). The others are
-# estimates until `benchmark/bench_token_parallel.py` runs on the device and its "costs" block replaces
-# them: indexer 16384 FLOP per row-key at ~700 fp8 TFLOP/s plus 8 bytes of fp32 logits traffic at
-# ~3 TB/s; all-to-all ~30 us + ~300 GB/s per rank over NVLink (450 GB/s a direction); paged decode
-# logits ~132 bytes a key at ~2.5 TB/s; a small NCCL all-gather ~25 us.
+# H100 SXM. The sparse-core numbers are measured: the FlashMLA tier (sgl-flash-mla 1.0.0, what `auto`
+# ran before the Triton tier existed) at T=4096, N=32768, K=2048 on 2026-11-27
+# (benchmark/results/flashmla_padding_h100.json: 4.41 / 2.29 / 2.39 / 2.33 ms at 128 / 64 / 32 / 16 heads,
+# 16 and 32 padded to 64), divided by 4096 tokens. The others are estimates until
+# `benchmark/bench_token_parallel.py` runs on the device and its "costs" block replaces them: indexer
+# 16384 FLOP per row-key at ~700 fp8 TFLOP/s plus 8 bytes of fp32 logits traffic at ~3 TB/s; all-to-all
+# ~30 us + ~300 GB/s per rank over NVLink (450 GB/s a direction); paged decode logits ~132 bytes a key
+# at ~2.5 TB/s; a small NCCL all-gather ~25 us.
 DEFAULT_COSTS = TokenParallelCosts(
     card="NVIDIA H100 80GB HBM3",
     date="2026-11-27",
-    source="sparse: measured (DESIGN.md anchor, H100, FlashMLA 64 heads); the rest: estimates, see comment",
+    source="sparse: measured (benchmark/results/flashmla_padding_h100.json, FlashMLA tier); indexer, "
+           "all-to-all, decode indexer, gather: estimates (see the comment above DEFAULT_COSTS)",
     indexer_ns_per_row_key=0.026,
-    sparse_ns_per_token_head=7.40,
+    sparse_ns_per_token=((16, 569.3), (32, 582.9), (64, 558.1), (128, 1076.6)),
     a2a_latency_us=30.0,
     a2a_gbytes_per_s=300.0,
     decode_indexer_ns_per_key=0.06,
@@ -260,7 +282,7 @@ def token_costs(key_counts: Sequence[int], costs: TokenParallelCosts = DEFAULT_C
     ``key_counts[t]`` is how many keys token ``t`` scores (``ke - ks``); a token with none costs nothing.
     Feed to :func:`plan_token_split` to balance causal prefill.
     """
-    per_row = costs.sparse_ns_per_token_head * num_heads
+    per_row = costs.sparse_ns(num_heads)
     return [costs.indexer_ns_per_row_key * k + (per_row if k > 0 else 0.0) for k in key_counts]
 
 
@@ -303,14 +325,12 @@ def predict_ms(
             parts["gather_merge"] = costs.gather_merge_us / 1e3
     else:
         idx = costs.indexer_ns_per_row_key * context_len / 1e6  # ms per query row
-        sparse = costs.sparse_ns_per_token_head / 1e6  # ms per token-head
         if strategy == "heads":
             parts["indexer"] = T * idx
-            parts["sparse"] = T * layout.flashmla_padded_heads * sparse
+            parts["sparse"] = T * costs.sparse_ns(layout.heads_per_rank) / 1e6
         elif strategy == "tokens":
-            heads = layout.num_attention_heads  # 128 (or 2x64 on Hopper): no padding
             parts["indexer"] = local * idx
-            parts["sparse"] = local * heads * sparse
+            parts["sparse"] = local * costs.sparse_ns(layout.num_attention_heads) / 1e6  # all heads, no padding
             parts["all_to_all"] = _a2a_ms(T, layout, D_QK, costs) + _a2a_ms(T, layout, D_V, costs)
         else:
             raise ValueError("strategy 'keys' is for decode only (is_decode=True)")
