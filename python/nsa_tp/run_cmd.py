@@ -25,6 +25,7 @@ import torch
 from nsa_tp.cli import add_layout_args, layout_from_args
 from nsa_tp.config import NSAConfig
 from nsa_tp.model.runner import CaseResult, Request, RunCase, compare_results, run_layouts
+from nsa_tp.model.token_parallel import case_strategies
 
 __all__ = ["add_arguments", "main", "default_layouts", "default_requests", "COLUMNS"]
 
@@ -88,6 +89,8 @@ COLUMNS: list[Column] = [
     Column("ranks", lambda r: str(r["ranks"])),
     Column("heads/rank", lambda r: str(r["heads_per_rank"])),
     Column("core", lambda r: r["core"]),
+    # what the attention TP group splits, prefill/decode: heads (pure TP), tokens or keys (token-parallel)
+    Column("split pre/dec", lambda r: r["split"]),
     Column("DP pad rows", lambda r: str(r["pad_rows"])),
     Column("max rel err", lambda r: f"{r['max_rel_err']:.1e}" + ("" if r["ok"] else " FAIL")),
     Column("prefill ms", lambda r: f"{r['prefill_ms']:.1f}"),
@@ -129,6 +132,7 @@ def _row(case: RunCase, ranks: list[CaseResult], ref: CaseResult) -> dict[str, A
     return {
         "layout": case.label(), "mode": lay.mode, "ranks": lay.world_size, "tp": case.tp, "dp": case.dp,
         "enable_dp_attention": case.enable_dp_attention, "heads_per_rank": lay.heads_per_rank, "core": case.core,
+        "split": case_strategies(case),
         "pad_rows": sum(r.pad_rows for r in ranks), "prefill_rel_err": err["prefill"], "decode_rel_err": err["decode"],
         "max_rel_err": err["max"], "ok": err["max"] < TOLERANCE,
         # the slowest rank bounds the step; memory is per rank

@@ -50,3 +50,19 @@ def test_layer_token_parallel_four_ranks(reference):
         _check(case, res, reference)
         if case.enable_dp_attention:  # requests 0, 2 on group 0 and 1 on group 1: group 1 pads
             assert sum(r.pad_rows for r in res) > 0
+
+
+def test_nsa_tp_run_shows_the_split_column():
+    """`nsa-tp run --core token_parallel_on` runs the token-parallel core and reports what it split."""
+    import json
+    import subprocess
+    import sys
+
+    cmd = [sys.executable, "-m", "nsa_tp", "run", "--heads", "32", "--hidden-size", "256", "--prompt-len", "40",
+           "--decode-steps", "1", "--tp", "2", "--core", "token_parallel_on"]
+    out = subprocess.run(cmd + ["--json"], capture_output=True, text=True, timeout=300)
+    assert out.returncode == 0, out.stderr
+    rows = json.loads(out.stdout)["rows"]
+    assert [(r["layout"], r["core"], r["split"]) for r in rows] == [
+        ("TP1", "heads", "heads/heads"), ("TP2", "token_parallel_on", "tokens/tokens")]
+    assert rows[1]["ok"] and rows[1]["max_rel_err"] < TOL
