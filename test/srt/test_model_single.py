@@ -264,3 +264,54 @@ def test_layer_rejects_bad_input():
     lay2 = resolve_layout(2, num_attention_heads=cfg.num_attention_heads, sm_major=9)
     with pytest.raises(ValueError, match="weights are for attn_tp rank"):
         NSAAttention(cfg, shard_weights(random_weights(cfg), cfg, lay2, 1), single_rank_groups(lay))
+
+
+# ---------------------------------------------------------------------------------------------- caches
+
+
+def test_page_allocator_and_request_pages():
+    from nsa_tp.attention.kv_cache import CacheFullError, NSACaches, PageAllocator
+
+    alloc = PageAllocator(3)
+    assert alloc.alloc(2) == [0, 1] and alloc.num_free == 1
+    with pytest.raises(CacheFullError, match="need 2 pages, 1 of 3 free"):
+        alloc.alloc(2)
+    alloc.free([1])
+    with pytest.raises(ValueError, match="already free"):
+        alloc.free([1])
+    with pytest.raises(ValueError, match="outside"):
+        alloc.free([7])
+
+    caches = NSACaches(5)
+    caches.reserve(7, 70)  # 2 pages
+    caches.reserve(3, 10)  # 1 page
+    caches.reserve(7, 130)  # grows to 3 pages, keeps the first two
+    assert caches.slots(7, 62, 66).tolist() == [62, 63, 64, 65]
+    assert caches.slots(7, 128, 130).tolist() == [3 * 64, 3 * 64 + 1]  # its third page is page 3
+    assert caches.page_table([3, 7]).tolist() == [[2, -1, -1], [0, 1, 3]]
+    with pytest.raises(ValueError, match="outside request 3"):
+        caches.slots(3, 5, 11)
+    caches.release(7)
+    assert caches.allocator.num_free == 4
+
+
+@pytest.mark.parametrize("dtype", ["bfloat16", "fp8_e4m3"])
+def test_latent_cache_store_roundtrip(dtype):
+    from nsa_tp.attention.kv_cache import PagedLatentCache
+    from nsa_tp.ops.kv_format import unpack_fp8_kv
+
+    cache = PagedLatentCache(2, dtype)
+    rows = torch.randn(5, 576)
+    slots = torch.tensor([0, 63, 64, 100, 127])
+    cache.store(slots, rows)
+    flat = cache.flat()
+    got = unpack_fp8_kv(flat[slots, 0]) if dtype == "fp8_e4m3" else flat[slots, 0].float()
+    tol = 0.07 if dtype == "fp8_e4m3" else 1e-2  # e4m3 keeps 3 mantissa bits
+    assert (got - rows).norm() / rows.norm() < tol
+    assert flat[1].float().abs().sum() == 0  # untouched slots stay zero
+    with pytest.raises(ValueError, match="slots"):
+        cache.store(torch.tensor([128]), rows[:1])
+    with pytest.raises(ValueError, match="latent"):
+        cache.store(slots, rows[:, :512])
+    with pytest.raises(ValueError, match="kv_cache_dtype"):
+        PagedLatentCache(1, "fp16")
