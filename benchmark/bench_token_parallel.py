@@ -109,10 +109,12 @@ class _Setup:
         from nsa_tp.ops.kv_format import pack_fp8_kv
         from nsa_tp.ops.rope import rope_cos_sin
 
-        g = torch.Generator(device="cpu").manual_seed(seed)
+        # Generated on the device (Philox: the same numbers on every rank's GPU for the same seed); a 32K x
+        # 128 x 576 query tensor drawn on the host would take tens of seconds.
+        g = torch.Generator(device=device).manual_seed(seed)
 
         def rnd(*shape, scale=1.0):
-            return (torch.randn(*shape, generator=g) * scale).to(device)
+            return torch.randn(*shape, generator=g, device=device) * scale
 
         self.T, self.topk, self.kv_dtype, self.budget_mb, self.device = T, topk, kv_dtype, budget_mb, device
         pages = -(-T // 64)
@@ -126,12 +128,13 @@ class _Setup:
         rows = rnd(pages * 64, D_QK).to(torch.bfloat16)
         self.latent = (pack_fp8_kv(rows) if kv_dtype == "fp8_e4m3" else rows).view(pages, 64, 1, -1).contiguous()
         self.index_k = new_index_k_cache(pages, device=device)
-        self.x = rnd(T, HIDDEN).to(torch.bfloat16)
+        self.x = torch.randn(T, HIDDEN, generator=g, device=device, dtype=torch.bfloat16)
         self.q_lora = rnd(T, Q_LORA).to(torch.bfloat16)
         self.cos, self.sin = (t.to(device) for t in rope_cos_sin(torch.arange(T), 64, 10000.0, factor=40.0,
                                                                  original_max_position=4096))
         # queries of the last q_rows tokens (all by default); decode needs one row, not 128K x 128 heads
-        self.q_all = rnd(T if q_rows is None else q_rows, HEADS, D_QK, scale=0.1).to(torch.bfloat16)
+        self.q_all = torch.randn(T if q_rows is None else q_rows, HEADS, D_QK, generator=g, device=device,
+                                 dtype=torch.bfloat16) * 0.1
 
     def builder(self, heads: int):
         from nsa_tp.attention.metadata import ForwardMetadataBuilder
