@@ -297,6 +297,15 @@ def test_rank_follows_the_measured_table():
     assert _fwd_rank(torch.zeros(1, 200, 576)) > 0  # nothing measured there: FlashMLA first
 
 
+def test_decode_rank_follows_its_own_table():
+    from nsa_tp.ops.triton import _MEASURED_DECODE_FASTER, _decode_rank, _plan_rank
+
+    for heads, faster in _MEASURED_DECODE_FASTER.items():
+        assert (_plan_rank(1, heads) < 0) == faster
+        assert (_decode_rank(torch.zeros(1, heads, 576)) < 0) == faster
+    assert _plan_rank(64, 128) > 0 and _decode_rank(torch.zeros(1, 64, 576)) > 0  # unmeasured: FlashMLA
+
+
 def test_bench_without_gpu_or_from_json(tmp_path, capsys):
     from nsa_tp.cli import main
 

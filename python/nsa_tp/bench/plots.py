@@ -30,9 +30,12 @@ def plot_results(results: dict[str, Any], out_dir: str, stem: str) -> list[str]:
         fig, ax = plt.subplots(figsize=(6.5, 4.2))
         series: dict[str, list[tuple[int, float]]] = {}
         for r in mla:
-            label = r["tier"].split("@")[0] + f" ({r['shape']['kv']} KV)"
-            if r["tier"].startswith("flashmla"):
-                label = "FlashMLA, heads padded to 64 (bf16 KV)"
+            if r["tier"].startswith("flashmla@"):
+                label = "FlashMLA kernel, q pre-padded to 64/128 heads (bf16 KV)"
+            elif r["tier"] == "flashmla-tier":
+                label = "our FlashMLA tier: pad, run, trim (bf16 KV)"
+            else:
+                label = f"{r['tier']} ({r['shape']['kv']} KV)"
             series.setdefault(label, []).append((r["shape"]["H"], r["ms"]))
         for label, pts in sorted(series.items()):
             pts.sort()

@@ -8,9 +8,10 @@
 ``available()`` gives the reason when Triton does not import or no CUDA device is visible (so CPU CI only
 sees the reason). The kernel modules are imported on first use, never at tier import time.
 
-``auto`` ranking (lower runs first; FlashMLA ranks 0, the reference 1e9): sparse MLA prefers this tier
-where it measured faster than FlashMLA on the same card in the same run (``_MEASURED_FASTER`` below), and
-FlashMLA elsewhere; the logits ops have no other GPU tier.
+``auto`` ranking (lower runs first; FlashMLA ranks 0, the reference 1e9): sparse MLA prefill and decode
+prefer this tier where it measured faster than FlashMLA on the same card in the same run (the tables
+below), FlashMLA elsewhere; the logits ops have no other GPU tier. fp8-cache prefill has no FlashMLA kernel,
+so it runs here whatever the rank.
 """
 
 from __future__ import annotations
@@ -27,11 +28,16 @@ from nsa_tp.ops.registry import OpImpl, Tier
 
 __all__ = ["TIER", "available"]
 
-# Sparse MLA prefill, Triton 3.6 vs sgl-flash-mla 1.0.0 (heads padded to 64), same run, T=4096, N=32768,
-# K=2048 bf16 KV. Heads per rank -> Triton faster? PROVISIONAL (from the design's FlashMLA anchor, 1.94 ms at
-# 64 heads) until the H100 run in benchmark/results/ replaces it.
-# A head count not listed takes the verdict of the nearest measured count above it (see below).
-_MEASURED_FASTER: dict[int, bool] = {16: True, 32: True, 64: False, 128: False}
+# Measured crossovers vs FlashMLA (rank 0), H100 80GB HBM3, 2026-11-27, Triton 3.6.0 vs sgl-flash-mla 1.0.0
+# (legacy SM90 kernels through our FlashMLA tier, which pads heads to 64), same run, median of CUDA events;
+# benchmark/results/kernels_nvidia-h100-80gb-hbm3_20261127.json, table in docs/kernels.md.
+# Prefill, bf16 KV, T=4096, N=32768, K=2048, heads per rank -> Triton faster?
+#   16: 2.137 ms vs 2.166 ms (tier) -> yes, by 1.3% (a tie within run-to-run noise; the kernel alone, q
+#       pre-padded, took 2.087 ms). 32: 4.12 vs 2.30 -> no. 64: 4.68 vs 2.16 -> no. 128: 9.16 vs 4.91 -> no.
+_MEASURED_FASTER: dict[int, bool] = {16: True, 32: False, 64: False, 128: False}
+# Decode, fp8 cache, 32K context, K=2048, 16 heads: batch 1 0.201 vs 0.298 ms, batch 64 0.165 vs 0.231 ms ->
+# yes. Other head counts were not measured: FlashMLA keeps them.
+_MEASURED_DECODE_FASTER: dict[int, bool] = {16: True}
 _PREFER, _DEFER = -1.0, 1.0  # FlashMLA ranks 0
 
 
@@ -107,13 +113,13 @@ def _fwd_supports(q: Any, kv: Any, indices: Any, sm_scale: Any = None, d_v: int 
     return _mla_reason(q, kv, indices, d_v, paged=False)
 
 
-def _faster_than_flashmla(heads: int) -> bool:
+def _faster_than_flashmla(heads: int, table: dict[int, bool] = _MEASURED_FASTER) -> bool:
     """The measured verdict for ``heads``, or for the nearest measured count above it that FlashMLA pads to
     the same multiple of 64 (Triton's time only grows with the heads, FlashMLA's is flat within a multiple).
     """
     padded = 64 * -(-heads // 64)
-    above = [h for h in _MEASURED_FASTER if heads <= h <= padded]
-    return _MEASURED_FASTER[min(above)] if above else False
+    above = [h for h in table if heads <= h <= padded]
+    return table[min(above)] if above else False
 
 
 def _fwd_rank(q: torch.Tensor, *_args: Any, **_kwargs: Any) -> float:
@@ -128,8 +134,11 @@ def _plan_supports(batch_size: Any, num_heads: Any, topk: Any, *, kv_dtype: Any,
 
 
 def _plan_rank(batch_size: int, num_heads: int, *_args: Any, **_kwargs: Any) -> float:
-    # Decode follows the prefill verdict (the same kernel, with the top-k split).
-    return _PREFER if _faster_than_flashmla(num_heads) else _DEFER
+    return _PREFER if _faster_than_flashmla(num_heads, _MEASURED_DECODE_FASTER) else _DEFER
+
+
+def _decode_rank(q: torch.Tensor, *_args: Any, **_kwargs: Any) -> float:
+    return _PREFER if _faster_than_flashmla(q.shape[1], _MEASURED_DECODE_FASTER) else _DEFER
 
 
 def _decode_supports(q: Any, kv_cache: Any, indices: Any, sm_scale: Any = None, d_v: int = D_LATENT, *,
@@ -179,7 +188,7 @@ TIER = Tier(
             _lazy("sparse_mla_decode", "plan_sparse_mla_decode"), supports=_plan_supports, rank=_plan_rank
         ),
         "sparse_mla_decode": OpImpl(
-            _lazy("sparse_mla_decode", "sparse_mla_decode"), supports=_decode_supports, rank=_fwd_rank
+            _lazy("sparse_mla_decode", "sparse_mla_decode"), supports=_decode_supports, rank=_decode_rank
         ),
         "fp8_mqa_logits": OpImpl(_lazy("mqa_logits", "fp8_mqa_logits"), supports=_logits_supports, rank=_first),
         "fp8_paged_mqa_logits": OpImpl(
