@@ -120,7 +120,9 @@ def test_shard_page_table_matches_the_plan(W):
     max_pages = 12
     table = torch.arange(len(lens) * max_pages, dtype=torch.int32).reshape(len(lens), max_pages) * 7 % 97
     for r, plan in enumerate(plan_key_shards(lens, W)):
-        local, local_lens, start = shard_page_table(table, torch.tensor(lens, dtype=torch.int32), r, W)
+        sh = shard_page_table(table, torch.tensor(lens, dtype=torch.int32), r, W)
+        local, local_lens, start = sh.page_table, sh.seq_lens, sh.key_start
+        assert sh.width == local.shape[1] * 64 and start.dtype == torch.int32
         assert local.shape == (len(lens), -(-max_pages // W))
         assert local_lens.tolist() == list(plan.key_len) and start.tolist() == list(plan.key_start)
         for b in range(len(lens)):
@@ -376,3 +378,17 @@ def test_sparse_cost_table_lookup():
         dataclasses.replace(_TOY, sparse_ns_per_token=())
     with pytest.raises(ValueError, match="sparse_ns_per_token"):
         dataclasses.replace(_TOY, sparse_ns_per_token=((64, 0.0),))
+
+
+def test_merge_orders_negative_and_signed_zero_scores_like_the_sort():
+    # -0.0 == +0.0: a tie, broken by the lower position; negative scores order below positive ones
+    scores = torch.tensor([[[0.0, -1.5, -3.0e30]], [[-0.0, 2.0, -1.5]]])
+    pos = torch.tensor([[[9, 4, 0]], [[3, 7, 2]]], dtype=torch.int32)
+    p, s = merge_topk(scores, pos, 6)
+    assert p.tolist() == [[7, 3, 9, 2, 4, 0]]
+    assert s[0].tolist()[:5] == [2.0, 0.0, 0.0, -1.5, -1.5] and s[0, 5] == scores[0, 0, 2]
+    g = torch.Generator().manual_seed(3)
+    logits = torch.randn(3, 200, generator=g) * 1e3
+    logits[:, ::7] = logits[:, 1::7][:, : logits[:, ::7].shape[1]]  # exact float ties
+    want = topk_positions(logits, 37, torch.full((3,), 200, dtype=torch.int32))
+    assert torch.equal(_shard_and_merge(logits, [200] * 3, 3, 37), want)

@@ -38,7 +38,12 @@ from nsa_tp.attention.token_parallel import (
     plan_token_split,
     token_costs,
 )
-from nsa_tp.attention.token_parallel_core import key_sharded_decode_topk, token_parallel_attention
+from nsa_tp.attention.token_parallel_core import (
+    KeyShardBatch,
+    key_sharded_decode_topk,
+    shard_page_table,
+    token_parallel_attention,
+)
 from nsa_tp.ops._check import check_tensor
 from nsa_tp.ops.index_cache import store_index_k_unchecked
 from nsa_tp.ops.plan import DecodePlan
@@ -58,6 +63,7 @@ class TokenParallelMetadata:
     local_index: DecodeIndexBatch | None  # decode "tokens": the index batch of this rank's requests
     local_plan: DecodePlan | None  # decode "tokens": sparse decode plan for (this rank's requests, all heads)
     num_heads_total: int  # H of the layer (heads_per_rank * attn_tp_size)
+    key_shard: KeyShardBatch | None = None  # decode "keys": this rank's slice of every request's context
 
 
 def _mean(values: Sequence[float]) -> float:
@@ -104,10 +110,14 @@ def build_token_parallel_metadata(
         pre = [int(p) for p in prefix_lens]
         keys = [p + i + 1 for p, s in zip(pre, seq, strict=True) for i in range(s - p)]
     strategy = choose_strategy(layout, len(keys), _mean(keys), mode, is_decode=is_decode, costs=costs)
-    if strategy == "heads" or strategy == "keys":
+    if strategy == "heads":
         meta = (builder.decode(seq, page_table, num_padded=num_padded) if is_decode
                 else builder.prefill(seq, pre, page_table, num_padded=num_padded))
         return TokenParallelMetadata(strategy, meta, None, None, None, H)
+    if strategy == "keys":
+        meta = builder.decode(seq, page_table, num_padded=num_padded)
+        shard = shard_page_table(meta.index.page_table, meta.index.seq_lens, attn_tp_rank, W)
+        return TokenParallelMetadata(strategy, meta, None, None, None, H, shard)
     rows_total = len(keys) if num_padded is None else num_padded
     split = plan_token_split(len(keys), W, num_rows=rows_total, costs=token_costs(keys, costs, H))
     rows = split.rows(attn_tp_rank)
@@ -172,7 +182,7 @@ class TokenParallelBackend:
         if indexer.topk != meta.topk:
             raise ValueError(f"indexer: top-k {indexer.topk} differs from the metadata's {meta.topk}")
         if tpm.strategy == "keys":
-            return self._keys(q_latent, x, q_lora, cos, sin, indexer, latent_cache, index_k_cache, meta, group)
+            return self._keys(q_latent, x, q_lora, cos, sin, indexer, latent_cache, index_k_cache, tpm, group)
         if meta.is_decode:
             return self._tokens_decode(q_latent, x, q_lora, cos, sin, indexer, latent_cache, index_k_cache, tpm,
                                        group)
@@ -212,13 +222,14 @@ class TokenParallelBackend:
 
         return token_parallel_attention(q_latent, tpm.split, group, select, attend, d_v=self.d_v, fp8_q=self.fp8_q)
 
-    def _keys(self, q_latent, x, q_lora, cos, sin, indexer, latent_cache, index_k_cache, meta: ForwardMetadata,
-              group) -> torch.Tensor:
+    def _keys(self, q_latent, x, q_lora, cos, sin, indexer, latent_cache, index_k_cache,
+              tpm: TokenParallelMetadata, group) -> torch.Tensor:
+        meta = tpm.meta
         self._store_keys(x, cos, sin, indexer, index_k_cache, meta)
         n = meta.num_tokens
         q8, w = indexer.project_q(q_lora[:n], x[:n], cos[:n], sin[:n])
         topk = key_sharded_decode_topk(q8, index_k_cache, w, meta.index.seq_lens, meta.index.page_table,
-                                       meta.topk, group, backend=self.backend)
+                                       meta.topk, group, shard=tpm.key_shard, backend=self.backend)
         indices = pad_topk_indices(topk, meta.num_padded).unsqueeze(1)  # [T_pad, 1, K]
         out, _lse = ops.sparse_mla_decode(q_latent, latent_cache, indices, self.sm_scale, self.d_v,
                                           plan=meta.decode_plan, backend=self.backend)

@@ -18,6 +18,7 @@ Both produce exactly what pure TP produces on each rank (bf16 tolerance; top-k e
 
 from __future__ import annotations
 
+import dataclasses
 from collections.abc import Callable
 
 import torch
@@ -29,7 +30,9 @@ from nsa_tp.attention.topk_merge import local_topk, merge_topk
 from nsa_tp.ops._check import check_same_device, check_tensor
 from nsa_tp.parallel.collectives import all_gather_stack, group_rank_world, heads_to_tokens, tokens_to_heads
 
-__all__ = ["token_parallel_attention", "key_sharded_decode_topk", "shard_page_table", "SelectTopk", "Attend"]
+__all__ = [
+    "token_parallel_attention", "key_sharded_decode_topk", "shard_page_table", "KeyShardBatch", "SelectTopk", "Attend",
+]
 
 # select_topk(rows) -> [len(rows), K] int32 ids for the sparse core (-1 fill), rows = global token rows.
 SelectTopk = Callable[[range], torch.Tensor]
@@ -138,24 +141,43 @@ def _attend_pipelined(attend: Attend, q_tok: torch.Tensor, topk: torch.Tensor, s
     return out
 
 
+@dataclasses.dataclass(frozen=True, eq=False)
+class KeyShardBatch:
+    """One rank's slice of every decode row's context (built once per batch by :func:`shard_page_table`)."""
+
+    page_table: torch.Tensor  # [R, width_pages] int32: column j = page p0 + j of the row
+    seq_lens: torch.Tensor  # [R] int32: keys of the row inside this rank's slice
+    key_start: torch.Tensor  # [R] int32: global position of the slice's first key
+    rank: int
+    world: int
+
+    @property
+    def width(self) -> int:
+        """Logits columns the slice needs: every row's slice fits ``width_pages * 64`` keys."""
+        return self.page_table.shape[1] * 64
+
+
 def shard_page_table(
     page_table: torch.Tensor, seq_lens: torch.Tensor, rank: int, world: int, page_size: int = 64
-) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+) -> KeyShardBatch:
     """Rank ``rank``'s slice of every row's context, as a page table the paged logits kernel can read.
 
     Row ``r`` with ``P = ceil(seq_lens[r] / page_size)`` pages gets pages ``[rank*P//W, (rank+1)*P//W)``
-    (the same cut as :func:`nsa_tp.attention.token_parallel.plan_key_shards`). Computed on the device,
-    no host sync.
+    (the same cut as :func:`nsa_tp.attention.token_parallel.plan_key_shards`). Computed on the device with
+    no host sync; build it once per batch (the backend keeps it in the batch metadata).
 
     Returns:
-        ``(local_page_table [R, ceil(max_pages/W)] int32, local_lens [R] int32, key_start [R] int64)``:
-        column ``j`` of the local table is page ``p0 + j`` of the row (unused columns repeat a valid entry
-        of the row and are never read: ``local_lens`` stops before them).
+        :class:`KeyShardBatch` with a ``[R, ceil(max_pages/W)]`` local page table (unused columns repeat a
+        valid entry of the row and are never read: the local ``seq_lens`` stop before them).
     """
     check_tensor(page_table, "page_table", ndim=2, dtype=torch.int32)
     R, max_pages = page_table.shape
     check_tensor(seq_lens, "seq_lens", shape=(R,), dtype=torch.int32)
     check_same_device(page_table=page_table, seq_lens=seq_lens)
+    if page_size != 64:
+        raise ValueError(f"page_size: the index-K cache uses 64-token pages, got {page_size}")
+    if not 0 <= rank < world:
+        raise ValueError(f"rank: expected 0 <= rank < world ({world}), got {rank}")
     lens = seq_lens.long()
     pages = (lens + page_size - 1) // page_size
     p0 = rank * pages // world
@@ -165,7 +187,8 @@ def shard_page_table(
     local_table = torch.gather(page_table, 1, cols) if max_pages else page_table.new_zeros(R, width)
     key_start = p0 * page_size
     local_lens = (torch.minimum(p1 * page_size, lens) - key_start).clamp_min(0)
-    return local_table.contiguous(), local_lens.to(torch.int32), key_start
+    return KeyShardBatch(local_table.contiguous(), local_lens.to(torch.int32), key_start.to(torch.int32), rank,
+                         world)
 
 
 def key_sharded_decode_topk(
@@ -177,6 +200,7 @@ def key_sharded_decode_topk(
     topk: int,
     group: dist.ProcessGroup | None,
     *,
+    shard: KeyShardBatch | None = None,
     page_size: int = 64,
     backend: str = "auto",
 ) -> torch.Tensor:
@@ -190,26 +214,35 @@ def key_sharded_decode_topk(
         page_table: ``[R, max_pages]`` int32, the row's request pages.
         topk: K (2048).
         group: the attention TP group.
+        shard: this rank's :class:`KeyShardBatch` for these rows, built once per batch (default: built here,
+            with its range checks' host syncs skipped only when given).
         page_size: 64.
         backend: tier for the logits and the local top-k.
 
     Returns:
         ``[R, topk]`` int32 global cache slots (``page * 64 + offset``), ``-1`` fill — the same set as
-        ``topk_transform_paged(fp8_paged_mqa_logits(...), topk, ...)`` on one rank.
+        ``topk_transform_paged(fp8_paged_mqa_logits(...), topk, ...)`` on one rank (the same ids when the
+        logits are bitwise equal: the merge breaks ties like the unsharded top-k).
     """
     rank, world = group_rank_world(group)
     check_tensor(q, "q", ndim=3, dtype=torch.float8_e4m3fn)
     R = q.shape[0]
     check_tensor(seq_lens, "seq_lens", shape=(R,), dtype=torch.int32)
     check_tensor(page_table, "page_table", shape=(R, None), dtype=torch.int32)
-    local_table, local_lens, key_start = shard_page_table(page_table, seq_lens, rank, world, page_size)
-    width = local_table.shape[1] * page_size
-    logits = ops.fp8_paged_mqa_logits(q, index_k_cache, weights, local_lens, local_table, width, backend=backend)
-    scores, positions = local_topk(logits, topk, local_lens, key_start)  # [R, K] each, global positions
-    # [R, K] -> [W, R, K] on every rank: 2 * 4 bytes * R * K (16 KB a row at K = 2048).
-    all_scores = all_gather_stack(scores, group)
-    all_pos = all_gather_stack(positions, group)
-    pos, _ = merge_topk(all_scores, all_pos, topk)
+    prebuilt = shard is not None
+    if shard is None:
+        shard = shard_page_table(page_table, seq_lens, rank, world, page_size)
+    elif (shard.rank, shard.world) != (rank, world) or shard.seq_lens.shape[0] != R:
+        raise ValueError(f"shard: built for rank {shard.rank} of {shard.world} and {shard.seq_lens.shape[0]} rows, "
+                         f"this is rank {rank} of {world} with {R} rows")
+    logits = ops.fp8_paged_mqa_logits(q, index_k_cache, weights, shard.seq_lens, shard.page_table, shard.width,
+                                      backend=backend)
+    scores, positions = local_topk(logits, topk, shard.seq_lens, shard.key_start, check_values=not prebuilt,
+                                   backend=backend)  # [R, K] each, global positions
+    # One all-gather of both: [2, R, K] float32 with the int32 positions bit-cast (copied, never computed
+    # on) -> [W, 2, R, K]; 8 bytes a candidate, 16 KB a row at K = 2048.
+    both = all_gather_stack(torch.stack([scores, positions.view(torch.float32)]), group)
+    pos, _ = merge_topk(both[:, 0], both[:, 1].contiguous().view(torch.int32), topk)
     safe = pos.long().clamp_min(0)
     slots = page_table.long().gather(1, safe // page_size) * page_size + safe % page_size
-    return torch.where(pos >= 0, slots, torch.full_like(slots, -1)).to(torch.int32)
+    return torch.where(pos >= 0, slots, -1).to(torch.int32)

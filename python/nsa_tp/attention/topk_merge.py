@@ -12,14 +12,15 @@ from __future__ import annotations
 
 import torch
 
+from nsa_tp import ops
 from nsa_tp.ops._check import check_same_device, check_tensor
-from nsa_tp.ops.topk import topk_positions
 
 __all__ = ["local_topk", "merge_topk"]
 
 
 def local_topk(
-    logits: torch.Tensor, topk: int, lengths: torch.Tensor, key_start: torch.Tensor
+    logits: torch.Tensor, topk: int, lengths: torch.Tensor, key_start: torch.Tensor, *, check_values: bool = True,
+    backend: str = "auto",
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """One shard's candidates: the best ``topk`` of each row's ``lengths[r]`` first columns.
 
@@ -27,22 +28,33 @@ def local_topk(
         logits: ``[R, n]`` float32, column ``j`` = key ``key_start[r] + j`` of row ``r``.
         topk: K >= 1.
         lengths: ``[R]`` int32, valid columns of each row (``0 <= lengths[r] <= n``).
-        key_start: ``[R]`` int32/int64, global position of column 0.
+        key_start: ``[R]`` int32, global position of column 0.
+        check_values: range-check ``lengths`` (a host sync); ``False`` for metadata validated once per batch.
+        backend: tier of the top-k transform.
 
     Returns:
-        ``(scores [R, topk] float32 (-inf fill), positions [R, topk] int64 global (-1 fill))``, sorted by
+        ``(scores [R, topk] float32 (-inf fill), positions [R, topk] int32 global (-1 fill))``, sorted by
         score descending, ties to the lower position.
     """
     check_tensor(logits, "logits", ndim=2, dtype=torch.float32)
     R = logits.shape[0]
-    check_tensor(key_start, "key_start", shape=(R,), dtype=(torch.int32, torch.int64))
+    check_tensor(key_start, "key_start", shape=(R,), dtype=torch.int32)
     check_same_device(logits=logits, lengths=lengths, key_start=key_start)
-    rel = topk_positions(logits, topk, lengths).long()  # [R, K] relative columns, -1 fill
-    valid = rel >= 0
-    scores = torch.gather(logits, 1, rel.clamp_min(0)) if logits.shape[1] else logits.new_empty(R, topk)
-    scores = torch.where(valid, scores, torch.full_like(scores, float("-inf")))
-    positions = torch.where(valid, rel + key_start.long()[:, None], torch.full_like(rel, -1))
+    # the ragged transform with every row starting at column 0 and its global offset added: global positions
+    positions = ops.topk_transform_ragged(
+        logits, topk, row_starts=torch.zeros_like(lengths), lengths=lengths, offset_override=key_start,
+        check_values=check_values, backend=backend,
+    )
+    valid = positions >= 0
+    if logits.shape[1]:
+        cols = (positions.long() - key_start.long()[:, None]).clamp_min(0)
+        scores = torch.where(valid, torch.gather(logits, 1, cols), float("-inf"))
+    else:
+        scores = logits.new_full((R, topk), float("-inf"))
     return scores, positions
+
+
+_POS_MASK = (1 << 31) - 1  # positions are < 2^31 (int32)
 
 
 def merge_topk(scores: torch.Tensor, positions: torch.Tensor, topk: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -50,8 +62,8 @@ def merge_topk(scores: torch.Tensor, positions: torch.Tensor, topk: int) -> tupl
 
     Args:
         scores: ``[W, R, k]`` float32, shard ``w``'s candidate scores for row ``r``.
-        positions: ``[W, R, k]`` int32/int64 global key positions, ``-1`` = no candidate. Positions of one
-            row must be distinct across shards (disjoint key slices).
+        positions: ``[W, R, k]`` int32/int64 global key positions (``< 2^31``), ``-1`` = no candidate.
+            Positions of one row must be distinct across shards (disjoint key slices).
         topk: K >= 1 (may exceed ``W * k``: the rest is filled).
 
     Returns:
@@ -64,20 +76,23 @@ def merge_topk(scores: torch.Tensor, positions: torch.Tensor, topk: int) -> tupl
         raise ValueError(f"topk: expected a positive int, got {topk!r}")
     check_same_device(scores=scores, positions=positions)
     W, R, k = scores.shape
-    s = scores.permute(1, 0, 2).reshape(R, W * k)  # [R, W*k]
+    # + 0.0 turns -0.0 into +0.0: equal scores must get equal keys
+    s = scores.permute(1, 0, 2).reshape(R, W * k) + 0.0  # [R, W*k]
     p = positions.permute(1, 0, 2).reshape(R, W * k).long()
     ok = (p >= 0) & (s > float("-inf"))  # False for NaN as well
-    s = torch.where(ok, s, torch.full_like(s, float("-inf")))
-    p = torch.where(ok, p, torch.full_like(p, torch.iinfo(torch.int64).max))  # non-candidates sort last
-    # Two stable sorts give the order (score desc, position asc): by position first, then by score.
-    by_pos = torch.sort(p, dim=1, stable=True).indices
-    s, p = torch.gather(s, 1, by_pos), torch.gather(p, 1, by_pos)
-    by_score = torch.sort(s, dim=1, descending=True, stable=True).indices
+    # One int64 key per candidate, ordered like (score descending, position ascending): the float's bits
+    # mapped to an order-preserving unsigned 32-bit value, shifted above the inverted position. Then a
+    # single top-k replaces two stable sorts.
+    bits = s.view(torch.int32).long()  # sign-extended
+    u = torch.where(bits < 0, ~bits, bits | (1 << 31)) & 0xFFFFFFFF
+    key = torch.where(ok, (u << 31) | (_POS_MASK - p.clamp(0, _POS_MASK)), -1)
     keep = min(topk, W * k)
-    s, p = torch.gather(s, 1, by_score[:, :keep]), torch.gather(p, 1, by_score[:, :keep])
     out_p = torch.full((R, topk), -1, dtype=torch.int32, device=scores.device)
     out_s = torch.full((R, topk), float("-inf"), dtype=torch.float32, device=scores.device)
-    hit = s > float("-inf")
-    out_p[:, :keep] = torch.where(hit, p, torch.full_like(p, -1)).to(torch.int32)
-    out_s[:, :keep] = s
+    if keep == 0 or R == 0:
+        return out_p, out_s
+    best, idx = torch.topk(key, keep, dim=1)  # sorted, largest first
+    hit = best >= 0
+    out_p[:, :keep] = torch.where(hit, _POS_MASK - (best & _POS_MASK), -1).to(torch.int32)
+    out_s[:, :keep] = torch.where(hit, torch.gather(s, 1, idx), float("-inf"))
     return out_p, out_s
