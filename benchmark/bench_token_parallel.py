@@ -80,6 +80,39 @@ def _time_ms(fn: Callable[[], object], warmup: int, reps: int, barrier: Callable
     return statistics.median(times)
 
 
+def _graph_ms(fn: Callable[[], object], warmup: int, reps: int,
+              barrier: Callable[[], None] | None = None) -> tuple[float, str | None]:
+    """``(median ms of replaying fn captured in a CUDA graph, None)``, or ``(nan, why)`` when it cannot be
+    captured (CPU, a host sync inside ``fn``, a collective the build cannot capture). Every rank must get
+    the same outcome for the collectives inside to match, so a failure is agreed on over the group."""
+    import torch
+    import torch.distributed as dist
+
+    if not torch.cuda.is_available():
+        return float("nan"), "no CUDA"
+    why = None
+    graph = torch.cuda.CUDAGraph()
+    try:
+        side = torch.cuda.Stream()
+        side.wait_stream(torch.cuda.current_stream())
+        with torch.cuda.stream(side):  # warm up on a side stream, as capture requires
+            for _ in range(3):
+                fn()
+        torch.cuda.current_stream().wait_stream(side)
+        with torch.cuda.graph(graph):
+            fn()
+    except Exception as e:  # noqa: BLE001 - report why, keep the eager numbers
+        why = f"{type(e).__name__}: {str(e)[:200]}"
+    if dist.is_initialized():
+        flag = torch.tensor([0 if why is None else 1], device="cuda")
+        dist.all_reduce(flag, op=dist.ReduceOp.MAX)
+        if int(flag) and why is None:
+            why = "capture failed on another rank"
+    if why is not None:
+        return float("nan"), why
+    return _time_ms(graph.replay, warmup, reps, barrier), None
+
+
 def _peak_mb(fn: Callable[[], object]) -> float:
     """Peak allocated memory of one call above what was allocated before it (MB); 0 on CPU."""
     import torch
@@ -154,7 +187,7 @@ def _rank_main(ctx, args: argparse.Namespace) -> dict:
     from nsa_tp.attention.backend import NSABackend
     from nsa_tp.attention.token_parallel import plan_token_split, token_costs
     from nsa_tp.attention.token_parallel_backend import TokenParallelBackend, build_token_parallel_metadata
-    from nsa_tp.attention.token_parallel_core import key_sharded_decode_topk
+    from nsa_tp.attention.token_parallel_core import key_sharded_decode_topk, shard_page_table
     from nsa_tp.attention.topk_merge import merge_topk
     from nsa_tp.parallel.collectives import a2a_bytes_per_rank, all_gather_stack, heads_to_tokens, tokens_to_heads
     from nsa_tp.parallel.layout import resolve_layout
@@ -235,8 +268,10 @@ def _rank_main(ctx, args: argparse.Namespace) -> dict:
         def replicated(s=s, q8=q8, w=w, dmeta=dmeta):
             return s.indexer.topk_decode(q8, w, s.index_k, dmeta.index)
 
-        def sharded(s=s, q8=q8, w=w, seq=seq):
-            return key_sharded_decode_topk(q8, s.index_k, w, seq, s.page_table, s.topk, group)
+        shard = shard_page_table(s.page_table, seq, r, W)  # once per batch, as the backend's metadata holds it
+
+        def sharded(s=s, q8=q8, w=w, seq=seq, shard=shard):
+            return key_sharded_decode_topk(q8, s.index_k, w, seq, s.page_table, s.topk, group, shard=shard)
 
         a, b = replicated(), sharded()
         same = bool(torch.equal(a.sort(dim=1).values, b.sort(dim=1).values))
@@ -261,9 +296,21 @@ def _rank_main(ctx, args: argparse.Namespace) -> dict:
             return merge_topk(all_gather_stack(sc, group), all_gather_stack(pos, group), k)
 
         gm = tmax(_time_ms(gather_merge, args.warmup, args.reps, barrier))
+        # Decode is served under CUDA graphs: launch overhead gone, what is left is the kernels' time.
+        if args.no_graphs:
+            rep_graph, rep_why = sh_graph, sh_why = float("nan"), "--no-graphs"
+        else:  # last: a failed capture must not spoil the eager numbers above
+            rep_graph, rep_why = _graph_ms(replicated, args.warmup, args.reps, barrier)
+            sh_graph, sh_why = _graph_ms(sharded, args.warmup, args.reps, barrier)
+        graphs = dict(replicated_indexer_graph_ms=tmax(rep_graph) if rep_why is None else None,
+                      key_sharded_indexer_graph_ms=tmax(sh_graph) if sh_why is None else None,
+                      graph_unavailable=rep_why or sh_why)
+        if rep_why is None and sh_why is None:
+            graphs["graph_speedup"] = graphs["replicated_indexer_graph_ms"] / graphs["key_sharded_indexer_graph_ms"]
         out["decode"][str(L)] = dict(context=L, replicated_indexer_ms=rep_ms, key_sharded_indexer_ms=sh_ms,
                                      speedup=rep_ms / sh_ms, topk_sets_equal=same, core_pure_tp_ms=core_pure,
-                                     core_key_sharded_ms=core_keys, gather_merge_ms=gm, strategy=tpm.strategy)
+                                     core_key_sharded_ms=core_keys, gather_merge_ms=gm, strategy=tpm.strategy,
+                                     **graphs)
         del s
         torch.cuda.empty_cache() if dev.type == "cuda" else None
 
@@ -432,6 +479,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--warmup", type=int, default=2)
     p.add_argument("--reps", type=int, default=5)
     p.add_argument("--skip-projection", action="store_true")
+    p.add_argument("--no-graphs", action="store_true", help="skip the CUDA-graph timing of the decode indexer")
     p.add_argument("--quick", action="store_true", help="tiny sizes: a CPU/gloo smoke run of this script")
     p.add_argument("--out", default="benchmark/results/token_parallel.json")
     p.add_argument("--plot", default=None, metavar="JSON", help="only draw the PNG of an existing result")
@@ -471,9 +519,11 @@ def main(argv: list[str] | None = None) -> int:
               f"peak {row['pure_tp_peak_mb']:.0f} vs {row['token_parallel_peak_mb']:.0f} MB, rel diff "
               f"{row['rel_diff']:.1e}")
     for d in report["decode"].values():
+        graph = (f"CUDA graphs {d['replicated_indexer_graph_ms']:.3f} vs {d['key_sharded_indexer_graph_ms']:.3f} ms "
+                 f"({d['graph_speedup']:.2f}x)" if d.get("graph_speedup") else f"no graphs: {d['graph_unavailable']}")
         print(f"decode ctx {d['context']:>7}: indexer replicated {d['replicated_indexer_ms']:.3f} ms, key-sharded "
               f"{d['key_sharded_indexer_ms']:.3f} ms ({d['speedup']:.2f}x, top-k equal: {d['topk_sets_equal']}); "
-              f"core {d['core_pure_tp_ms']:.3f} vs {d['core_key_sharded_ms']:.3f} ms")
+              f"{graph}; core {d['core_pure_tp_ms']:.3f} vs {d['core_key_sharded_ms']:.3f} ms")
     for row in report["projection"]:
         print(f"projection TP{row['world']} {row['tokens']:>6}: pure {row['pure_tp_ms']:.2f} ms, token-parallel "
               f"{row['token_parallel_ms']:.2f} ms ({row['speedup']:.2f}x)")
