@@ -115,7 +115,7 @@ class CaseResult:
     prefill: dict[int, torch.Tensor]  # request -> [new_len, hidden]
     decode: list[dict[int, torch.Tensor]]  # per step: request -> [1, hidden]
     pad_rows: int  # DP padding rows this rank computed over the prefill and decode steps
-    prefill_ms: float
+    prefill_ms: float  # the layer alone on this rank (per-batch metadata excluded: it is shared by all layers)
     decode_ms: float  # per step, mean
     peak_mem_mb: float
     device: str
@@ -172,6 +172,7 @@ class _Rank:
             self.caches.reserve(i, total[i])
         self.inputs = {i: request_inputs(cfg, case.seed, i, total[i], device) for i in self.mine}
         self.pad_rows = 0
+        self.last_layer_ms = 0.0
 
     def _sync(self) -> None:
         if self.device.type == "cuda":
@@ -192,7 +193,14 @@ class _Rank:
         x = torch.zeros(num_padded, self.case.cfg.hidden_size, dtype=torch.bfloat16, device=self.device)
         if n:
             x[:n] = torch.cat([self.inputs[i][s:e] for i, s, e in zip(reqs, starts, ends, strict=True)])
+        # Timed: the layer itself (projections, indexer, sparse MLA, o_proj, all-reduce). The batch and its
+        # metadata above are built once per batch and shared by every layer of a model, so they are not.
+        self._sync()
+        self.groups_barrier()
+        t0 = time.perf_counter()
         y = self.layer(x, batch, self.caches)
+        self._sync()
+        self.last_layer_ms = (time.perf_counter() - t0) * 1e3
         y_all = self.groups.all_gather_attn_dp(y)  # [attn_dp * num_padded, hidden]: the MLP's input
         out: dict[int, torch.Tensor] = {}
         for g, group_reqs in enumerate(self.by_group):
@@ -206,12 +214,9 @@ class _Rank:
 
     def timed_forward(self, spans: dict[int, tuple[int, int]], is_decode: bool) -> tuple[dict[int, torch.Tensor],
                                                                                           float]:
-        self._sync()
-        self.groups_barrier()
-        t0 = time.perf_counter()
+        """:meth:`forward` and the layer's wall time on this rank in ms (see the comment in forward)."""
         out = self.forward(spans, is_decode)
-        self._sync()
-        return out, (time.perf_counter() - t0) * 1e3
+        return out, self.last_layer_ms
 
     def groups_barrier(self) -> None:
         if torch.distributed.is_initialized():
