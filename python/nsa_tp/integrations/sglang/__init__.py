@@ -1,0 +1,25 @@
+"""nsa-tp's SGLang plugin (SGLang 0.5.17 to 0.5.23).
+
+Installed with nsa-tp, it is found through the ``sglang.srt.plugins`` entry point (``nsa_tp =
+"nsa_tp.integrations.sglang:register"``) and loaded by SGLang itself in every process. With it,
+``python -m sglang.launch_server --model-path deepseek-ai/DeepSeek-V3.2 --tp 8``:
+
+- checks the ``--tp/--dp/--enable-dp-attention`` layout with :func:`nsa_tp.parallel.resolve_layout`
+  before any GPU work (:mod:`.layout_check`) and logs what FlashMLA head padding would cost;
+- runs the DSA backend's two FlashMLA sparse-MLA calls through :mod:`nsa_tp.ops` with the rank's own head
+  count, no padding (:mod:`.attention_hooks`), through SGLang's ``HookRegistry``.
+
+Off switch: ``NSA_TP_SGLANG_PLUGIN=0`` or ``--disable-nsa-tp``. Tier: ``NSA_TP_SGLANG_BACKEND`` (``auto``).
+Importing this package does not import SGLang.
+"""
+
+from nsa_tp.integrations.sglang._version import MAX_VERSION, MIN_VERSION
+
+__all__ = ["register", "MIN_VERSION", "MAX_VERSION"]
+
+
+def register(role: str | None = None) -> list:
+    """SGLang's entry point (called with no arguments); see :func:`nsa_tp.integrations.sglang.plugin.register`."""
+    from nsa_tp.integrations.sglang.plugin import register as _register
+
+    return _register(role)
