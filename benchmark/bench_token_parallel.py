@@ -201,6 +201,7 @@ def _rank_main(ctx, args: argparse.Namespace) -> dict:
     pure_be = NSABackend(sm_scale=sm_scale)
     tp_be = TokenParallelBackend(sm_scale=sm_scale, fp8_q=args.fp8_q)
     tp_pipe = TokenParallelBackend(sm_scale=sm_scale, fp8_q=args.fp8_q, out_chunks=args.out_chunks)
+    tp_fp8 = TokenParallelBackend(sm_scale=sm_scale, fp8_q=True)  # timed too: the lossy traffic cut
     out: dict = {"rank": r, "prefill": [], "decode": {}, "a2a": [], "projection_parts": [], "tiers": {}}
 
     def barrier() -> None:
@@ -234,12 +235,16 @@ def _rank_main(ctx, args: argparse.Namespace) -> dict:
         def pipe(s=s, q=q, tpm=tpm):
             return tp_pipe.forward(q, s.x, s.q_lora, s.cos, s.sin, s.indexer, s.latent, s.index_k, tpm, group)
 
+        def fp8q(s=s, q=q, tpm=tpm):
+            return tp_fp8.forward(q, s.x, s.q_lora, s.cos, s.sin, s.indexer, s.latent, s.index_k, tpm, group)
+
         ref_out = pure()
-        diff, diff_pipe = rel(tok(), ref_out), rel(pipe(), ref_out)
+        diff, diff_pipe, diff_fp8 = rel(tok(), ref_out), rel(pipe(), ref_out), rel(fp8q(), ref_out)
         del ref_out
         pure_ms = tmax(_time_ms(pure, args.warmup, args.reps, barrier))
         tok_ms = tmax(_time_ms(tok, args.warmup, args.reps, barrier))
         pipe_ms = tmax(_time_ms(pipe, args.warmup, args.reps, barrier))
+        fp8_ms = tmax(_time_ms(fp8q, args.warmup, args.reps, barrier))
         split = tpm.split.splits
         a2a_ms = tmax(_time_ms(lambda q=q, split=split: tokens_to_heads(
             heads_to_tokens(q, group, split, fp8=args.fp8_q)[..., :512].contiguous(), group, split),
@@ -247,6 +252,7 @@ def _rank_main(ctx, args: argparse.Namespace) -> dict:
         out["prefill"].append(dict(
             tokens=T, pure_tp_ms=pure_ms, token_parallel_ms=tok_ms, speedup=pure_ms / tok_ms, all_to_all_ms=a2a_ms,
             out_chunks=args.out_chunks, token_parallel_pipelined_ms=pipe_ms, rel_diff_pipelined=diff_pipe,
+            token_parallel_fp8_q_ms=fp8_ms, rel_diff_fp8_q=diff_fp8,
             pure_tp_peak_mb=_peak_mb(pure), token_parallel_peak_mb=_peak_mb(tok), rel_diff=diff, splits=list(split),
             a2a_bytes_per_rank=a2a_bytes_per_rank(T, h, D_QK, W, fp8=args.fp8_q) + a2a_bytes_per_rank(T, h, 512, W),
         ))
