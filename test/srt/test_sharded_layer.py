@@ -9,6 +9,7 @@ uneven request splits, so some attention DP groups pad (DP4 with 3 requests: one
 from __future__ import annotations
 
 import os
+from pathlib import Path
 
 import pytest
 import torch.distributed as dist
@@ -123,3 +124,24 @@ def test_nsa_tp_run_cli_one_layout_json_and_bad_flags(capsys):
     assert "error: 32 attention heads do not split" in capsys.readouterr().err
     assert main(base[3:] + ["--prompt-len", "2"]) == 2
     assert "--prompt-len must be at least 4" in capsys.readouterr().err
+
+
+def test_nsa_tp_run_with_checkpoint_weights(tmp_path, capsys):
+    """`--model-path`: config.json + safetensors of one layer, loaded by every rank, same answer as TP1."""
+    import json
+
+    from nsa_tp.cli import main
+    from nsa_tp.model.weights import random_weights, save_layer_weights
+
+    hf = json.loads((Path(__file__).parent / "data" / "config-v32.json").read_text())
+    hf.update(hidden_size=256, q_lora_rank=128, num_attention_heads=32, index_topk=32)
+    (tmp_path / "config.json").write_text(json.dumps(hf))
+    cfg = NSAConfig.from_hf_config(tmp_path)
+    save_layer_weights(random_weights(cfg, seed=9), tmp_path / "model.safetensors", layer=2)
+    rc = main(["run", "--model-path", str(tmp_path), "--layer", "2", "--tp", "2", "--prompt-len", "48",
+               "--decode-steps", "1", "--json"])
+    rows = json.loads(capsys.readouterr().out)["rows"]
+    assert rc == 0 and [r["layout"] for r in rows] == ["TP1", "TP2"]
+    assert rows[1]["max_rel_err"] < 1e-2 and rows[1]["heads_per_rank"] == 16
+    assert main(["run", "--model-path", str(tmp_path), "--layer", "1", "--tp", "2"]) == 2  # no layer-1 tensors
+    assert "'model.layers.1.self_attn.q_a_proj.weight' is missing" in capsys.readouterr().err

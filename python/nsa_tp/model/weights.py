@@ -33,7 +33,7 @@ from pathlib import Path
 
 import torch
 
-from nsa_tp.config import NSAConfig
+from nsa_tp.config import ConfigError, NSAConfig
 
 __all__ = [
     "LayerWeights",
@@ -49,8 +49,11 @@ __all__ = [
 _FP8_BLOCK = 128
 
 
-class WeightsError(ValueError):
-    """A checkpoint that lacks a tensor or holds one of the wrong shape (the message names it)."""
+class WeightsError(ConfigError):
+    """A checkpoint that lacks a tensor or holds one of the wrong shape (the message names it).
+
+    A :class:`~nsa_tp.config.ConfigError` (so a ``ValueError``): the CLI reports it as a bad ``--model-path``.
+    """
 
 
 @dataclasses.dataclass(frozen=True)
