@@ -105,24 +105,20 @@ def test_run_layouts_rejects_wrong_world():
 def test_nsa_tp_run_cli_one_layout_json_and_bad_flags(capsys):
     """`nsa-tp run` end to end for one layout (JSON), and the flag errors (exit 2, the flag named)."""
     import json
-    import subprocess
-    import sys
 
-    base = [sys.executable, "-m", "nsa_tp", "run", "--heads", "32", "--hidden-size", "256", "--prompt-len", "40",
-            "--decode-steps", "1"]
-    out = subprocess.run(base + ["--tp", "2", "--dp", "2", "--enable-dp-attention", "--json"],
-                         capture_output=True, text=True, timeout=300)
-    assert out.returncode == 0, out.stderr
-    rows = json.loads(out.stdout)["rows"]
+    from nsa_tp.cli import main
+
+    base = ["run", "--heads", "32", "--hidden-size", "256", "--prompt-len", "40", "--decode-steps", "1"]
+    assert main(base + ["--tp", "2", "--dp", "2", "--enable-dp-attention", "--json"]) == 0
+    out = capsys.readouterr()
+    rows = json.loads(out.out)["rows"]
     assert [r["layout"] for r in rows] == ["TP1", "DP2"]
     assert rows[1]["heads_per_rank"] == 32 and rows[1]["pad_rows"] > 0
     assert all(r["ok"] and r["max_rel_err"] < 1e-2 for r in rows)
-    assert "6/6" not in out.stderr and "2/2" in out.stderr  # the progress bar counted its two steps
-    from nsa_tp.cli import main
-
-    assert main(base[3:] + ["--tp", "3"]) == 2
+    assert "2/2" in out.err and "3/3" not in out.err  # the progress bar counted its two steps
+    assert main(base + ["--tp", "3"]) == 2
     assert "error: 32 attention heads do not split" in capsys.readouterr().err
-    assert main(base[3:] + ["--prompt-len", "2"]) == 2
+    assert main(base + ["--prompt-len", "2"]) == 2
     assert "--prompt-len must be at least 4" in capsys.readouterr().err
 
 
