@@ -19,7 +19,7 @@ from nsa_tp.attention.indexer import Indexer, IndexerWeights
 from nsa_tp.attention.metadata import ForwardMetadataBuilder
 from nsa_tp.attention.token_parallel import TokenSplit, plan_token_split, token_costs
 from nsa_tp.attention.token_parallel_backend import TokenParallelBackend, build_token_parallel_metadata
-from nsa_tp.attention.token_parallel_core import key_sharded_decode_topk, token_parallel_attention
+from nsa_tp.attention.token_parallel_core import Unabsorbed, key_sharded_decode_topk, token_parallel_attention
 from nsa_tp.ops.index_cache import INDEX_PAGE_SIZE, new_index_k_cache, store_index_k
 from nsa_tp.ops.kv_format import pack_fp8_kv
 from nsa_tp.ops.rope import rope_cos_sin
@@ -240,6 +240,9 @@ def _layer_cases(r: int, W: int, group) -> dict:
 
         ref_be, tp_be = NSABackend(sm_scale=SM_SCALE, backend="reference"), TokenParallelBackend(
             sm_scale=SM_SCALE, backend="reference")
+        gw = _gen(23)
+        un_all = Unabsorbed(torch.randn(HEADS, 128, 512, generator=gw) * 128**-0.5,
+                            torch.randn(HEADS, 512, 128, generator=gw) * 512**-0.5)
         steps = [("prefill", [(b, p, p + e) for b, (p, e) in enumerate(zip(L_PREFIX, L_EXTEND, strict=True))], 2)]
         steps.append(("decode_all", None, 1))  # 3 requests: >= W ranks splits requests, < W shards keys
         steps.append(("decode_one", None, 0))  # batch 1: key-sharded on every group size
@@ -250,7 +253,7 @@ def _layer_cases(r: int, W: int, group) -> dict:
             x, ql, cos, sin, q = st.batch(news, pad)
             seq = [e for _, _, e in news] if name != "prefill" else st.seq
             table = st.page_table[reqs]
-            caches = {k: (st.latent.clone(), st.index_k.clone()) for k in ("ref", "pure", "tp")}
+            caches = {k: (st.latent.clone(), st.index_k.clone()) for k in ("ref", "pure", "tp", "un", "un_pure")}
             if name == "prefill":
                 kw = dict(prefix_lens=L_PREFIX)
                 metas = {k: builder(n).prefill(seq, L_PREFIX, table, num_padded=q.shape[0])
@@ -265,6 +268,16 @@ def _layer_cases(r: int, W: int, group) -> dict:
             tpm = build_token_parallel_metadata(builder(h), layout, r, seq_lens=seq, page_table=table,
                                                 num_padded=q.shape[0], **kw)
             out_tp = tp_be.forward(q[:, mine].contiguous(), x, ql, cos, sin, st.indexer, *caches["tp"], tpm, group)
+            # the unabsorbed exchange (q_nope | q_pe in, W_UV applied before the way back) vs pure TP doing
+            # the same absorption and projection on its own heads
+            q_un = torch.randn(q.shape[0], HEADS, 192, generator=st.g)
+            q_un[len(x) - pad :] = 0
+            un_local = un_all.heads(r * h, h)
+            un_pure = un_local.project(ref_be.forward(un_local.absorb(q_un[:, mine]), x, ql, cos, sin, st.indexer,
+                                                      *caches["un_pure"], metas["pure"]))
+            un_tp = tp_be.forward(q_un[:, mine].contiguous(), x, ql, cos, sin, st.indexer, *caches["un"], tpm, group,
+                                  unabsorbed=un_all)
+            res[f"layer_{kv}_{name}_unabsorbed"] = dict(vs_pure=_rel(un_tp, un_pure), shape=tuple(un_tp.shape))
             res[f"layer_{kv}_{name}"] = dict(
                 strategy=tpm.strategy, vs_pure=_rel(out_tp, out_pure), vs_ref=_rel(out_tp, out_ref),
                 pad_zero=bool((out_tp[len(x) - pad :] == 0).all()), shape=tuple(out_tp.shape),
@@ -328,6 +341,21 @@ def _rank_main(ctx: RankContext, with_layer: bool = True) -> dict:
             )
     tp8 = token_parallel_attention(q_mine, splits["even"], group, select, attend, fp8_q=True)
     res["prefill_fp8_q"] = _rel(tp8, pure)
+
+    # exchange before absorption / after W_UV: 192 + 128 values a head instead of 576 + 512
+    gw = _gen(17)
+    w_uk = (torch.randn(HEADS, 128, 512, generator=gw) * 128**-0.5).to(dev)
+    w_uv_t = (torch.randn(HEADS, 512, 128, generator=gw) * 512**-0.5).to(dev)
+    q_un = torch.randn(b["rows"], HEADS, 192, generator=gw).to(dev)  # q_nope | q_pe, rope applied
+    q_un[b["T"] :] = 0
+    local = Unabsorbed(w_uk[r * h : (r + 1) * h], w_uv_t[r * h : (r + 1) * h])
+    q_un_mine = q_un[:, r * h : (r + 1) * h].contiguous()
+    pure_un = local.project(attend(local.absorb(q_un_mine), topk_all, range(b["rows"])))  # pure TP, [rows, h, 128]
+    for chunks in (1, 2):
+        tp_un = token_parallel_attention(q_un_mine, splits["balanced"], group, select, attend, out_chunks=chunks,
+                                         unabsorbed=Unabsorbed(w_uk, w_uv_t))
+        res[f"prefill_unabsorbed_{chunks}"] = dict(vs_pure=_rel(tp_un, pure_un), shape=tuple(tp_un.shape),
+                                                   pad_zero=bool((tp_un[b["T"] :] == 0).all()))
 
     # 3. a batch smaller than the group: one real token (plus padding)
     tiny = _on(_prefill_batch(6, [(3, 1)], pad_rows=1), dev)
@@ -414,6 +442,10 @@ def test_prefill_token_parallel_equals_pure_tp_and_reference(world):
             assert got["vs_pure"] < 1e-2 and got["vs_ref"] < 1e-2, (r, name, got)  # NaN fails too
             assert got["pad_zero"], (r, name)  # DP padding rows: 0, as pure TP's all -1 top-k gives
         assert res["prefill_fp8_q"] < 0.1, (r, res["prefill_fp8_q"])  # lossy option: e4m3 queries
+        for chunks in (1, 2):
+            got = res[f"prefill_unabsorbed_{chunks}"]
+            assert got["vs_pure"] < 1e-2 and got["pad_zero"], (r, chunks, got)
+            assert got["shape"] == (sum(n for _, n in PREFILL_REQS) + 3, HEADS // world, 128), got
         assert res["tiny"] < 1e-2, (r, res["tiny"])
 
 
@@ -448,3 +480,5 @@ def test_backend_token_parallel_equals_pure_tp_prefill_and_decode(world):
                 assert got["strategy"] == want[name], (r, kv, name, got)
                 assert got["vs_pure"] < 1e-2 and got["vs_ref"] < 1e-2, (r, kv, name, got)
                 assert got["pad_zero"] and got["cache_same"], (r, kv, name, got)
+                un = res[f"layer_{kv}_{name}_unabsorbed"]
+                assert un["vs_pure"] < 1e-2 and un["shape"][1:] == (HEADS // world, 128), (r, kv, name, un)

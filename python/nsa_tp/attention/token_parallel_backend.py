@@ -40,6 +40,7 @@ from nsa_tp.attention.token_parallel import (
 )
 from nsa_tp.attention.token_parallel_core import (
     KeyShardBatch,
+    Unabsorbed,
     key_sharded_decode_topk,
     shard_page_table,
     token_parallel_attention,
@@ -166,26 +167,37 @@ class TokenParallelBackend:
         index_k_cache: torch.Tensor,
         tpm: TokenParallelMetadata,
         group: dist.ProcessGroup | None,
+        *,
+        unabsorbed: Unabsorbed | None = None,
     ) -> torch.Tensor:
         """``[T_pad, h, 512]`` bfloat16 for this rank's heads — what ``NSABackend.forward`` returns.
 
         Args as :meth:`NSABackend.forward`, plus ``tpm`` (this batch's :class:`TokenParallelMetadata`) and
-        ``group`` (the attention TP group; ``None`` = one rank).
+        ``group`` (the attention TP group; ``None`` = one rank). With ``unabsorbed`` (W_UK / W_UV of *all*
+        heads), ``q_latent`` is instead the unabsorbed ``[T_pad, h, 128 + 64]`` (``q_nope | q_pe``) and the
+        result ``[T_pad, h, 128]`` is after W_UV: the "tokens" strategy then exchanges 3.4x fewer bytes;
+        the others absorb and project this rank's heads locally.
         """
         meta = tpm.meta
-        if tpm.strategy == "heads":
-            return self.heads.forward(q_latent, x, q_lora, cos, sin, indexer, latent_cache, index_k_cache, meta)
         _, world = group_rank_world(group)
         if world * meta.num_heads != tpm.num_heads_total:
             raise ValueError(f"group: {world} ranks x {meta.num_heads} heads != the layer's {tpm.num_heads_total}")
-        check_tensor(q_latent, "q_latent", shape=(meta.num_padded, meta.num_heads, None), dtype=torch.bfloat16)
+        if unabsorbed is not None and tpm.strategy != "tokens":
+            local = unabsorbed.heads(group_rank_world(group)[0] * meta.num_heads, meta.num_heads)
+            out = self.forward(local.absorb(q_latent), x, q_lora, cos, sin, indexer, latent_cache, index_k_cache,
+                               tpm, group)
+            return local.project(out)
+        if tpm.strategy == "heads":
+            return self.heads.forward(q_latent, x, q_lora, cos, sin, indexer, latent_cache, index_k_cache, meta)
+        dtypes = (torch.bfloat16,) if unabsorbed is None else (torch.bfloat16, torch.float16, torch.float32)
+        check_tensor(q_latent, "q_latent", shape=(meta.num_padded, meta.num_heads, None), dtype=dtypes)
         if indexer.topk != meta.topk:
             raise ValueError(f"indexer: top-k {indexer.topk} differs from the metadata's {meta.topk}")
         if tpm.strategy == "keys":
             return self._keys(q_latent, x, q_lora, cos, sin, indexer, latent_cache, index_k_cache, tpm, group)
         if meta.is_decode:
             return self._tokens_decode(q_latent, x, q_lora, cos, sin, indexer, latent_cache, index_k_cache, tpm,
-                                       group)
+                                       group, unabsorbed)
         flat = latent_cache.view(-1, 1, latent_cache.shape[-1])  # [pages, 64, 1, D] -> [slots, 1, D]
 
         def select(rows: range) -> torch.Tensor:
@@ -196,7 +208,7 @@ class TokenParallelBackend:
             return ops.sparse_mla_fwd(q, flat, topk.unsqueeze(1), self.sm_scale, self.d_v, backend=self.backend)[0]
 
         return token_parallel_attention(q_latent, tpm.split, group, select, attend, d_v=self.d_v, fp8_q=self.fp8_q,
-                                        out_chunks=self.out_chunks)
+                                        out_chunks=self.out_chunks, unabsorbed=unabsorbed)
 
     @staticmethod
     def _store_keys(x, cos, sin, indexer: Indexer, index_k_cache, meta: ForwardMetadata) -> None:
@@ -205,7 +217,7 @@ class TokenParallelBackend:
         store_index_k_unchecked(index_k_cache, meta.index.store_slots, k8, k_scale)
 
     def _tokens_decode(self, q_latent, x, q_lora, cos, sin, indexer, latent_cache, index_k_cache,
-                       tpm: TokenParallelMetadata, group) -> torch.Tensor:
+                       tpm: TokenParallelMetadata, group, unabsorbed: Unabsorbed | None) -> torch.Tensor:
         meta = tpm.meta
 
         def select(rows: range) -> torch.Tensor:
@@ -220,7 +232,8 @@ class TokenParallelBackend:
             return ops.sparse_mla_decode(q, latent_cache, topk.unsqueeze(1), self.sm_scale, self.d_v,
                                          plan=tpm.local_plan, backend=self.backend)[0]
 
-        return token_parallel_attention(q_latent, tpm.split, group, select, attend, d_v=self.d_v, fp8_q=self.fp8_q)
+        return token_parallel_attention(q_latent, tpm.split, group, select, attend, d_v=self.d_v, fp8_q=self.fp8_q,
+                                        unabsorbed=unabsorbed)
 
     def _keys(self, q_latent, x, q_lora, cos, sin, indexer, latent_cache, index_k_cache,
               tpm: TokenParallelMetadata, group) -> torch.Tensor:

@@ -31,13 +31,54 @@ from nsa_tp.ops._check import check_same_device, check_tensor
 from nsa_tp.parallel.collectives import all_gather_stack, group_rank_world, heads_to_tokens, tokens_to_heads
 
 __all__ = [
-    "token_parallel_attention", "key_sharded_decode_topk", "shard_page_table", "KeyShardBatch", "SelectTopk", "Attend",
+    "token_parallel_attention", "Unabsorbed", "key_sharded_decode_topk", "shard_page_table", "KeyShardBatch",
+    "SelectTopk", "Attend",
 ]
 
 # select_topk(rows) -> [len(rows), K] int32 ids for the sparse core (-1 fill), rows = global token rows.
 SelectTopk = Callable[[range], torch.Tensor]
 # attend(q [t, H, 576], topk [t, K], rows) -> out [t, H, 512] bf16 for those token rows, all heads.
 Attend = Callable[[torch.Tensor, torch.Tensor, range], torch.Tensor]
+
+
+@dataclasses.dataclass(frozen=True, eq=False)
+class Unabsorbed:
+    """Exchange queries *before* the W_UK absorption and outputs *after* W_UV: 3.4x less traffic.
+
+    A head's absorbed query is 576 values and its latent output 512, but before absorption the query is
+    ``q_nope | q_pe`` = 128 + 64 values and after W_UV the output is 128: ``(192 + 128) / (576 + 512)``.
+    The price: every rank of the group needs W_UK and W_UV of *all* heads (``kv_b_proj``, 32 MiB a layer in
+    bf16), and absorbs / projects all heads of its tokens (the same FLOPs per rank as pure TP).
+
+    ``w_uk``: ``[H, 128, 512]``, ``w_uv_t``: ``[H, 512, 128]`` (the layer's layout, all heads, one float dtype).
+    """
+
+    w_uk: torch.Tensor
+    w_uv_t: torch.Tensor
+
+    def __post_init__(self) -> None:
+        check_tensor(self.w_uk, "w_uk", ndim=3, dtype=(torch.bfloat16, torch.float16, torch.float32))
+        H, dn, dl = self.w_uk.shape
+        check_tensor(self.w_uv_t, "w_uv_t", shape=(H, dl, None), dtype=self.w_uk.dtype)
+
+    @property
+    def nope_dim(self) -> int:
+        return self.w_uk.shape[1]
+
+    def heads(self, start: int, count: int) -> Unabsorbed:
+        """The weights of heads ``[start, start + count)`` (a rank's own heads, for the local paths)."""
+        return Unabsorbed(self.w_uk[start : start + count], self.w_uv_t[start : start + count])
+
+    def absorb(self, q: torch.Tensor) -> torch.Tensor:
+        """``[t, H, nope + rope]`` -> ``[t, H, 512 + rope]`` bfloat16 (``[q_nope @ W_UK | q_pe]``)."""
+        q_nope, q_pe = q[..., : self.nope_dim], q[..., self.nope_dim :]
+        # [t, H, 128] -> [H, t, 128] @ [H, 128, 512] -> [H, t, 512] -> [t, H, 512]
+        q_lat = torch.bmm(q_nope.to(self.w_uk.dtype).transpose(0, 1), self.w_uk).transpose(0, 1)
+        return torch.cat([q_lat, q_pe.to(q_lat.dtype)], dim=-1).to(torch.bfloat16)
+
+    def project(self, o_lat: torch.Tensor) -> torch.Tensor:
+        """``[t, H, 512]`` -> ``[t, H, 128]`` in the weights' dtype (``o_lat @ W_UV^T`` per head)."""
+        return torch.bmm(o_lat.to(self.w_uv_t.dtype).transpose(0, 1), self.w_uv_t).transpose(0, 1).contiguous()
 
 
 def token_parallel_attention(
@@ -50,12 +91,14 @@ def token_parallel_attention(
     d_v: int = 512,
     fp8_q: bool = False,
     out_chunks: int = 1,
+    unabsorbed: Unabsorbed | None = None,
 ) -> torch.Tensor:
     """Token-parallel sparse attention for one batch; returns what pure TP returns on this rank.
 
     Args:
         q: ``[num_rows, h, 576]`` bfloat16 — absorbed queries of this rank's ``h`` heads (global heads
-            ``[r*h, (r+1)*h)``) for every row, DP padding rows included.
+            ``[r*h, (r+1)*h)``) for every row, DP padding rows included. With ``unabsorbed``: the queries
+            before absorption, ``[num_rows, h, 128 + 64]`` (``q_nope | q_pe``, rope applied), any float.
         split: :class:`TokenSplit` of the real rows over the group (``split.num_rows == num_rows``).
         group: the attention TP group (its size is ``split.world``; ``None`` = one rank).
         select_topk: the indexer for a range of rows (see :data:`SelectTopk`); called exactly once on
@@ -69,9 +112,11 @@ def token_parallel_attention(
             each slice's output back as soon as it is done, so the output exchange of slice ``c`` overlaps
             the core of slice ``c + 1``. ``attend`` is then called once per non-empty slice (so it must not
             hold a per-batch plan: prefill only). 1 = one call, one exchange.
+        unabsorbed: absorb after the exchange and apply W_UV before the way back (:class:`Unabsorbed`).
 
     Returns:
-        ``[num_rows, h, d_v]`` bfloat16: this rank's heads of every row; DP padding rows are 0.
+        ``[num_rows, h, d_v]`` bfloat16: this rank's heads of every row; DP padding rows are 0. With
+        ``unabsorbed``: ``[num_rows, h, 128]`` after W_UV, in the weights' dtype.
     """
     check_tensor(q, "q", ndim=3, dtype=(torch.bfloat16, torch.float16, torch.float32))
     rank, world = group_rank_world(group)
@@ -81,41 +126,60 @@ def token_parallel_attention(
         raise ValueError(f"split: planned for {split.world} ranks, the group has {world}")
     if split.num_rows != q.shape[0]:
         raise ValueError(f"q: expected {split.num_rows} rows (split.num_rows), got shape {tuple(q.shape)}")
+    if isinstance(out_chunks, bool) or not isinstance(out_chunks, int) or out_chunks < 1:
+        raise ValueError(f"out_chunks: expected a positive int, got {out_chunks!r}")
     num_rows, h, _ = q.shape
+    if unabsorbed is not None and unabsorbed.w_uk.shape[0] != world * h:
+        raise ValueError(f"unabsorbed: W_UK holds {unabsorbed.w_uk.shape[0]} heads, the group has {world * h}")
     real = split.num_real
     rows = split.rows(rank)
-    # [T, h, 576] -> [t_r, W*h, 576]; in flight while this rank's indexer rows run.
+    # [T, h, D] -> [t_r, W*h, D]; in flight while this rank's indexer rows run.
     pending = heads_to_tokens(q[:real], group, split.splits, fp8=fp8_q, async_op=True)
     topk = select_topk(rows)
     check_tensor(topk, "select_topk(rows)", ndim=2, dtype=torch.int32)
     if topk.shape[0] != len(rows):
         raise ValueError(f"select_topk(rows): expected {len(rows)} rows, got shape {tuple(topk.shape)}")
     q_tok = pending.wait()
-    if isinstance(out_chunks, bool) or not isinstance(out_chunks, int) or out_chunks < 1:
-        raise ValueError(f"out_chunks: expected a positive int, got {out_chunks!r}")
+    if unabsorbed is not None:
+        q_tok = unabsorbed.absorb(q_tok)  # [t_r, H, 192] -> [t_r, H, 576]
+    core = _Core(attend, world * h, d_v, unabsorbed)
     if out_chunks == 1:
-        # [t_r, W*h, 512] -> [T, h, 512]
-        out = tokens_to_heads(_attend_rows(attend, q_tok, topk, rows, world * h, d_v), group, split.splits)
+        # [t_r, W*h, 512 (or 128)] -> [T, h, 512 (or 128)]
+        out = tokens_to_heads(core(q_tok, topk, rows), group, split.splits)
     else:
-        out = _attend_pipelined(attend, q_tok, topk, split, rank, group, h, d_v, out_chunks)
+        out = _attend_pipelined(core, q_tok, topk, split, rank, group, h, out_chunks)
     if num_rows == real:
         return out
-    padded = out.new_zeros((num_rows, h, d_v))
+    padded = out.new_zeros((num_rows, h, out.shape[-1]))
     padded[:real] = out
     return padded
 
 
-def _attend_rows(attend: Attend, q_tok: torch.Tensor, topk: torch.Tensor, rows: range, heads: int,
-                 d_v: int) -> torch.Tensor:
-    if not len(rows):
-        return q_tok.new_zeros((0, heads, d_v), dtype=torch.bfloat16)
-    out = attend(q_tok, topk, rows)
-    check_tensor(out, "attend(...)", shape=(len(rows), heads, d_v), dtype=torch.bfloat16)
-    return out
+@dataclasses.dataclass(frozen=True)
+class _Core:
+    """``attend`` for a range of rows, output checked, W_UV applied when exchanging unabsorbed."""
+
+    attend: Attend
+    heads: int
+    d_v: int
+    unabsorbed: Unabsorbed | None
+
+    def out_shape(self) -> tuple[int, torch.dtype]:
+        if self.unabsorbed is None:
+            return self.d_v, torch.bfloat16
+        return self.unabsorbed.w_uv_t.shape[-1], self.unabsorbed.w_uv_t.dtype
+
+    def __call__(self, q_tok: torch.Tensor, topk: torch.Tensor, rows: range) -> torch.Tensor:
+        dim, dtype = self.out_shape()
+        if not len(rows):  # every rank joins the exchange, with an empty block of the same dtype
+            return q_tok.new_zeros((0, self.heads, dim), dtype=dtype)
+        out = self.attend(q_tok, topk, rows)
+        check_tensor(out, "attend(...)", shape=(len(rows), self.heads, self.d_v), dtype=torch.bfloat16)
+        return out if self.unabsorbed is None else self.unabsorbed.project(out)
 
 
-def _attend_pipelined(attend: Attend, q_tok: torch.Tensor, topk: torch.Tensor, split: TokenSplit, rank: int,
-                      group: dist.ProcessGroup | None, h: int, d_v: int, n: int) -> torch.Tensor:
+def _attend_pipelined(core: _Core, q_tok: torch.Tensor, topk: torch.Tensor, split: TokenSplit, rank: int,
+                      group: dist.ProcessGroup | None, h: int, n: int) -> torch.Tensor:
     """Core + output exchange in ``n`` slices per rank; slice ``c`` of every rank travels in exchange ``c``."""
     world = split.world
     # slices[j][c]: token count of rank j's slice c (every rank knows every rank's cut: same arithmetic)
@@ -125,13 +189,14 @@ def _attend_pipelined(attend: Attend, q_tok: torch.Tensor, topk: torch.Tensor, s
     lo = 0
     for c in range(n):
         hi = lo + slices[rank][c]
-        part = _attend_rows(attend, q_tok[lo:hi], topk[lo:hi], range(first + lo, first + hi), world * h, d_v)
+        part = core(q_tok[lo:hi], topk[lo:hi], range(first + lo, first + hi))
         pending.append(tokens_to_heads(part, group, [slices[j][c] for j in range(world)], async_op=True))
         lo = hi
-    out = q_tok.new_empty((split.num_real, h, d_v), dtype=torch.bfloat16)
+    dim, dtype = core.out_shape()
+    out = q_tok.new_empty((split.num_real, h, dim), dtype=dtype)
     offsets = split.offsets
     for c, p in enumerate(pending):
-        got = p.wait()  # [sum_j slices[j][c], h, d_v]: rank j's slice c, in rank order
+        got = p.wait()  # [sum_j slices[j][c], h, dim]: rank j's slice c, in rank order
         src = 0
         for j in range(world):
             k = slices[j][c]
