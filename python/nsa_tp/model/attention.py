@@ -108,6 +108,9 @@ class NSAAttention:
         self.head_start = sharded.head_start
         self.backend = backend
         self.device = torch.device(device)
+        if self.device.type == "cuda" and self.device.index is None:
+            # tensors report "cuda:N"; keep the index so device checks compare equal
+            self.device = torch.device("cuda", torch.cuda.current_device())
         self.compute_dtype = compute_dtype or (torch.bfloat16 if self.device.type == "cuda" else torch.float32)
         self.out_dtype = out_dtype
         w = sharded.weights

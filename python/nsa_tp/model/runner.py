@@ -223,6 +223,13 @@ class _Rank:
             torch.distributed.barrier()
 
 
+def _default_device() -> torch.device:
+    """This process's GPU with its index (``cuda:N``: tensors report the index, so checks compare equal), else CPU."""
+    if torch.cuda.is_available():
+        return torch.device("cuda", torch.cuda.current_device())
+    return torch.device("cpu")
+
+
 def _peak_mem_mb(device: torch.device) -> float:
     if device.type == "cuda":
         return torch.cuda.max_memory_allocated(device) / 2**20
@@ -231,7 +238,7 @@ def _peak_mem_mb(device: torch.device) -> float:
 
 def run_case(ctx: RankContext | None, case: RunCase, weights: LayerWeights | None = None) -> CaseResult:
     """Execute ``case`` on this rank (``ctx=None``: one process, no torch.distributed)."""
-    device = ctx.device if ctx is not None else torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    device = ctx.device if ctx is not None else _default_device()
     layout = case.layout()
     groups = build_groups(layout)
     if device.type == "cuda":
@@ -274,7 +281,7 @@ def time_layer_prefill(ctx: RankContext | None, case: RunCase, warmup: int = 2, 
     idle attention DP group (no request) run their padding rows like upstream's idle batches do.
     Returns ``{"median_ms", "times_ms", "num_tokens", "num_padded", "peak_mem_mb", "device"}``.
     """
-    device = ctx.device if ctx is not None else torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    device = ctx.device if ctx is not None else _default_device()
     groups = build_groups(case.layout())
     rank = _Rank(case, groups, device, random_weights(case.cfg, case.seed))
     reqs = case.requests
@@ -340,7 +347,10 @@ def run_layouts(cases: Sequence[RunCase], world_size: int, *, backend: str = "au
         if c.layout().world_size != world_size:
             raise ValueError(f"{c.label()}: needs {c.layout().world_size} ranks, this spawn has {world_size}")
     if world_size == 1 and not os.environ.get("RANK"):
-        return [[run_case(None, c)] for c in cases]
+        out = [[run_case(None, c)] for c in cases]
+        if torch.cuda.is_available():
+            torch.cuda.empty_cache()  # give GPU 0 back to the ranks that a later launch puts there
+        return out
     per_rank = launch(_run_cases, world_size, (tuple(cases),), backend=backend, timeout_s=timeout_s)
     return [[per_rank[r][k] for r in range(world_size)] for k in range(len(cases))]
 
