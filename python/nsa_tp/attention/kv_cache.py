@@ -76,11 +76,15 @@ class PagedLatentCache:
         """``[num_pages * 64, 1, 576 | 656]`` view: row = global slot."""
         return self.buffer.view(self.num_slots, 1, self.buffer.shape[-1])
 
-    def store(self, slots: torch.Tensor, latent: torch.Tensor) -> None:
-        """Write ``latent [M, 576]`` (``[512 c_kv | 64 rope key]``, any float dtype) at ``slots [M]``."""
+    def store(self, slots: torch.Tensor, latent: torch.Tensor, *, check_slots: bool = True) -> None:
+        """Write ``latent [M, 576]`` (``[512 c_kv | 64 rope key]``, any float dtype) at ``slots [M]``.
+
+        ``check_slots=False`` skips the range check (a host sync): for slots from :meth:`NSACaches.slots`,
+        valid by construction, on the per-layer path.
+        """
         check_tensor(slots, "slots", ndim=1, dtype=(torch.int32, torch.int64))
         check_tensor(latent, "latent", shape=(slots.shape[0], D_QK))
-        if slots.numel() and bool(((slots < 0) | (slots >= self.num_slots)).any()):
+        if check_slots and slots.numel() and bool(((slots < 0) | (slots >= self.num_slots)).any()):
             raise ValueError(f"slots: expected every slot in [0, {self.num_slots})")
         rows = pack_fp8_kv(latent) if self.kv_cache_dtype == "fp8_e4m3" else latent.to(torch.bfloat16)
         self.flat()[slots.long(), 0] = rows
