@@ -187,7 +187,7 @@ def _rank_main(ctx, args: argparse.Namespace) -> dict:
     from nsa_tp.attention.backend import NSABackend
     from nsa_tp.attention.token_parallel import plan_token_split, token_costs
     from nsa_tp.attention.token_parallel_backend import TokenParallelBackend, build_token_parallel_metadata
-    from nsa_tp.attention.token_parallel_core import key_sharded_decode_topk, shard_page_table
+    from nsa_tp.attention.token_parallel_core import Unabsorbed, key_sharded_decode_topk, shard_page_table
     from nsa_tp.attention.topk_merge import merge_topk
     from nsa_tp.parallel.collectives import a2a_bytes_per_rank, all_gather_stack, heads_to_tokens, tokens_to_heads
     from nsa_tp.parallel.layout import resolve_layout
@@ -238,13 +238,33 @@ def _rank_main(ctx, args: argparse.Namespace) -> dict:
         def fp8q(s=s, q=q, tpm=tpm):
             return tp_fp8.forward(q, s.x, s.q_lora, s.cos, s.sin, s.indexer, s.latent, s.index_k, tpm, group)
 
+        # The unabsorbed exchange needs q before W_UK and gives the output after W_UV: compare it with pure TP
+        # doing that absorption and projection on its own heads (the same FLOPs per rank).
+        gen = torch.Generator(device=dev).manual_seed(7)
+        un_all = Unabsorbed(
+            torch.randn(HEADS, 128, 512, generator=gen, device=dev, dtype=torch.bfloat16) * 128**-0.5,
+            torch.randn(HEADS, 512, 128, generator=gen, device=dev, dtype=torch.bfloat16) * 512**-0.5)
+        un_local = un_all.heads(r * h, h)
+        q_un = torch.randn(T, HEADS, 192, generator=gen, device=dev, dtype=torch.bfloat16)[:, mine].contiguous()
+
+        def pure_absorb(s=s, q_un=q_un, meta=meta, un=un_local):
+            return un.project(pure_be.forward(un.absorb(q_un), s.x, s.q_lora, s.cos, s.sin, s.indexer, s.latent,
+                                              s.index_k, meta))
+
+        def tok_unabsorbed(s=s, q_un=q_un, tpm=tpm, un=un_all):
+            return tp_be.forward(q_un, s.x, s.q_lora, s.cos, s.sin, s.indexer, s.latent, s.index_k, tpm, group,
+                                 unabsorbed=un)
+
         ref_out = pure()
         diff, diff_pipe, diff_fp8 = rel(tok(), ref_out), rel(pipe(), ref_out), rel(fp8q(), ref_out)
         del ref_out
+        diff_un = rel(tok_unabsorbed(), pure_absorb())
         pure_ms = tmax(_time_ms(pure, args.warmup, args.reps, barrier))
         tok_ms = tmax(_time_ms(tok, args.warmup, args.reps, barrier))
         pipe_ms = tmax(_time_ms(pipe, args.warmup, args.reps, barrier))
         fp8_ms = tmax(_time_ms(fp8q, args.warmup, args.reps, barrier))
+        pure_absorb_ms = tmax(_time_ms(pure_absorb, args.warmup, args.reps, barrier))
+        un_ms = tmax(_time_ms(tok_unabsorbed, args.warmup, args.reps, barrier))
         split = tpm.split.splits
         a2a_ms = tmax(_time_ms(lambda q=q, split=split: tokens_to_heads(
             heads_to_tokens(q, group, split, fp8=args.fp8_q)[..., :512].contiguous(), group, split),
@@ -253,6 +273,9 @@ def _rank_main(ctx, args: argparse.Namespace) -> dict:
             tokens=T, pure_tp_ms=pure_ms, token_parallel_ms=tok_ms, speedup=pure_ms / tok_ms, all_to_all_ms=a2a_ms,
             out_chunks=args.out_chunks, token_parallel_pipelined_ms=pipe_ms, rel_diff_pipelined=diff_pipe,
             token_parallel_fp8_q_ms=fp8_ms, rel_diff_fp8_q=diff_fp8,
+            pure_tp_with_absorb_ms=pure_absorb_ms, token_parallel_unabsorbed_ms=un_ms,
+            speedup_unabsorbed=pure_absorb_ms / un_ms, rel_diff_unabsorbed=diff_un,
+            a2a_bytes_per_rank_unabsorbed=a2a_bytes_per_rank(T, h, 192, W) + a2a_bytes_per_rank(T, h, 128, W),
             pure_tp_peak_mb=_peak_mb(pure), token_parallel_peak_mb=_peak_mb(tok), rel_diff=diff, splits=list(split),
             a2a_bytes_per_rank=a2a_bytes_per_rank(T, h, D_QK, W, fp8=args.fp8_q) + a2a_bytes_per_rank(T, h, 512, W),
         ))
@@ -362,6 +385,8 @@ def _rank_main(ctx, args: argparse.Namespace) -> dict:
                 part["tp_indexer_ms_max"], part["tp_sparse_ms_max"] = max(idx_ms), max(sp_ms)
                 part["a2a_bytes_per_rank"] = (a2a_bytes_per_rank(T, hp, D_QK, Wp, fp8=args.fp8_q)
                                               + a2a_bytes_per_rank(T, hp, 512, Wp))
+                part["a2a_bytes_per_rank_unabsorbed"] = (a2a_bytes_per_rank(T, hp, 192, Wp)
+                                                         + a2a_bytes_per_rank(T, hp, 128, Wp))
                 out["projection_parts"].append(part)
             del s
             torch.cuda.empty_cache() if dev.type == "cuda" else None
@@ -414,11 +439,16 @@ def _fit_costs(res: dict, card: str, date: str) -> dict:
 def _projection(res: dict, costs: dict) -> list[dict]:
     rows = []
     for p in res["projection_parts"]:
-        a2a = 2 * costs["a2a_latency_us"] / 1e3 + p["a2a_bytes_per_rank"] / (costs["a2a_gbytes_per_s"] * 1e9) * 1e3
+        def a2a(nbytes: float) -> float:
+            return 2 * costs["a2a_latency_us"] / 1e3 + nbytes / (costs["a2a_gbytes_per_s"] * 1e9) * 1e3
+
         pure = p["pure_indexer_ms"] + p["pure_sparse_ms"]
-        tp = p["tp_rank_ms"] + a2a
+        tp = p["tp_rank_ms"] + a2a(p["a2a_bytes_per_rank"])
+        # unabsorbed: the absorption and W_UV FLOPs per rank are those of pure TP, so only the bytes change
+        tp_un = p["tp_rank_ms"] + a2a(p["a2a_bytes_per_rank_unabsorbed"])
         rows.append(dict(tokens=p["tokens"], world=p["world"], pure_tp_ms=pure, token_parallel_ms=tp,
-                         all_to_all_ms=a2a, speedup=pure / tp))
+                         all_to_all_ms=a2a(p["a2a_bytes_per_rank"]), speedup=pure / tp,
+                         token_parallel_unabsorbed_ms=tp_un, speedup_unabsorbed=pure / tp_un))
     return rows
 
 
@@ -521,7 +551,8 @@ def main(argv: list[str] | None = None) -> int:
     for row in report["prefill"]:
         print(f"prefill {row['tokens']:>6}: pure TP {row['pure_tp_ms']:.2f} ms, token-parallel "
               f"{row['token_parallel_ms']:.2f} ms ({row['speedup']:.2f}x; all-to-all {row['all_to_all_ms']:.2f} ms; "
-              f"{row['out_chunks']} slices overlapped {row['token_parallel_pipelined_ms']:.2f} ms), "
+              f"{row['out_chunks']} slices overlapped {row['token_parallel_pipelined_ms']:.2f} ms; unabsorbed "
+              f"{row['token_parallel_unabsorbed_ms']:.2f} vs {row['pure_tp_with_absorb_ms']:.2f} ms), "
               f"peak {row['pure_tp_peak_mb']:.0f} vs {row['token_parallel_peak_mb']:.0f} MB, rel diff "
               f"{row['rel_diff']:.1e}")
     for d in report["decode"].values():
@@ -532,7 +563,8 @@ def main(argv: list[str] | None = None) -> int:
               f"{graph}; core {d['core_pure_tp_ms']:.3f} vs {d['core_key_sharded_ms']:.3f} ms")
     for row in report["projection"]:
         print(f"projection TP{row['world']} {row['tokens']:>6}: pure {row['pure_tp_ms']:.2f} ms, token-parallel "
-              f"{row['token_parallel_ms']:.2f} ms ({row['speedup']:.2f}x)")
+              f"{row['token_parallel_ms']:.2f} ms ({row['speedup']:.2f}x), unabsorbed "
+              f"{row['token_parallel_unabsorbed_ms']:.2f} ms ({row['speedup_unabsorbed']:.2f}x)")
     print(f"wrote {args.out}")
     try:
         print(_plot(args.out))
