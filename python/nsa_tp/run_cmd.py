@@ -172,10 +172,13 @@ def _plan(args: argparse.Namespace, gpus: int) -> tuple[NSAConfig, tuple[Request
     kv = layout_from_args(argparse.Namespace(**{**vars(args), "tp": 1, "dp": 1, "enable_dp_attention": False}),
                           cfg.num_attention_heads).kv_cache_dtype
 
+    # --nsa-token-parallel on (with the default core) runs the token-parallel core, forced on
+    core = "token_parallel_on" if args.core == "heads" and args.nsa_token_parallel == "on" else args.core
+
     def case(tp: int, dp: int, dpa: bool) -> RunCase:
         return RunCase(
             tp=tp, dp=dp, enable_dp_attention=dpa, cfg=cfg, requests=requests, decode_steps=args.decode_steps,
-            kv_cache_dtype=kv, seed=args.seed, core=args.core if tp > 1 or dpa else "heads",
+            kv_cache_dtype=kv, seed=args.seed, core=core if tp > 1 or dpa else "heads",
             backend=args.backend, weights_path=str(args.model_path) if args.model_path else None,
             layer_index=args.layer,
         )

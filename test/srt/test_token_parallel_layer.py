@@ -53,13 +53,13 @@ def test_layer_token_parallel_four_ranks(reference):
 
 
 def test_nsa_tp_run_shows_the_split_column():
-    """`nsa-tp run --core token_parallel_on` runs the token-parallel core and reports what it split."""
+    """`nsa-tp run --nsa-token-parallel on` runs the token-parallel core and reports what it split."""
     import json
     import subprocess
     import sys
 
     cmd = [sys.executable, "-m", "nsa_tp", "run", "--heads", "32", "--hidden-size", "256", "--prompt-len", "40",
-           "--decode-steps", "1", "--tp", "2", "--core", "token_parallel_on"]
+           "--decode-steps", "1", "--tp", "2", "--nsa-token-parallel", "on"]  # = --core token_parallel_on
     out = subprocess.run(cmd + ["--json"], capture_output=True, text=True, timeout=300)
     assert out.returncode == 0, out.stderr
     rows = json.loads(out.stdout)["rows"]
