@@ -244,12 +244,7 @@ def run_case(ctx: RankContext | None, case: RunCase, weights: LayerWeights | Non
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(device)
     if weights is None:
-        if case.weights_path:
-            from nsa_tp.model.weights import load_layer_weights
-
-            weights = load_layer_weights(case.weights_path, case.layer_index, case.cfg)
-        else:
-            weights = random_weights(case.cfg, case.seed)
+        weights = _case_weights(case, {})
     rank = _Rank(case, groups, device, weights)
     reqs = case.requests
     every = range(len(reqs))
@@ -272,7 +267,24 @@ def run_case(ctx: RankContext | None, case: RunCase, weights: LayerWeights | Non
     )
 
 
-def time_layer_prefill(ctx: RankContext | None, case: RunCase, warmup: int = 2, iters: int = 5) -> dict[str, Any]:
+def _case_weights(case: RunCase, memo: dict[tuple[Any, ...], LayerWeights]) -> LayerWeights:
+    """The case's whole-layer weights, drawn or loaded once per process for cases that share them (at real
+    dims a draw is ~200M values: seconds of CPU per case otherwise)."""
+    key = (case.cfg, case.seed, case.weights_path, case.layer_index)
+    if key not in memo:
+        memo.clear()  # keep one set: they are large
+        if case.weights_path:
+            from nsa_tp.model.weights import load_layer_weights
+
+            memo[key] = load_layer_weights(case.weights_path, case.layer_index, case.cfg)
+        else:
+            memo[key] = random_weights(case.cfg, case.seed)
+    return memo[key]
+
+
+def time_layer_prefill(
+    ctx: RankContext | None, case: RunCase, warmup: int = 2, iters: int = 5, weights: LayerWeights | None = None
+) -> dict[str, Any]:
     """Latency of the attention layer alone (projections, indexer, sparse MLA, o_proj, the attention-TP
     all-reduce) for the case's prefill on this rank: the batch and its metadata are built once, then
     ``layer.forward`` is timed ``iters`` times after ``warmup`` runs (CUDA events on GPUs, wall clock on CPU).
@@ -283,7 +295,7 @@ def time_layer_prefill(ctx: RankContext | None, case: RunCase, warmup: int = 2, 
     """
     device = ctx.device if ctx is not None else _default_device()
     groups = build_groups(case.layout())
-    rank = _Rank(case, groups, device, random_weights(case.cfg, case.seed))
+    rank = _Rank(case, groups, device, weights if weights is not None else _case_weights(case, {}))
     reqs = case.requests
     if any(r.prefix_len for r in reqs):
         rank.forward({i: (0, reqs[i].prefix_len) for i in range(len(reqs))}, is_decode=False)
@@ -322,17 +334,19 @@ def time_layer_prefill(ctx: RankContext | None, case: RunCase, warmup: int = 2, 
 
 def time_cases(ctx: RankContext, cases: Sequence[RunCase], warmup: int, iters: int) -> list[dict[str, Any]]:
     """Rank body for benchmarks: :func:`time_layer_prefill` of every case, in order (pass to ``launch``)."""
-    return [time_layer_prefill(ctx, c, warmup, iters) for c in cases]
+    memo: dict[tuple[Any, ...], LayerWeights] = {}
+    return [time_layer_prefill(ctx, c, warmup, iters, _case_weights(c, memo)) for c in cases]
 
 
 def _run_cases(ctx: RankContext, cases: Sequence[RunCase]) -> list[CaseResult | None]:
     """Rank body of :func:`run_layouts`: every case whose layout fits the world, group state torn down between."""
     out: list[CaseResult | None] = []
+    memo: dict[tuple[Any, ...], LayerWeights] = {}
     for case in cases:
         if case.layout().world_size != ctx.world_size:
             out.append(None)
             continue
-        res = run_case(ctx, case)
+        res = run_case(ctx, case, _case_weights(case, memo))
         # Ranks other than 0 return timings only: rank 0's outputs are every request's (after the gather).
         if ctx.rank != 0:
             res.prefill, res.decode = {}, []
