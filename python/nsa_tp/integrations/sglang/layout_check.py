@@ -49,8 +49,9 @@ def check_layout(server_args: Any, num_attention_heads: int, *, sm_major: int | 
     except LayoutError as e:
         logger.error("invalid parallel layout for this DSA/NSA model: %s", e)
         raise
+    key = f"layout-{tp}-{dp}-{dp_attn}-{num_attention_heads}"  # once per layout per process
     log_once(
-        "layout",
+        key,
         "layout: mode=%s tp=%d dp=%d attn_tp_size=%d heads_per_rank=%d",
         layout.mode,
         layout.tp_size,
@@ -59,7 +60,7 @@ def check_layout(server_args: Any, num_attention_heads: int, *, sm_major: int | 
         layout.heads_per_rank,
     )
     for i, warning in enumerate(layout.warnings):
-        log_once(f"layout-warning-{i}", "%s", warning)
+        log_once(f"{key}-warning-{i}", "%s", warning)
     return layout
 
 
