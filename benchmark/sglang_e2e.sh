@@ -1,0 +1,61 @@
+#!/usr/bin/env bash
+# Real SGLang 0.5.17 on a GPU machine, with nsa-tp's plugin on and off, one-layer DeepSeek-V3.2 (dummy
+# weights). Runs on the device, from the repo root, after ../shared/sglang-on-device's three unpack calls:
+#
+#   bash benchmark/sglang_e2e.sh on:tp2 off:tp2 on:dp2 off:dp2      (any subset; each one server start)
+#
+#   on|off : NSA_TP_SGLANG_PLUGIN=1|0 for that server (the plugin is installed either way)
+#   tp2    : --tp 2          dp2 : --tp 2 --dp 2 --enable-dp-attention   (and device.sh's other modes)
+#
+# What it does: makes our package importable and its `sglang.srt.plugins` entry point visible in every
+# SGLang process (a dist-info in /tmp/site, which device.sh puts on PYTHONPATH, and python/ on PYTHONPATH),
+# runs device.sh with our client (TTFT + greedy tokens; benchmark/sglang_e2e_client.py) per run, and
+# keeps under $OUT/<on|off>/: e2e_<mode>.json, server_<mode>.log and proof_<mode>.txt (every nsa-tp log
+# line plus upstream's DSA TP line). Merge several calls' $OUT with benchmark/sglang_e2e_summary.py.
+# Env: E2E_LENS (default 2048,8192,32768), E2E_TIMEOUT (server start, s), SGL_EXTRA, NSA_TP_SGLANG_BACKEND.
+set -u
+repo=$(pwd)
+[ -f "$repo/benchmark/sglang_e2e_client.py" ] || { echo "run from the nsa-tp repo root" >&2; exit 2; }
+[ -f "$repo/.sgl/bin/device.sh" ] || { echo "missing .sgl/bin (bash ../shared/sglang-on-device/prepare.sh, carry .sgl/bin)" >&2; exit 2; }
+[ $# -gt 0 ] || set -- on:tp2 off:tp2 on:dp2 off:dp2
+S=/tmp/site
+OUT=${OUT:-/tmp/out}
+mkdir -p "$S" "$OUT"
+
+# Our package: python/ on PYTHONPATH (device.sh keeps it after /tmp/site) and a dist-info that declares the
+# entry point, so importlib.metadata finds it in the launcher and in every spawned scheduler.
+version=$(sed -n 's/^version = "\(.*\)"/\1/p' pyproject.toml | head -1)
+rm -rf "$S"/nsa_tp-*.dist-info
+di="$S/nsa_tp-$version.dist-info"
+mkdir -p "$di"
+printf 'Metadata-Version: 2.1\nName: nsa-tp\nVersion: %s\n' "$version" > "$di/METADATA"
+printf 'nsa_tp\n' > "$di/top_level.txt"
+sed -n '/^\[project.entry-points."sglang.srt.plugins"\]/,/^$/p' pyproject.toml \
+  | sed 's/^\[project.entry-points."sglang.srt.plugins"\]/[sglang.srt.plugins]/; s/ = "/ = /; s/"$//' > "$di/entry_points.txt"
+export PYTHONPATH="$repo/python${PYTHONPATH:+:$PYTHONPATH}"
+PYTHONPATH="$S:$PYTHONPATH" python3 - <<'EOF' 2>&1 | tee "$OUT/plugin_install.txt"
+from importlib.metadata import entry_points, version
+eps = [ep for ep in entry_points(group="sglang.srt.plugins") if ep.name == "nsa_tp"]
+assert eps, "nsa_tp entry point not visible"
+import nsa_tp.ops as ops, torch
+print("entry point:", eps[0].value, "| sglang", version("sglang"), "| torch", torch.__version__,
+      "| gpu", torch.cuda.get_device_name(0) if torch.cuda.is_available() else None)
+EOF
+
+# device.sh runs "$(dirname $0)/client.py": a private copy of .sgl/bin with our client in its place.
+bin=$(mktemp -d /tmp/sglbin.XXXX)
+cp "$repo"/.sgl/bin/* "$bin/"
+cp "$repo/benchmark/sglang_e2e_client.py" "$bin/client.py"
+
+for run in "$@"; do
+  state=${run%%:*}; mode=${run#*:}
+  case $state in on) flag=1 ;; off) flag=0 ;; *) echo "bad run '$run' (want on:MODE or off:MODE)"; continue ;; esac
+  dir="$OUT/$state"; mkdir -p "$dir"
+  echo "=== $run (NSA_TP_SGLANG_PLUGIN=$flag) $(date -u +%H:%M:%S)"
+  NSA_TP_SGLANG_PLUGIN=$flag OUT="$dir" bash "$bin/device.sh" run "$mode"
+  grep -E "\[nsa-tp pid=|DSA with TP mode|Traceback|Error" "$dir/server_$mode.log" > "$dir/proof_$mode.txt" 2>/dev/null
+  echo "--- $run: $(grep -c 'role=scheduler' "$dir/proof_$mode.txt") scheduler(s) loaded the plugin, " \
+       "$(grep -c 'sparse-MLA path active' "$dir/proof_$mode.txt") path-active line(s)"
+  head -20 "$dir/proof_$mode.txt"
+done
+rm -rf "$bin"
