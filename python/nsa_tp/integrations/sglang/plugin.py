@@ -16,6 +16,7 @@ Nothing here raises: an unsupported SGLang or a missing target gives one log lin
 from __future__ import annotations
 
 import dataclasses
+import importlib
 import os
 import pkgutil
 from collections.abc import Callable
@@ -44,10 +45,22 @@ class HookSpec:
 def _resolves(target: str) -> str | None:
     """None if ``target`` names an attribute SGLang has here, else why not (one line, no trace)."""
     owner, _, attr = target.rpartition(".")
+    parts = owner.split(".")
+    # Import the longest module prefix first: pkgutil.resolve_name would hide a failing import behind
+    # "module has no attribute", and the real error is what the log line must say.
+    for i in range(len(parts), 0, -1):
+        try:
+            importlib.import_module(".".join(parts[:i]))
+            break
+        except ModuleNotFoundError as e:
+            if e.name != ".".join(parts[:i]):  # the module exists but one of its imports is missing
+                return f"cannot import {'.'.join(parts[:i])}: {type(e).__name__}: {e}"
+        except Exception as e:  # noqa: BLE001 - any import failure means "cannot hook here"; say which
+            return f"cannot import {'.'.join(parts[:i])}: {type(e).__name__}: {e}"
     try:
         obj = pkgutil.resolve_name(owner)
-    except Exception as e:  # noqa: BLE001 - any import failure means "cannot hook here"; say which
-        return f"cannot import {owner}: {type(e).__name__}: {e}"
+    except Exception as e:  # noqa: BLE001
+        return f"cannot resolve {owner}: {type(e).__name__}: {e}"
     if not hasattr(obj, attr):
         return f"{owner} has no attribute {attr}"
     return None
@@ -58,12 +71,15 @@ def hook_specs(role: str) -> tuple[list[HookSpec], list[str]]:
     specs: list[HookSpec] = []
     skipped: list[str] = []
     specs.append(HookSpec("sglang.srt.server_args.ServerArgs.add_cli_args", cli_flag.after_add_cli_args, "AFTER"))
+    reasons = []
     for target in _compat.LAYOUT_TARGETS:
-        if _resolves(target) is None:
+        reason = _resolves(target)
+        if reason is None:
             specs.append(HookSpec(target, layout_check.around_model_specific_adjustments, "AROUND"))
             break
+        reasons.append(f"{target}: {reason}")
     else:
-        skipped.append("layout check: none of " + ", ".join(_compat.LAYOUT_TARGETS) + " exists in this SGLang")
+        skipped.append("layout check: " + "; ".join(reasons))
     if role in MODEL_ROLES:
         for method, hook in (
             ("_forward_flashmla_sparse", attention_hooks.around_flashmla_sparse),
