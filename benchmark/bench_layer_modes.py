@@ -91,7 +91,7 @@ def _plot(doc: dict[str, Any], path: Path) -> str | None:
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--world", type=int, default=None, help="ranks (default: the visible GPUs)")
-    p.add_argument("--tokens", type=_ints, default=[8192, 32768])
+    p.add_argument("--tokens", type=_ints, default=None, help="prefill lengths (default 8192,32768; smoke: 128)")
     p.add_argument("--warmup", type=int, default=2)
     p.add_argument("--iters", type=int, default=5)
     p.add_argument("--kv-cache-dtype", default="bfloat16", choices=("bfloat16", "fp8_e4m3"))
@@ -111,6 +111,8 @@ def main(argv: list[str] | None = None) -> int:
     if args.smoke:
         cfg = cfg.replace(hidden_size=256, q_lora_rank=128, num_attention_heads=32, index_topk=64)
         world = args.world or 2
+    if args.tokens is None:
+        args.tokens = [128] if args.smoke else [8192, 32768]
     cases = [
         RunCase(tp=tp, dp=dp, enable_dp_attention=dpa, cfg=cfg, requests=(Request(0, t),), decode_steps=0,
                 kv_cache_dtype=args.kv_cache_dtype, backend=args.backend, seed=0)
