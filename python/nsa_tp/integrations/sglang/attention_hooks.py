@@ -103,9 +103,25 @@ def _cut_at_topk_length(indices: torch.Tensor, topk_length: torch.Tensor | None)
     key = (indices.shape[1], indices.device)
     cols = _columns.get(key)
     if cols is None:
-        with _columns_lock:
-            cols = _columns.setdefault(key, torch.arange(indices.shape[1], device=indices.device, dtype=torch.int32))
+        cols = torch.arange(indices.shape[1], device=indices.device, dtype=torch.int32)
+        # Never cache a tensor made during CUDA graph capture: it lives in the graph's private pool,
+        # which later replays may reuse. A captured arange simply runs again at each replay.
+        if not _capturing(indices.device):
+            with _columns_lock:
+                cols = _columns.setdefault(key, cols)
     return torch.where(cols[None, :] < topk_length[:, None], indices, indices.new_full((), -1))
+
+
+def _capturing(device: torch.device) -> bool:
+    return device.type == "cuda" and torch.cuda.is_current_stream_capturing()
+
+
+def _tiers(op: str, *args: Any) -> object:
+    """Which tiers would run ``op`` here, for the one-time log line; not probed under CUDA graph capture
+    (a tier's probe may query the device, which capture forbids)."""
+    if _capturing(args[0].device):
+        return "(not probed during CUDA graph capture)"
+    return ops.explain(op, *args)
 
 
 def _fallback(name: str, reason: str) -> None:
@@ -152,7 +168,7 @@ def around_flashmla_sparse(
             tuple(kv_cache.shape),
             kv_cache.dtype,
             backend_name,
-            ops.explain("sparse_mla_fwd", q_all, kv_cache, indices, sm_scale, v_head_dim),
+            _tiers("sparse_mla_fwd", q_all, kv_cache, indices, sm_scale, v_head_dim),
         )
     out, _max_logits, _lse = ops.sparse_mla_fwd(q_all, kv_cache, indices, sm_scale, v_head_dim, backend=backend_name)
     return out
@@ -202,7 +218,7 @@ def around_flashmla_kv(
             tuple(pages.shape),
             pages.dtype,
             backend_name,
-            ops.explain("sparse_mla_decode", q, pages, indices, sm_scale, v_head_dim),
+            _tiers("sparse_mla_decode", q, pages, indices, sm_scale, v_head_dim),
         )
     out, _lse = ops.sparse_mla_decode(q, pages, indices, sm_scale, v_head_dim, backend=backend_name)
     return out.unsqueeze(1)  # [B, H, 512] -> [B, 1, H, 512]
