@@ -27,6 +27,8 @@ def _define_missing_schemas() -> None:
     global _library
     import torch
 
+    if torch.version.cuda is not None:  # a CUDA torch loads torchvision's own kernels: nothing to do
+        return
     for name, schema in _SCHEMAS.items():
         if torch._C._dispatch_has_kernel(f"torchvision::{name}") or _exists(f"torchvision::{name}"):
             continue
