@@ -134,6 +134,34 @@ def test_switched_off_hooks_call_upstream(monkeypatch):
     assert out == "upstream"
 
 
+def test_process_role_from_the_caller_of_load_plugins():
+    def run_scheduler_process():  # named as SGLang's function that calls load_plugins() in a scheduler
+        return plugin_log.process_role()
+
+    def run_detokenizer_process():
+        return run_scheduler_process_inner()
+
+    def run_scheduler_process_inner():
+        return plugin_log.process_role()
+
+    assert run_scheduler_process() == "scheduler"
+    assert run_detokenizer_process() == "detokenizer"  # the nearest SGLang frame up the stack names it
+    assert plugin_log.process_role() == "launcher"  # pytest's own process: no parent, no SGLang frame
+
+
+def test_register_is_quiet_outside_the_supported_range(monkeypatch):
+    from nsa_tp.integrations.sglang import plugin
+
+    monkeypatch.setattr(plugin, "installed_sglang_version", lambda: "0.5.30")
+    lines = _Lines()
+    plugin_logger.addHandler(lines)
+    try:
+        assert plugin.register(role="scheduler") == []
+    finally:
+        plugin_logger.removeHandler(lines)
+    assert len(lines.lines) == 1 and "SGLang 0.5.30 is outside the range" in lines.lines[0], lines.lines
+
+
 def test_entry_point_is_declared():
     eps = [ep for ep in entry_points(group="sglang.srt.plugins") if ep.name == "nsa_tp"]
     assert len(eps) == 1, "reinstall nsa-tp (pip install -e .) so the sglang.srt.plugins entry point exists"
