@@ -12,7 +12,8 @@
 # runs device.sh with our client (TTFT + greedy tokens; benchmark/sglang_e2e_client.py) per run, and
 # keeps under $OUT/<on|off>/: e2e_<mode>.json, server_<mode>.log and proof_<mode>.txt (every nsa-tp log
 # line plus upstream's DSA TP line). Merge several calls' $OUT with benchmark/sglang_e2e_summary.py.
-# Env: E2E_LENS (default 2048,8192,32768), E2E_TIMEOUT (server start, s), SGL_EXTRA, NSA_TP_SGLANG_BACKEND.
+# Env: E2E_LENS (default 2048,8192,32768), E2E_TIMEOUT (server start, s), SGL_EXTRA, NSA_TP_SGLANG_BACKEND,
+# PORT_BASE (default 30000; give concurrent instances on disjoint CUDA_VISIBLE_DEVICES their own base).
 set -u
 repo=$(pwd)
 [ -f "$repo/benchmark/sglang_e2e_client.py" ] || { echo "run from the nsa-tp repo root" >&2; exit 2; }
@@ -23,15 +24,27 @@ OUT=${OUT:-/tmp/out}
 mkdir -p "$S" "$OUT"
 
 # Our package: python/ on PYTHONPATH (device.sh keeps it after /tmp/site) and a dist-info that declares the
-# entry point, so importlib.metadata finds it in the launcher and in every spawned scheduler.
+# entry point, so importlib.metadata finds it in the launcher and in every spawned scheduler. Two instances
+# may start side by side (one per GPU pair): the lock keeps them from rewriting /tmp/site at the same time.
 version=$(sed -n 's/^version = "\(.*\)"/\1/p' pyproject.toml | head -1)
-rm -rf "$S"/nsa_tp-*.dist-info
+(
+flock 9
+if ls "$repo"/.wheels/sgl_flash_mla-*.whl >/dev/null 2>&1 && [ ! -d "$S/flash_mla" ]; then
+  # The FlashMLA tier's wheel (carried as .wheels/), beside SGLang's own kernels.
+  python3 -m pip install -q --no-index --no-deps --target "$S" "$repo"/.wheels/sgl_flash_mla-*.whl
+fi
 di="$S/nsa_tp-$version.dist-info"
-mkdir -p "$di"
-printf 'Metadata-Version: 2.1\nName: nsa-tp\nVersion: %s\n' "$version" > "$di/METADATA"
-printf 'nsa_tp\n' > "$di/top_level.txt"
-sed -n '/^\[project.entry-points."sglang.srt.plugins"\]/,/^$/p' pyproject.toml \
-  | sed 's/^\[project.entry-points."sglang.srt.plugins"\]/[sglang.srt.plugins]/; s/ = "/ = /; s/"$//' > "$di/entry_points.txt"
+if [ ! -d "$di" ]; then
+  rm -rf "$S"/nsa_tp-*.dist-info
+  mkdir -p "$di.tmp"
+  printf 'Metadata-Version: 2.1\nName: nsa-tp\nVersion: %s\n' "$version" > "$di.tmp/METADATA"
+  printf 'nsa_tp\n' > "$di.tmp/top_level.txt"
+  sed -n '/^\[project.entry-points."sglang.srt.plugins"\]/,/^$/p' pyproject.toml \
+    | sed 's/^\[project.entry-points."sglang.srt.plugins"\]/[sglang.srt.plugins]/; s/ = "/ = /; s/"$//' \
+    > "$di.tmp/entry_points.txt"
+  mv "$di.tmp" "$di"
+fi
+) 9>/tmp/nsa_tp_e2e.lock
 export PYTHONPATH="$repo/python${PYTHONPATH:+:$PYTHONPATH}"
 PYTHONPATH="$S:$PYTHONPATH" python3 - <<'EOF' 2>&1 | tee "$OUT/plugin_install.txt"
 from importlib.metadata import entry_points, version
@@ -40,12 +53,15 @@ assert eps, "nsa_tp entry point not visible"
 import nsa_tp.ops as ops, torch
 print("entry point:", eps[0].value, "| sglang", version("sglang"), "| torch", torch.__version__,
       "| gpu", torch.cuda.get_device_name(0) if torch.cuda.is_available() else None)
+print("ops tiers:", {name: ("ok" if not isinstance(ops.registry._load(name), str) else ops.registry._load(name))
+                     for name in ops.tier_names()})
 EOF
 
 # device.sh runs "$(dirname $0)/client.py": a private copy of .sgl/bin with our client in its place.
 bin=$(mktemp -d /tmp/sglbin.XXXX)
 cp "$repo"/.sgl/bin/* "$bin/"
 cp "$repo/benchmark/sglang_e2e_client.py" "$bin/client.py"
+sed -i "s/^port=30000;/port=${PORT_BASE:-30000};/" "$bin/device.sh"
 
 for run in "$@"; do
   state=${run%%:*}; mode=${run#*:}
