@@ -252,26 +252,26 @@ class TokenParallelCosts:
         return cls(**{k: v for k, v in d.items() if k in names})  # type: ignore[arg-type]
 
 
-# H100 SXM. The sparse-core numbers are measured: the FlashMLA tier (sgl-flash-mla 1.0.0, what `auto`
-# ran before the Triton tier existed) at T=4096, N=32768, K=2048 on 2026-11-27
-# (benchmark/results/flashmla_padding_h100.json: 4.41 / 2.29 / 2.39 / 2.33 ms at 128 / 64 / 32 / 16 heads,
-# 16 and 32 padded to 64), divided by 4096 tokens. The others are estimates until
-# `benchmark/bench_token_parallel.py` runs on the device and its "costs" block replaces them: indexer
-# 16384 FLOP per row-key at ~700 fp8 TFLOP/s plus 8 bytes of fp32 logits traffic at ~3 TB/s; all-to-all
-# ~30 us + ~300 GB/s per rank over NVLink (450 GB/s a direction); paged decode logits ~132 bytes a key
-# at ~2.5 TB/s; a small NCCL all-gather ~25 us.
+# Measured on 4x H200 (one host, NVLink) on 2026-11-27 by `benchmark/bench_token_parallel.py --world 4`
+# (benchmark/results/token_parallel_h200x4_20261127.json, its "costs" block): indexer and sparse core on one
+# GPU at the largest prefill, all-to-all latency/bandwidth and the decode indexer in the group, without CUDA
+# graphs (eager timings, what a prefill sees). The 64-head sparse entry is the FlashMLA tier at T=4096,
+# N=32768, K=2048 on H200 (benchmark/results/flashmla_padding_h200.json: 2.16 ms / 4096 tokens), since the
+# token-parallel run measured 16, 32 and 128 heads only. The decode numbers make key sharding lose at every
+# context on 2-4 GPUs: the batch-1 indexer is launch-bound (1.1-1.2 ms eager, 0.09-0.12 ms in a graph) and
+# the candidate gather + merge alone costs ~0.9 ms, so `auto` keeps the replicated indexer for decode.
 DEFAULT_COSTS = TokenParallelCosts(
-    card="NVIDIA H100 80GB HBM3",
+    card="NVIDIA H200",
     date="2026-11-27",
-    source="sparse: measured (benchmark/results/flashmla_padding_h100.json, FlashMLA tier); indexer, "
-           "all-to-all, decode indexer, gather: estimates (see the comment above DEFAULT_COSTS)",
-    indexer_ns_per_row_key=0.026,
-    sparse_ns_per_token=((16, 569.3), (32, 582.9), (64, 558.1), (128, 1076.6)),
-    a2a_latency_us=30.0,
-    a2a_gbytes_per_s=300.0,
-    decode_indexer_ns_per_key=0.06,
-    decode_indexer_fixed_us=40.0,
-    gather_merge_us=35.0,
+    source="measured: benchmark/results/token_parallel_h200x4_20261127.json (costs block); 64-head sparse "
+           "entry from benchmark/results/flashmla_padding_h200.json",
+    indexer_ns_per_row_key=0.2808,
+    sparse_ns_per_token=((16, 482.0), (32, 503.4), (64, 527.3), (128, 901.1)),
+    a2a_latency_us=242.5,
+    a2a_gbytes_per_s=220.7,
+    decode_indexer_ns_per_key=0.4887,
+    decode_indexer_fixed_us=1142.5,
+    gather_merge_us=914.9,
 )
 
 
