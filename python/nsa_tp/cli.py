@@ -100,7 +100,9 @@ def _plan_main(args: argparse.Namespace) -> int:
     return 0
 
 
-def build_parser() -> argparse.ArgumentParser:
+def build_parser(command: str | None = None) -> argparse.ArgumentParser:
+    """The full parser. Only ``command``'s module is imported (all of them when None): `run` and `bench`
+    pull in torch and the kernels, which `nsa-tp plan` does not need."""
     parser = argparse.ArgumentParser(prog="nsa-tp", description=__doc__.splitlines()[0])
     sub = parser.add_subparsers(dest="command", required=True)
     plan = sub.add_parser("plan", help="resolve and print the NSA parallel layout for SGLang's flags")
@@ -109,20 +111,19 @@ def build_parser() -> argparse.ArgumentParser:
     plan.add_argument("--json", action="store_true", help="print the layout as JSON")
     plan.set_defaults(func=_plan_main)
     for name, (module, help_text) in _SUBCOMMANDS.items():
-        try:
-            mod = importlib.import_module(module)
-        except ModuleNotFoundError as e:
-            if e.name != module:
-                raise
-            continue  # subcommand not built in this checkout
         p = sub.add_parser(name, help=help_text)
+        if command is not None and command != name:
+            continue  # listed in --help; its arguments are only needed when it is the one chosen
+        mod = importlib.import_module(module)
         mod.add_arguments(p)
         p.set_defaults(func=mod.main)
     return parser
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
+    argv = list(sys.argv[1:] if argv is None else argv)
+    chosen = next((a for a in argv if not a.startswith("-")), None)
+    args = build_parser(chosen if chosen in _SUBCOMMANDS or chosen == "plan" else None).parse_args(argv)
     func: Callable[[argparse.Namespace], int] = args.func
     try:
         return func(args)
