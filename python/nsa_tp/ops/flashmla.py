@@ -40,6 +40,7 @@ from typing import Any
 
 import torch
 
+from nsa_tp.ops._contracts import positive_ints_error
 from nsa_tp.ops.capability import Capability, get_capability, import_error
 from nsa_tp.ops.heads import pad_heads, pad_topk, trim_heads
 from nsa_tp.ops.kv_format import D_LATENT, D_QK, FP8_BYTES_PER_TOKEN, is_fp8_kv
@@ -171,9 +172,9 @@ def _fwd_supports(q: Any, kv: Any, indices: Any, sm_scale: Any = None, d_v: int 
 def _plan_supports(
     batch_size: Any, num_heads: Any, topk: Any, *, kv_dtype: Any = None, device: Any = None
 ) -> str | None:
-    for name, value in (("batch_size", batch_size), ("num_heads", num_heads), ("topk", topk)):
-        if not isinstance(value, int) or isinstance(value, bool) or value < 1:
-            return f"{name}: expected a positive int, got {value!r}"
+    error = positive_ints_error(batch_size=batch_size, num_heads=num_heads, topk=topk)
+    if error:
+        return error
     try:
         normalize_kv_dtype(kv_dtype)
         dev = torch.device(device) if device is not None else None

@@ -9,8 +9,14 @@ from __future__ import annotations
 import torch
 
 from nsa_tp.ops._check import check_same_device, check_tensor
+from nsa_tp.ops._contracts import (
+    check_decode_args,
+    check_decode_plan_args,
+    check_mqa_logits_args,
+    check_paged_logits_args,
+)
 from nsa_tp.ops.kv_format import D_QK, is_fp8_kv, unpack_fp8_kv
-from nsa_tp.ops.plan import DecodePlan, kv_cache_dtype_of, normalize_kv_dtype
+from nsa_tp.ops.plan import DecodePlan
 
 __all__ = ["sparse_mla_fwd", "fp8_mqa_logits", "fp8_paged_mqa_logits", "plan_sparse_mla_decode", "sparse_mla_decode"]
 
@@ -104,18 +110,9 @@ def fp8_mqa_logits(
         ``logits [T, N]`` float32 with ``logits[t, j] = sum_h relu(q[t,h] . k[j] * k_scale[j]) * weights[t,h]``
         inside ``[ks[t], ke[t])`` and ``-inf`` elsewhere.
     """
-    check_tensor(q, "q", ndim=3, dtype=torch.float8_e4m3fn)
-    T, H, D = q.shape
-    if not (isinstance(kv, (tuple, list)) and len(kv) == 2):
-        raise ValueError("kv: expected a tuple (k [N, D] float8_e4m3fn, k_scale [N] float32)")
-    k, k_scale = kv
-    check_tensor(k, "kv[0] (k)", shape=(None, D), dtype=torch.float8_e4m3fn)
+    k, k_scale, device = check_mqa_logits_args(q, kv, weights, ks, ke)
+    T, H, _ = q.shape
     N = k.shape[0]
-    check_tensor(k_scale, "kv[1] (k_scale)", shape=(N,), dtype=torch.float32)
-    check_tensor(weights, "weights", shape=(T, H), dtype=torch.float32)
-    check_tensor(ks, "ks", shape=(T,), dtype=torch.int32)
-    check_tensor(ke, "ke", shape=(T,), dtype=torch.int32)
-    device = check_same_device(q=q, k=k, k_scale=k_scale, weights=weights, ks=ks, ke=ke)
 
     k_f = k.float() * k_scale[:, None]  # [N, D]
     cols = torch.arange(N, device=device)
@@ -154,26 +151,15 @@ def fp8_paged_mqa_logits(
         ``j < seq_lens[b]`` (``k_j`` = token ``j`` of request ``b``: page ``page_table[b, j // 64]``,
         offset ``j % 64``), ``-inf`` for ``j >= seq_lens[b]``.
     """
-    from nsa_tp.ops.index_cache import INDEX_HEAD_DIM, INDEX_PAGE_SIZE, _check_cache, gather_index_k_unchecked
+    from nsa_tp.ops.index_cache import INDEX_PAGE_SIZE, _check_cache, gather_index_k_unchecked
 
-    check_tensor(q, "q", ndim=3, dtype=torch.float8_e4m3fn)
-    B, H, D = q.shape
-    if D != INDEX_HEAD_DIM:
-        raise ValueError(f"q: expected head dim {INDEX_HEAD_DIM} (the index-K cache holds 128 values a token), got {D}")
-    _check_cache(index_k_cache)
-    P = index_k_cache.shape[0]
-    check_tensor(weights, "weights", shape=(B, H), dtype=torch.float32)
-    check_tensor(seq_lens, "seq_lens", shape=(B,), dtype=torch.int32)
-    check_tensor(page_table, "page_table", ndim=2, dtype=torch.int32)
-    if page_table.shape[0] != B:
-        raise ValueError(f"page_table: expected {B} rows (one per request), got {tuple(page_table.shape)}")
-    max_pages = page_table.shape[1]
+    # Strictly an int here (the Triton tier coerces with int()); checked first, the shared checks compare it.
     if not isinstance(max_seq_len, int) or isinstance(max_seq_len, bool) or max_seq_len < 0:
         raise ValueError(f"max_seq_len: expected an int >= 0, got {max_seq_len!r}")
-    if max_seq_len > max_pages * INDEX_PAGE_SIZE:
-        raise ValueError(f"max_seq_len: {max_seq_len} exceeds the page table's {max_pages} pages x {INDEX_PAGE_SIZE}")
-    device = check_same_device(q=q, index_k_cache=index_k_cache, weights=weights, seq_lens=seq_lens,
-                               page_table=page_table)
+    device = check_paged_logits_args(q, index_k_cache, weights, seq_lens, page_table, max_seq_len)
+    _check_cache(index_k_cache)  # and row-contiguous storage, which the byte views below rely on
+    B, H, D = q.shape
+    P, max_pages = index_k_cache.shape[0], page_table.shape[1]
     if B and bool(((seq_lens < 0) | (seq_lens > max_seq_len)).any()):
         raise ValueError(f"seq_lens: expected 0 <= seq_lens[b] <= max_seq_len ({max_seq_len})")
     used = torch.arange(max_pages, device=device)[None, :] * INDEX_PAGE_SIZE < seq_lens[:, None]
@@ -208,17 +194,9 @@ def plan_sparse_mla_decode(
     device: torch.device | str,
 ) -> DecodePlan:
     """The reference tier's decode plan: validates the batch shape, holds no data (``data=None``)."""
-    for name, value in (("batch_size", batch_size), ("num_heads", num_heads), ("topk", topk)):
-        if not isinstance(value, int) or isinstance(value, bool) or value < 1:
-            raise ValueError(f"{name}: expected a positive int, got {value!r}")
+    kind, dev = check_decode_plan_args(batch_size, num_heads, topk, kv_dtype, device)
     return DecodePlan(
-        tier="reference",
-        batch_size=batch_size,
-        num_heads=num_heads,
-        topk=topk,
-        kv_dtype=normalize_kv_dtype(kv_dtype),
-        device=torch.device(device),
-        data=None,
+        tier="reference", batch_size=batch_size, num_heads=num_heads, topk=topk, kv_dtype=kind, device=dev, data=None
     )
 
 
@@ -245,15 +223,7 @@ def sparse_mla_decode(
         ``(out [B, H, d_v] bfloat16, lse [B, H] float32)`` — exactly :func:`sparse_mla_fwd` on the cache
         flattened to ``[num_pages * 64, 1, D]``; an empty row gives out = 0, lse = -inf.
     """
-    check_tensor(kv_cache, "kv_cache", ndim=4)
-    if kv_cache.shape[1] != 64 or kv_cache.shape[2] != 1:
-        raise ValueError(
-            "kv_cache: expected [num_pages, 64, 1, 576 | 656] (page size 64, one latent head), "
-            f"got {tuple(kv_cache.shape)}"
-        )
-    kv_cache_dtype_of(kv_cache)  # raises on a format that is neither bf16 nor the fp8 656-byte one
-    check_tensor(q, "q", ndim=3, dtype=torch.bfloat16)
-    check_tensor(indices, "indices", ndim=3, dtype=torch.int32)
+    check_decode_args(q, kv_cache, indices)
     if plan is not None:
         if not isinstance(plan, DecodePlan):
             raise ValueError(f"plan: expected a DecodePlan from plan_sparse_mla_decode, got {type(plan).__name__}")

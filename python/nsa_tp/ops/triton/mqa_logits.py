@@ -21,7 +21,7 @@ import torch
 import triton
 import triton.language as tl
 
-from nsa_tp.ops._check import check_same_device, check_tensor
+from nsa_tp.ops._contracts import check_mqa_logits_args
 from nsa_tp.ops.triton import _common
 from nsa_tp.ops.triton._common import cdiv
 
@@ -118,18 +118,9 @@ def fp8_mqa_logits(
 
     Semantics: :func:`nsa_tp.ops.reference.fp8_mqa_logits`.
     """
-    check_tensor(q, "q", ndim=3, dtype=torch.float8_e4m3fn)
+    k, k_scale, _ = check_mqa_logits_args(q, kv, weights, ks, ke)
     T, H, D = q.shape
-    if not (isinstance(kv, (tuple, list)) and len(kv) == 2):
-        raise ValueError("kv: expected a tuple (k [N, D] float8_e4m3fn, k_scale [N] float32)")
-    k, k_scale = kv
-    check_tensor(k, "kv[0] (k)", shape=(None, D), dtype=torch.float8_e4m3fn)
     N = k.shape[0]
-    check_tensor(k_scale, "kv[1] (k_scale)", shape=(N,), dtype=torch.float32)
-    check_tensor(weights, "weights", shape=(T, H), dtype=torch.float32)
-    check_tensor(ks, "ks", shape=(T,), dtype=torch.int32)
-    check_tensor(ke, "ke", shape=(T,), dtype=torch.int32)
-    check_same_device(q=q, k=k, k_scale=k_scale, weights=weights, ks=ks, ke=ke)
     if q.stride(2) != 1 or k.stride(1) != 1 or weights.stride(1) != 1:
         raise ValueError("q, kv[0], weights: expected the last dim contiguous")
     k_scale, ks, ke = k_scale.contiguous(), ks.contiguous(), ke.contiguous()

@@ -21,7 +21,7 @@ import torch
 import triton
 import triton.language as tl
 
-from nsa_tp.ops._check import check_same_device, check_tensor
+from nsa_tp.ops._contracts import check_paged_logits_args
 from nsa_tp.ops.triton import _common
 from nsa_tp.ops.triton._common import cdiv
 from nsa_tp.ops.triton.mqa_logits import weighted_relu_sum
@@ -95,24 +95,11 @@ def fp8_paged_mqa_logits(
 
     Semantics: :func:`nsa_tp.ops.reference.fp8_paged_mqa_logits`.
     """
-    check_tensor(q, "q", ndim=3, dtype=torch.float8_e4m3fn)
-    B, H, D = q.shape
-    if D != INDEX_DIM:
-        raise ValueError(f"q: expected index head dim {INDEX_DIM}, got {D}")
-    check_tensor(index_k_cache, "index_k_cache", shape=(None, PAGE_BYTES), dtype=torch.uint8)
-    check_tensor(weights, "weights", shape=(B, H), dtype=torch.float32)
-    check_tensor(seq_lens, "seq_lens", shape=(B,), dtype=torch.int32)
-    check_tensor(page_table, "page_table", ndim=2, dtype=torch.int32)
-    if page_table.shape[0] != B:
-        raise ValueError(f"page_table: expected shape [{B}, max_pages], got {tuple(page_table.shape)}")
-    check_same_device(q=q, index_k_cache=index_k_cache, weights=weights, seq_lens=seq_lens, page_table=page_table)
     max_seq_len = int(max_seq_len)
     if max_seq_len < 0:
         raise ValueError(f"max_seq_len: expected >= 0, got {max_seq_len}")
-    if max_seq_len > page_table.shape[1] * PAGE_SIZE:
-        raise ValueError(
-            f"max_seq_len: {max_seq_len} exceeds the page table's {page_table.shape[1]} pages x {PAGE_SIZE}"
-        )
+    check_paged_logits_args(q, index_k_cache, weights, seq_lens, page_table, max_seq_len)
+    B, H, _ = q.shape
     if q.stride(2) != 1 or weights.stride(1) != 1 or page_table.stride(1) != 1:
         raise ValueError("q, weights, page_table: expected the last dim contiguous")
     if not index_k_cache.is_contiguous():

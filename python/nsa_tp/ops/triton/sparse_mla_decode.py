@@ -14,14 +14,12 @@ import dataclasses
 
 import torch
 
-from nsa_tp.ops._check import check_tensor
-from nsa_tp.ops.plan import DecodePlan, kv_cache_dtype_of, normalize_kv_dtype
+from nsa_tp.ops._contracts import check_decode_args, check_decode_plan_args
+from nsa_tp.ops.plan import DecodePlan
 from nsa_tp.ops.triton._common import num_sms
 from nsa_tp.ops.triton.sparse_mla import SparseMLAConfig, choose_num_splits, default_config, sparse_mla_fwd_split
 
 __all__ = ["TritonDecodeData", "plan_sparse_mla_decode", "sparse_mla_decode"]
-
-_PAGE_SIZE = 64
 
 
 @dataclasses.dataclass(frozen=True)
@@ -41,11 +39,7 @@ def plan_sparse_mla_decode(
     device: torch.device | str,
 ) -> DecodePlan:
     """A :class:`DecodePlan` with ``tier="triton"``; ``data`` is a :class:`TritonDecodeData`."""
-    for name, value in (("batch_size", batch_size), ("num_heads", num_heads), ("topk", topk)):
-        if not isinstance(value, int) or isinstance(value, bool) or value < 1:
-            raise ValueError(f"{name}: expected a positive int, got {value!r}")
-    kind = normalize_kv_dtype(kv_dtype)
-    dev = torch.device(device)
+    kind, dev = check_decode_plan_args(batch_size, num_heads, topk, kv_dtype, device)
     cfg = default_config(num_heads, kind == "fp8_e4m3")
     splits = choose_num_splits(batch_size, num_heads, topk, cfg, num_sms(dev))
     return DecodePlan(
@@ -79,17 +73,9 @@ def sparse_mla_decode(
 
     An empty row gives out = 0, lse = -inf. Semantics: :func:`nsa_tp.ops.reference.sparse_mla_decode`.
     """
-    check_tensor(kv_cache, "kv_cache", ndim=4)
-    if kv_cache.shape[1] != _PAGE_SIZE or kv_cache.shape[2] != 1:
-        raise ValueError(
-            "kv_cache: expected [num_pages, 64, 1, 576 | 656] (page size 64, one latent head), "
-            f"got {tuple(kv_cache.shape)}"
-        )
-    kind = kv_cache_dtype_of(kv_cache)
+    kind = check_decode_args(q, kv_cache, indices)
     if not kv_cache.is_contiguous():
         raise ValueError("kv_cache: expected a contiguous tensor")
-    check_tensor(q, "q", ndim=3, dtype=torch.bfloat16)
-    check_tensor(indices, "indices", ndim=3, dtype=torch.int32)
     if plan is None:
         plan = plan_sparse_mla_decode(q.shape[0], q.shape[1], indices.shape[-1], kv_dtype=kind, device=q.device)
     elif not isinstance(plan, DecodePlan) or plan.tier != "triton":
