@@ -14,6 +14,7 @@ import torch
 
 from nsa_tp import ops
 from nsa_tp.ops._check import check_same_device, check_tensor
+from nsa_tp.ops.topk import key_positions, order_keys
 
 __all__ = ["local_topk", "merge_topk"]
 
@@ -54,9 +55,6 @@ def local_topk(
     return scores, positions
 
 
-_POS_MASK = (1 << 31) - 1  # positions are < 2^31 (int32)
-
-
 def merge_topk(scores: torch.Tensor, positions: torch.Tensor, topk: int) -> tuple[torch.Tensor, torch.Tensor]:
     """The exact top-``topk`` of every row over all shards' candidates.
 
@@ -76,16 +74,10 @@ def merge_topk(scores: torch.Tensor, positions: torch.Tensor, topk: int) -> tupl
         raise ValueError(f"topk: expected a positive int, got {topk!r}")
     check_same_device(scores=scores, positions=positions)
     W, R, k = scores.shape
-    # + 0.0 turns -0.0 into +0.0: equal scores must get equal keys
     s = scores.permute(1, 0, 2).reshape(R, W * k) + 0.0  # [R, W*k]
     p = positions.permute(1, 0, 2).reshape(R, W * k).long()
     ok = (p >= 0) & (s > float("-inf"))  # False for NaN as well
-    # One int64 key per candidate, ordered like (score descending, position ascending): the float's bits
-    # mapped to an order-preserving unsigned 32-bit value, shifted above the inverted position. Then a
-    # single top-k replaces two stable sorts.
-    bits = s.view(torch.int32).long()  # sign-extended
-    u = torch.where(bits < 0, ~bits, bits | (1 << 31)) & 0xFFFFFFFF
-    key = torch.where(ok, (u << 31) | (_POS_MASK - p.clamp(0, _POS_MASK)), -1)
+    key = order_keys(s, p, ok)  # (score desc, position asc): one top-k replaces two stable sorts
     keep = min(topk, W * k)
     out_p = torch.full((R, topk), -1, dtype=torch.int32, device=scores.device)
     out_s = torch.full((R, topk), float("-inf"), dtype=torch.float32, device=scores.device)
@@ -93,6 +85,6 @@ def merge_topk(scores: torch.Tensor, positions: torch.Tensor, topk: int) -> tupl
         return out_p, out_s
     best, idx = torch.topk(key, keep, dim=1)  # sorted, largest first
     hit = best >= 0
-    out_p[:, :keep] = torch.where(hit, _POS_MASK - (best & _POS_MASK), -1).to(torch.int32)
+    out_p[:, :keep] = key_positions(best).to(torch.int32)
     out_s[:, :keep] = torch.where(hit, torch.gather(s, 1, idx), float("-inf"))
     return out_p, out_s

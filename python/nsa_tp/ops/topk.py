@@ -23,7 +23,7 @@ import torch
 
 from nsa_tp.ops._check import check_same_device, check_tensor
 
-__all__ = ["topk_transform_ragged", "topk_transform_paged", "topk_positions"]
+__all__ = ["topk_transform_ragged", "topk_transform_paged", "topk_positions", "order_keys", "key_positions"]
 
 # Rows per chunk so the sort never holds more than ~16M elements at once.
 _MAX_SORT_ELEMS = 1 << 24
@@ -66,6 +66,27 @@ def topk_positions(
     return _topk_positions(logits, topk, lengths, row_starts)
 
 
+_POS_MASK = (1 << 31) - 1  # positions are < 2^31 (int32)
+
+
+def order_keys(values: torch.Tensor, positions: torch.Tensor, valid: torch.Tensor) -> torch.Tensor:
+    """One int64 key per candidate, ordered like (value descending, position ascending); ``-1`` if invalid.
+
+    The float's bits map to an order-preserving unsigned 32-bit value placed above the inverted 31-bit
+    position, so a single ``torch.topk`` gives the exact, deterministic order that a stable descending sort
+    would (used by the key-sharded merge, whose rows are short). ``values`` float32, ``positions`` int64 in
+    ``[0, 2^31)``; ``-0.0`` and ``+0.0`` get the same key. Decode with :func:`key_positions`.
+    """
+    bits = (values + 0.0).view(torch.int32).long()  # + 0.0: -0.0 -> +0.0; .long() sign-extends
+    u = torch.where(bits < 0, ~bits, bits | (1 << 31)) & 0xFFFFFFFF
+    return torch.where(valid, (u << 31) | (_POS_MASK - positions.clamp(0, _POS_MASK)), -1)
+
+
+def key_positions(keys: torch.Tensor) -> torch.Tensor:
+    """Positions back from :func:`order_keys` keys (``-1`` for invalid keys), int64."""
+    return torch.where(keys >= 0, _POS_MASK - (keys & _POS_MASK), -1)
+
+
 def _topk_positions(
     logits: torch.Tensor, topk: int, lengths: torch.Tensor, row_starts: torch.Tensor | None
 ) -> torch.Tensor:
@@ -85,6 +106,8 @@ def _topk_positions(
         # `> -inf` is False for -inf and NaN: neither is a candidate.
         masked = torch.where(inside & (lg > float("-inf")), lg, torch.full_like(lg, float("-inf")))
         # Stable descending sort: equal logits keep ascending column order, so ties go to the lower id.
+        # (A single torch.topk over order_keys gives the same ids but measured 1.2-1.3x slower on H100 for
+        # K=2048 over 8K-32K columns: benchmark/results/topk_*.json. A fused top-k kernel is the way on.)
         vals, idx = torch.sort(masked, dim=1, descending=True, stable=True)
         vals, idx = vals[:, :keep], idx[:, :keep]
         pos = idx - start
