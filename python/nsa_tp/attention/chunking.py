@@ -22,6 +22,8 @@ from collections.abc import Sequence
 
 import torch
 
+from nsa_tp.ops._check import host_ints
+
 __all__ = [
     "BUDGET_ENV",
     "DEFAULT_FREE_FRACTION",
@@ -44,34 +46,19 @@ CPU_DEFAULT_BUDGET_BYTES = 1 << 30
 RowKeys = Sequence[int] | torch.Tensor | tuple[Sequence[int] | torch.Tensor, Sequence[int] | torch.Tensor]
 
 
-def _host_list(x: Sequence[int] | torch.Tensor, name: str) -> list[int]:
-    if isinstance(x, torch.Tensor):
-        if x.dim() != 1:
-            raise ValueError(f"{name}: expected a 1-D tensor, got shape {tuple(x.shape)}")
-        if x.dtype.is_floating_point or x.dtype == torch.bool:
-            raise ValueError(f"{name}: expected integer values, got dtype {x.dtype}")
-        return [int(v) for v in x.cpu().tolist()]
-    out = []
-    for v in x:
-        if isinstance(v, bool) or not isinstance(v, int):
-            raise ValueError(f"{name}: expected integers, got {v!r}")
-        out.append(v)
-    return out
-
-
 def _ranges(rows: RowKeys) -> tuple[list[int], list[int]]:
     """``(starts, ends)`` per row: ``(ks, ke)`` as given, or ``(0, count)`` for key counts."""
     if isinstance(rows, tuple):
         if len(rows) != 2:
             raise ValueError("rows: expected key counts [R] or a pair (ks [R], ke [R])")
-        ks, ke = _host_list(rows[0], "ks"), _host_list(rows[1], "ke")
+        ks, ke = host_ints(rows[0], "ks"), host_ints(rows[1], "ke")
         if len(ks) != len(ke):
             raise ValueError(f"ke: expected {len(ks)} rows like ks, got {len(ke)}")
         for i, (s, e) in enumerate(zip(ks, ke, strict=True)):
             if s < 0 or e < s:
                 raise ValueError(f"ks/ke: row {i} has the key range [{s}, {e}); expected 0 <= ks <= ke")
         return ks, ke
-    counts = _host_list(rows, "row_key_counts")
+    counts = host_ints(rows, "row_key_counts")
     for i, c in enumerate(counts):
         if c < 0:
             raise ValueError(f"row_key_counts: row {i} has {c} keys; expected >= 0")

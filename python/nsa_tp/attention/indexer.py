@@ -36,7 +36,7 @@ import torch.nn.functional as F
 
 from nsa_tp import ops
 from nsa_tp.attention.chunking import chunk_window, plan_logits_chunks
-from nsa_tp.ops._check import check_tensor
+from nsa_tp.ops._check import check_tensor, host_ints
 from nsa_tp.ops.hadamard import hadamard_transform
 from nsa_tp.ops.index_cache import (
     INDEX_HEAD_DIM,
@@ -149,16 +149,6 @@ class DecodeIndexBatch:
         return self.seq_lens.shape[0]
 
 
-def _host_ints(values: Sequence[int] | torch.Tensor, name: str) -> list[int]:
-    if isinstance(values, torch.Tensor):
-        check_tensor(values, name, ndim=1, dtype=(torch.int32, torch.int64))
-        return [int(v) for v in values.cpu().tolist()]
-    out = list(values)
-    if any(isinstance(v, bool) or not isinstance(v, int) for v in out):
-        raise ValueError(f"{name}: expected integers, got {out!r}")
-    return out
-
-
 def _check_page_table(page_table: torch.Tensor, seq_lens: list[int], num_pages: int | None) -> list[list[int]]:
     """Host copy of the used part of the table; every used page must be a real page id."""
     check_tensor(page_table, "page_table", ndim=2, dtype=_I32)
@@ -203,7 +193,7 @@ def build_prefill_index_batch(
         q_rows: the new-token rows this rank's indexer scores (token-parallel hook; default all). The
             chunk plan covers only these rows, so the logits memory per rank shrinks with them.
     """
-    seq, pre = _host_ints(seq_lens, "seq_lens"), _host_ints(prefix_lens, "prefix_lens")
+    seq, pre = host_ints(seq_lens, "seq_lens"), host_ints(prefix_lens, "prefix_lens")
     if len(seq) != len(pre):
         raise ValueError(f"prefix_lens: expected {len(seq)} entries like seq_lens, got {len(pre)}")
     for b, (s, p) in enumerate(zip(seq, pre, strict=True)):
@@ -262,7 +252,7 @@ def build_decode_index_batch(
     num_pages: int | None = None,
 ) -> DecodeIndexBatch:
     """Build the decode layout once per batch: ``seq_lens [B]`` include each request's new token."""
-    seq = _host_ints(seq_lens, "seq_lens")
+    seq = host_ints(seq_lens, "seq_lens")
     if any(s < 1 for s in seq):
         raise ValueError(f"seq_lens: every decoding request has at least its new token, got {seq}")
     pages = _check_page_table(page_table, seq, num_pages)

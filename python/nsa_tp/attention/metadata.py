@@ -23,6 +23,7 @@ from nsa_tp.attention.indexer import (
     build_prefill_index_batch,
 )
 from nsa_tp.attention.padding import pad_cache_seqlens
+from nsa_tp.ops._check import host_ints
 from nsa_tp.ops.capability import get_capability
 from nsa_tp.ops.plan import DecodePlan, normalize_kv_dtype
 
@@ -69,17 +70,6 @@ class ForwardMetadata:
     def logits_chunks(self) -> tuple[slice, ...]:
         """The indexer's planned row chunks."""
         return tuple(c.rows for c in self.index.chunks)
-
-
-def _ints(values: Sequence[int] | torch.Tensor, name: str) -> list[int]:
-    if isinstance(values, torch.Tensor):
-        if values.dim() != 1 or values.dtype not in (torch.int32, torch.int64):
-            raise ValueError(f"{name}: expected a 1-D int32/int64 tensor, got {tuple(values.shape)} {values.dtype}")
-        return [int(v) for v in values.cpu().tolist()]
-    out = list(values)
-    if any(isinstance(v, bool) or not isinstance(v, int) for v in out):
-        raise ValueError(f"{name}: expected integers, got {out!r}")
-    return out
 
 
 class ForwardMetadataBuilder:
@@ -170,7 +160,7 @@ class ForwardMetadataBuilder:
         """A ragged prefill (extend) batch: request ``b`` has ``prefix_lens[b]`` cached tokens and
         ``seq_lens[b] - prefix_lens[b]`` new ones; q has ``num_padded`` rows (default: the new tokens).
         ``index_rows``: the token-parallel hook (rows this rank's indexer scores; see the indexer)."""
-        seq, pre = _ints(seq_lens, "seq_lens"), _ints(prefix_lens, "prefix_lens")
+        seq, pre = host_ints(seq_lens, "seq_lens"), host_ints(prefix_lens, "prefix_lens")
         if not seq:
             raise ValueError("seq_lens: a batch needs at least one request")
         budget = resolve_logits_budget(self.logits_budget_mb, self.device, free_fraction=self.free_fraction)
@@ -183,7 +173,7 @@ class ForwardMetadataBuilder:
         self, seq_lens: Sequence[int] | torch.Tensor, page_table: torch.Tensor, *, num_padded: int | None = None
     ) -> ForwardMetadata:
         """A decode batch: one new token per request, ``seq_lens`` include it; q has ``num_padded`` rows."""
-        seq = _ints(seq_lens, "seq_lens")
+        seq = host_ints(seq_lens, "seq_lens")
         if not seq:
             raise ValueError("seq_lens: a batch needs at least one request")
         budget = resolve_logits_budget(self.logits_budget_mb, self.device, free_fraction=self.free_fraction)

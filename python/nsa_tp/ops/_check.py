@@ -2,11 +2,11 @@
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Iterable, Sequence
 
 import torch
 
-__all__ = ["check_tensor", "check_same_device"]
+__all__ = ["check_tensor", "check_same_device", "host_ints"]
 
 
 def check_tensor(
@@ -53,3 +53,17 @@ def _fmt(shape: Sequence[int | None] | None) -> str:
     if shape is None:
         return ""
     return " [" + ", ".join("*" if s is None else str(s) for s in shape) + "]"
+
+
+def host_ints(values: Iterable[int] | torch.Tensor, name: str) -> list[int]:
+    """Per-batch host data as a list of Python ints: a 1-D integer tensor (copied to the host once) or a
+    sequence of ints. Builders call this once per batch, never on the per-layer path."""
+    if isinstance(values, torch.Tensor):
+        if values.dim() != 1 or values.dtype.is_floating_point or values.dtype.is_complex or values.dtype == torch.bool:
+            raise ValueError(f"{name}: expected a 1-D integer tensor, got {tuple(values.shape)} {values.dtype}")
+        return [int(v) for v in values.cpu().tolist()]
+    out = list(values)
+    for v in out:
+        if isinstance(v, bool) or not isinstance(v, int):
+            raise ValueError(f"{name}: expected integers, got {v!r}")
+    return out
