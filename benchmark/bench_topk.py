@@ -1,9 +1,11 @@
-"""The indexer's top-k transform on one GPU: the stable full sort it uses vs one torch.topk over int64 keys.
+"""The indexer's top-k transform on one GPU: the reference's stable sort, a keyed torch.topk, the Triton kernel.
 
 Causal prefill rows (row ``r`` scores ``r * W / R`` keys, like the last ``R`` tokens of a ``W``-token
-prompt), random fp32 logits, K = 2048. Both give identical ids (same total order: logit descending, ties
-to the lower position). Measured on H100 (2026-11-27) the keyed top-k was 1.2-1.3x *slower*, so
-:mod:`nsa_tp.ops.topk` keeps the sort; this script is the evidence. CUDA events, median of ``--reps``.
+prompt), random fp32 logits, K = 2048, for every ``--rows`` x ``--widths``. All three give identical ids
+(same total order: logit descending, ties to the lower position); the run checks it. Measured on H100
+(2026-11-27) the keyed top-k was 1.2-1.3x *slower* than the sort, so the reference keeps the sort; the
+Triton tier's radix-select kernel (:mod:`nsa_tp.ops.triton.topk`) is ranked by these numbers. CUDA events,
+median of ``--reps``.
 
     python benchmark/bench_topk.py --out benchmark/results
 """
@@ -20,6 +22,7 @@ from pathlib import Path
 import torch
 
 from nsa_tp.ops import topk as topk_mod
+from nsa_tp.ops.triton import topk as triton_topk
 
 
 def keyed_topk_positions(logits, topk, lengths, row_starts):
@@ -54,7 +57,7 @@ def _time(fn, args: tuple, reps: int) -> float:
 
 def main() -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("--rows", type=int, default=4096)
+    p.add_argument("--rows", type=int, nargs="+", default=[4096])
     p.add_argument("--widths", type=int, nargs="+", default=[8192, 32768])
     p.add_argument("--topk", type=int, default=2048)
     p.add_argument("--reps", type=int, default=5)
@@ -64,19 +67,23 @@ def main() -> int:
         print("bench_topk: needs a CUDA GPU", file=sys.stderr)
         return 2
     rows = []
-    for W in args.widths:
-        R = args.rows
+    for R, W in [(R, W) for R in args.rows for W in args.widths]:
         logits = torch.randn(R, W, device="cuda")
         lengths = torch.linspace(W / R, W, R, device="cuda").int()
         starts = torch.zeros(R, dtype=torch.int32, device="cuda")
         inputs = (logits, args.topk, lengths, starts)
-        same = bool(torch.equal(topk_mod.topk_positions(*inputs), keyed_topk_positions(*inputs)))
-        t_old = _time(topk_mod.topk_positions, inputs, args.reps)  # the stable sort the library uses
+        want = topk_mod.topk_positions(*inputs)
+        same = bool(torch.equal(want, keyed_topk_positions(*inputs)))
+        same_triton = bool(torch.equal(want, triton_topk.topk_positions(*inputs)))
+        t_old = _time(topk_mod.topk_positions, inputs, args.reps)  # the stable sort the reference uses
         t_new = _time(keyed_topk_positions, inputs, args.reps)
+        t_tri = _time(triton_topk.topk_positions, inputs, args.reps)
         rows.append({"rows": R, "width": W, "topk": args.topk, "stable_sort_ms": t_old, "keyed_topk_ms": t_new,
-                     "speedup": t_old / t_new, "identical": same})
-        print(f"R={R} W={W:6d} K={args.topk}: stable sort {t_old:8.2f} ms, keyed top-k {t_new:8.2f} ms "
-              f"({t_old / t_new:.2f}x), identical={same}")
+                     "speedup": t_old / t_new, "identical": same, "triton_ms": t_tri,
+                     "triton_speedup": t_old / t_tri, "triton_identical": same_triton})
+        print(f"R={R:5d} W={W:6d} K={args.topk}: stable sort {t_old:8.3f} ms, keyed top-k {t_new:8.3f} ms "
+              f"({t_old / t_new:.2f}x, identical={same}), triton {t_tri:8.3f} ms ({t_old / t_tri:.2f}x, "
+              f"identical={same_triton})")
     card = torch.cuda.get_device_name()
     date = datetime.datetime.now(datetime.timezone.utc)
     doc = {"benchmark": "bench_topk", "card": card, "date": date.isoformat(timespec="seconds"),

@@ -19,11 +19,27 @@ Outputs are ``[R, topk]`` int32. Plain torch (the reference tier); any device.
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 import torch
 
 from nsa_tp.ops._check import check_same_device, check_tensor
 
-__all__ = ["topk_transform_ragged", "topk_transform_paged", "topk_positions", "order_keys", "key_positions"]
+__all__ = [
+    "topk_transform_ragged",
+    "topk_transform_paged",
+    "topk_positions",
+    "order_keys",
+    "key_positions",
+    "Select",
+    "ragged_transform",
+    "paged_transform",
+]
+
+# The selection step, ``(logits, topk, lengths, row_starts) -> [R, topk]`` int32 positions (contract of
+# :func:`topk_positions`, inputs already checked). Faster tiers pass their own to :func:`ragged_transform` /
+# :func:`paged_transform`, so the checks and the id mapping exist once.
+Select = Callable[[torch.Tensor, int, torch.Tensor, "torch.Tensor | None"], torch.Tensor]
 
 # Rows per chunk so the sort never holds more than ~16M elements at once.
 _MAX_SORT_ELEMS = 1 << 24
@@ -107,7 +123,8 @@ def _topk_positions(
         masked = torch.where(inside & (lg > float("-inf")), lg, torch.full_like(lg, float("-inf")))
         # Stable descending sort: equal logits keep ascending column order, so ties go to the lower id.
         # (A single torch.topk over order_keys gives the same ids but measured 1.2-1.3x slower on H100 for
-        # K=2048 over 8K-32K columns: benchmark/results/topk_*.json. A fused top-k kernel is the way on.)
+        # K=2048 over 8K-32K columns: benchmark/results/topk_*.json. The Triton tier's radix select is the
+        # fast path: nsa_tp.ops.triton.topk.)
         vals, idx = torch.sort(masked, dim=1, descending=True, stable=True)
         vals, idx = vals[:, :keep], idx[:, :keep]
         pos = idx - start
@@ -138,6 +155,23 @@ def topk_transform_ragged(
 
     Returns: ``offset[r] + p`` for each kept candidate ``p`` (see module docstring), else ``-1``.
     """
+    return ragged_transform(
+        _topk_positions, logits, topk, row_starts=row_starts, lengths=lengths, offset_override=offset_override,
+        check_values=check_values,
+    )
+
+
+def ragged_transform(
+    select: Select,
+    logits: torch.Tensor,
+    topk: int,
+    *,
+    row_starts: torch.Tensor,
+    lengths: torch.Tensor,
+    offset_override: torch.Tensor | None = None,
+    check_values: bool = True,
+) -> torch.Tensor:
+    """:func:`topk_transform_ragged` with the selection step ``select`` (same checks, same id mapping)."""
     check_tensor(row_starts, "row_starts", ndim=1, dtype=torch.int32)
     _check_rows(logits, topk, row_starts, lengths, check_values)
     offsets = row_starts
@@ -145,7 +179,7 @@ def topk_transform_ragged(
         check_tensor(offset_override, "offset_override", shape=(logits.shape[0],), dtype=torch.int32)
         offsets = offset_override
     check_same_device(logits=logits, row_starts=row_starts, lengths=lengths, offsets=offsets)
-    pos = _topk_positions(logits, topk, lengths, row_starts)
+    pos = select(logits, topk, lengths, row_starts)
     return torch.where(pos >= 0, pos + offsets[:, None], pos)
 
 
@@ -175,6 +209,25 @@ def topk_transform_paged(
 
     Returns: ``page_table[req, p // page_size] * page_size + p % page_size`` for kept positions ``p``.
     """
+    return paged_transform(
+        _topk_positions, logits, topk, lengths=lengths, page_table=page_table, row_to_req=row_to_req,
+        row_starts=row_starts, page_size=page_size, check_values=check_values,
+    )
+
+
+def paged_transform(
+    select: Select,
+    logits: torch.Tensor,
+    topk: int,
+    *,
+    lengths: torch.Tensor,
+    page_table: torch.Tensor,
+    row_to_req: torch.Tensor | None = None,
+    row_starts: torch.Tensor | None = None,
+    page_size: int = 64,
+    check_values: bool = True,
+) -> torch.Tensor:
+    """:func:`topk_transform_paged` with the selection step ``select`` (same checks, same slot mapping)."""
     _check_rows(logits, topk, row_starts, lengths, check_values)
     R = logits.shape[0]
     check_tensor(page_table, "page_table", ndim=2, dtype=torch.int32)
@@ -193,7 +246,7 @@ def topk_transform_paged(
     if check_values and R and bool((lengths.long() > max_pages * page_size).any()):
         raise ValueError(f"lengths: a row is longer than page_table holds ({max_pages} pages x {page_size})")
     check_same_device(logits=logits, lengths=lengths, page_table=page_table, row_to_req=req)
-    pos = _topk_positions(logits, topk, lengths, row_starts).long()
+    pos = select(logits, topk, lengths, row_starts).long()
     safe = pos.clamp_min(0)
     slots = page_table[req[:, None], safe // page_size].long() * page_size + safe % page_size
     return torch.where(pos >= 0, slots, torch.full_like(slots, -1)).to(torch.int32)

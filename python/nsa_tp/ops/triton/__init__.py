@@ -4,6 +4,7 @@
 - :mod:`.sparse_mla_decode` — decode over the paged latent cache with a per-batch plan.
 - :mod:`.mqa_logits` — fp8 MQA logits over ragged ``[ks, ke)`` key ranges.
 - :mod:`.paged_mqa_logits` — fp8 MQA logits over the paged index-K cache.
+- :mod:`.topk` — the indexer's top-k transforms (ragged and paged) as one radix-select kernel per row.
 
 ``available()`` gives the reason when Triton does not import or no CUDA device is visible (so CPU CI only
 sees the reason). The kernel modules are imported on first use, never at tier import time.
@@ -11,7 +12,8 @@ sees the reason). The kernel modules are imported on first use, never at tier im
 ``auto`` ranking (lower runs first; FlashMLA ranks 0, the reference 1e9): sparse MLA prefill and decode
 prefer this tier where it measured faster than FlashMLA on the same card in the same run (the tables
 below), FlashMLA elsewhere; the logits ops have no other GPU tier. fp8-cache prefill has no FlashMLA kernel,
-so it runs here whatever the rank.
+so it runs here whatever the rank. The top-k transforms are preferred over the widths where they measured
+faster than the reference's stable sort (table at ``_TOPK_FASTER_WIDTHS``).
 """
 
 from __future__ import annotations
@@ -175,6 +177,35 @@ def _paged_logits_supports(q: Any, index_k_cache: Any, weights: Any, seq_lens: A
     return None
 
 
+# Top-k transforms vs the reference tier's stable sort (rank 1e9), H100 80GB HBM3, 2026-11-27, Triton 3.6.0,
+# torch 2.11, K=2048, causal rows, same run, median of CUDA events; identical ids in every case;
+# benchmark/results/topk_triton_NVIDIA_H100_80GB_HBM3_20261127.json. Sort ms vs Triton ms:
+#   R=4096: W=2048 1.04 vs 1.27 (slower), W=8192 4.13 vs 1.46, W=32768 14.91 vs 2.71, W=131072 70.5 vs 9.21.
+#   R=64:   W=2048 0.76 vs 0.11, W=8192 0.89 vs 0.12, W=32768 0.90 vs 0.23, W=131072 1.27 vs 0.78.
+# Preferred over the widths where it was faster at both row counts; the reference keeps the rest.
+_TOPK_FASTER_WIDTHS = (8192, 131072)
+
+
+def _topk_supports(logits: Any, topk: Any, *args: Any, **kwargs: Any) -> str | None:
+    reason = _device_reason(logits, "logits")
+    if reason:
+        return reason
+    if logits.dtype != torch.float32 or logits.dim() != 2 or logits.stride(1) != 1:
+        return "logits: must be [R, W] float32 with unit column stride"
+    if not isinstance(topk, int) or isinstance(topk, bool) or topk < 1:
+        return "topk: not a positive int (the reference tier reports it)"
+    from nsa_tp.ops.triton.topk import MAX_KEEP, block_k  # Triton imports: only once this tier is available
+
+    if block_k(topk, logits.shape[1]) > MAX_KEEP:
+        return f"min(topk, W) = {min(topk, logits.shape[1])} exceeds the in-register sort's {MAX_KEEP}"
+    return None
+
+
+def _topk_rank(logits: torch.Tensor, *_args: Any, **_kwargs: Any) -> float:
+    lo, hi = _TOPK_FASTER_WIDTHS
+    return 0.0 if lo <= logits.shape[1] <= hi else 2e9  # the reference ranks 1e9
+
+
 def _first(*_args: Any, **_kwargs: Any) -> float:
     return 0.0  # no other GPU tier implements the indexer logits
 
@@ -194,5 +225,9 @@ TIER = Tier(
         "fp8_paged_mqa_logits": OpImpl(
             _lazy("paged_mqa_logits", "fp8_paged_mqa_logits"), supports=_paged_logits_supports, rank=_first
         ),
+        "topk_transform_ragged": OpImpl(
+            _lazy("topk", "topk_transform_ragged"), supports=_topk_supports, rank=_topk_rank
+        ),
+        "topk_transform_paged": OpImpl(_lazy("topk", "topk_transform_paged"), supports=_topk_supports, rank=_topk_rank),
     },
 )
