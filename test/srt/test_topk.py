@@ -125,3 +125,44 @@ def test_check_values_false_gives_the_same_result_without_the_range_check():
                                  row_starts=starts, check_values=False)
     assert torch.equal(a, b)
     assert (a[0] // 64 == 5).all() and (a[1, :7] // 64 == 3).all()  # rows map through their request's page
+
+
+# ---- topk_mismatch: the equivalence every tier is tested with (order and tie choice are free) ----
+
+
+def _value_of(logits: torch.Tensor):
+    def value_of(ids: torch.Tensor) -> torch.Tensor:
+        inside = ids < logits.shape[1]
+        return torch.where(inside, logits.gather(1, ids.clamp(max=logits.shape[1] - 1)), float("nan"))
+
+    return value_of
+
+
+def test_topk_mismatch_accepts_reordering_and_tie_choice():
+    from nsa_tp.ops.topk import topk_mismatch
+
+    logits = torch.tensor([[1.0, 3.0, 3.0, 2.0, float("-inf")], [0.5, float("nan"), -0.0, 0.0, 4.0]])
+    ref = torch.tensor([[1, 2, -1], [4, 0, 2]], dtype=torch.int32)
+    assert topk_mismatch(ref, ref, _value_of(logits)) is None
+    got = torch.tensor([[2, 1, -1], [0, 4, 3]], dtype=torch.int32)  # reordered; +0.0 kept for -0.0
+    assert topk_mismatch(got, ref, _value_of(logits)) is None
+
+
+@pytest.mark.parametrize(
+    "got, why",
+    [
+        ([[1, 3, -1]], "best kept value"),  # 2.0 instead of the tied 3.0
+        ([[1, -1, 2]], "-1 comes before"),
+        ([[1, 1, -1]], "kept twice"),
+        ([[1, 4, -1]], "not a selectable"),  # -inf
+        ([[1, 7, -1]], "not a selectable"),  # outside the row
+        ([[1, 2, 3]], "count differs"),
+    ],
+)
+def test_topk_mismatch_names_the_problem(got, why):
+    from nsa_tp.ops.topk import topk_mismatch
+
+    logits = torch.tensor([[1.0, 3.0, 3.0, 2.0, float("-inf")]])
+    ref = torch.tensor([[1, 2, -1]], dtype=torch.int32)
+    reason = topk_mismatch(torch.tensor(got, dtype=torch.int32), ref, _value_of(logits))
+    assert reason is not None and why in reason, reason

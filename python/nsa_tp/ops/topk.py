@@ -1,11 +1,19 @@
 """Top-k transform: from per-row indexer logits to the top-K token ids, ragged or paged.
 
 Every row ``r`` scores the candidate columns ``[row_starts[r], row_starts[r] + lengths[r])`` of
-``logits [R, W]``; a candidate whose logit is ``-inf`` (or NaN) is not selectable. The row keeps its
-``min(topk, #candidates)`` best candidates, as ``p`` = position *relative to the row start*
-(``0 <= p < lengths[r]``), sorted by logit descending with ties broken by the lower position, and ``-1``
-fills the rest of the ``topk`` columns. (Upstream's K = min(2048, len): a row with fewer than ``topk``
-candidates keeps all of them.) The two transforms then map ``p`` to an index space:
+``logits [R, W]``; a candidate whose logit is ``-inf`` (or NaN) is not selectable. The row keeps ``n = min(topk, #candidates)``
+of its best candidates, as ``p`` = position *relative to the row start* (``0 <= p < lengths[r]``), in its
+first ``n`` columns, and ``-1`` fills the rest of the ``topk`` columns. (Upstream's K = min(2048, len): a row
+with fewer than ``topk`` candidates keeps all of them.)
+
+**Order and ties are not part of the contract**: the kept ids may come in any order, and where several
+candidates tie with the K-th best value any of them may be kept. Every consumer (sparse MLA, the chunked
+indexer's buffer, the key-sharded merge) treats a row as a set, and upstream's fastest kernels (sgl-kernel's
+``fast_topk_*``) return unordered sets. Two outputs are equivalent when each row keeps the same multiset of
+values: :func:`topk_mismatch` checks exactly that, and every tier is tested with it. This reference returns
+one valid instance: sorted by logit descending, ties to the lower position.
+
+The two transforms then map ``p`` to an index space:
 
 - :func:`topk_transform_ragged`: ``offset[r] + p``. The offset is ``row_starts[r]`` unless
   ``offset_override`` is given — the chunked indexer computes a chunk's logits over a column *window* of
@@ -34,6 +42,7 @@ __all__ = [
     "Select",
     "ragged_transform",
     "paged_transform",
+    "topk_mismatch",
 ]
 
 # The selection step, ``(logits, topk, lengths, row_starts) -> [R, topk]`` int32 positions (contract of
@@ -250,3 +259,53 @@ def paged_transform(
     safe = pos.clamp_min(0)
     slots = page_table[req[:, None], safe // page_size].long() * page_size + safe % page_size
     return torch.where(pos >= 0, slots, torch.full_like(slots, -1)).to(torch.int32)
+
+
+def topk_mismatch(
+    got: torch.Tensor, ref: torch.Tensor, value_of: Callable[[torch.Tensor], torch.Tensor]
+) -> str | None:
+    """None if ``got`` is a valid top-k output equivalent to ``ref``, else the first problem, in words.
+
+    ``got`` and ``ref`` are ``[R, topk]`` int32 outputs of a top-k op for the same inputs (ids in any index
+    space: positions, ragged ids or cache slots). ``value_of(ids)`` maps a ``[R, topk]`` int64 id tensor
+    (``-1`` entries clamped to 0) to the candidates' logits ``[R, topk]`` float32, and must give ``NaN`` or
+    ``-inf`` for an id that is not a candidate of its row. Equivalent means, per row: the same number ``n``
+    of kept ids, all in the first ``n`` columns, ``-1`` after them, no id twice, every kept id a selectable
+    candidate, and the multiset of kept values equal to the reference's (so ties may be broken either way).
+    """
+    if got.shape != ref.shape:
+        return f"shape {tuple(got.shape)} != reference {tuple(ref.shape)}"
+    if got.dtype != torch.int32:
+        return f"dtype {got.dtype} is not int32"
+    if got.numel() == 0:
+        return None
+    kept, kept_ref = got >= 0, ref >= 0
+    n, n_ref = kept.sum(1), kept_ref.sum(1)
+    for name, bad in (
+        ("kept-id count differs from the reference", n != n_ref),
+        ("a -1 comes before a kept id", (kept.int().diff(dim=1) > 0).any(1)),
+        ("an id below -1", (got < -1).any(1)),
+    ):
+        if bool(bad.any()):
+            r = int(bad.nonzero()[0, 0])
+            return f"row {r}: {name} (got {got[r].tolist()[:16]}..., reference {ref[r].tolist()[:16]}...)"
+    # Distinct negatives stand in for -1 so that only kept ids can collide.
+    fill = -1 - torch.arange(got.shape[1], device=got.device)
+    srt = torch.sort(torch.where(kept, got.long(), fill), 1)[0]
+    dup = (srt.diff(dim=1) == 0).any(1)
+    if bool(dup.any()):
+        return f"row {int(dup.nonzero()[0, 0])}: an id is kept twice"
+    vals = value_of(got.long().clamp_min(0)).float()
+    unselectable = kept & ~(vals > float("-inf"))
+    if bool(unselectable.any()):
+        r, c = (int(i) for i in unselectable.nonzero()[0])
+        return f"row {r}: id {int(got[r, c])} is not a selectable candidate (value {float(vals[r, c])})"
+    vals_ref = value_of(ref.long().clamp_min(0)).float()
+    # Kept values sorted descending, -inf after them; +0.0 == -0.0 compares equal.
+    a = torch.sort(torch.where(kept, vals, float("-inf")), 1, descending=True)[0]
+    b = torch.sort(torch.where(kept_ref, vals_ref, float("-inf")), 1, descending=True)[0]
+    diff = a != b
+    if bool(diff.any()):
+        r, c = (int(i) for i in diff.nonzero()[0])
+        return f"row {r}: the {c}-th best kept value is {float(a[r, c])}, the reference keeps {float(b[r, c])}"
+    return None
