@@ -1,10 +1,10 @@
 """Top-k transform: from per-row indexer logits to the top-K token ids, ragged or paged.
 
-Every row ``r`` scores the candidate columns ``[row_starts[r], row_starts[r] + lengths[r])`` of
-``logits [R, W]``; a candidate whose logit is ``-inf`` (or NaN) is not selectable.
-The row keeps ``n = min(topk, #candidates)`` of its best candidates, as ``p`` = position *relative to the row start* (``0 <= p < lengths[r]``), in its
-first ``n`` columns, and ``-1`` fills the rest of the ``topk`` columns. (Upstream's K = min(2048, len): a row
-with fewer than ``topk`` candidates keeps all of them.)
+Every row ``r`` scores the candidate columns ``[row_starts[r], row_starts[r] + lengths[r])`` of ``logits [R,
+W]``; a candidate whose logit is ``-inf`` (or NaN) is not selectable. The row keeps ``n = min(topk,
+#candidates)`` of its best candidates, as ``p`` = position *relative to the row start* (``0 <= p <
+lengths[r]``), in its first ``n`` columns, and ``-1`` fills the rest of the ``topk`` columns. (Upstream's K =
+min(2048, len): a row with fewer than ``topk`` candidates keeps all of them.)
 
 **Order and ties are not part of the contract**: the kept ids may come in any order, and where several
 candidates tie with the K-th best value any of them may be kept. Every consumer (sparse MLA, the chunked
