@@ -182,10 +182,10 @@ def _device_of(op: str, args: Sequence[Any], kwargs: Mapping[str, Any]) -> torch
 def measured_choice(op: str, *args: Any, **kwargs: Any) -> tuple[str, str, dict[str, float] | None]:
     """``(card, class, {tier: ms} or None)`` for this call: what was measured for it on this card."""
     device = _device_of(op, args, kwargs)
-    if device is None or device.type != "cuda":
-        return "cpu", "all", None
-    card = get_capability(device).name
     cls = shape_class(op, *args, **kwargs)
+    if device is None or device.type != "cuda":
+        return "cpu", cls, None  # nothing is measured off CUDA
+    card = get_capability(device).name
     table = load_table(card)
     # A decode plan picks the tier that will run the decode: it is chosen by the decode's own timings.
     timed_op = "sparse_mla_decode" if op == "plan_sparse_mla_decode" else op
