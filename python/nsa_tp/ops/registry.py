@@ -22,6 +22,8 @@ __all__ = ["Tier", "OpImpl", "BackendUnavailableError", "dispatch", "get_tier", 
 
 # Import paths of every tier; the order is only the tie-break for equal ranks.
 _TIER_MODULES: dict[str, str] = {
+    "deep_gemm": "nsa_tp.ops.deepgemm",
+    "sgl_kernel": "nsa_tp.ops.sglkernel",
     "flashmla": "nsa_tp.ops.flashmla",
     "triton": "nsa_tp.ops.triton",
     "reference": "nsa_tp.ops.reference_tier",
