@@ -19,7 +19,8 @@ the float's order-preserving bits), and what this module does about it:
   selectable, and the kernel keeps it (a short row keeps every position; a long row with fewer than 2048
   finite candidates fills up with ``-inf``). So every output is checked once: each kept position's logit is
   gathered, positions whose logit is ``-inf`` / NaN (or that fall outside the row: defensive) become ``-1``,
-  and the kept ones are moved to the front (a cumsum + scatter over ``[R, 2048]``: a few small kernels).
+  and the kept ones are moved to the front (a cumsum + a permuting scatter over ``[R, 2048]``: a few
+  small kernels).
   That is exact for any ``-inf`` pattern.
 - **NaN in a row longer than 2048**: the kernel's key ranks a (positive) NaN above every finite value, so such a
   row can lose finite candidates to NaNs, which the check then drops. With ``check_values=True`` (the
@@ -132,11 +133,13 @@ def select_positions(
         cols = cols + starts[:, None].long()
     vals = logits.gather(1, cols.clamp_max(W - 1))
     keep = inside & (vals > _NEG_INF)
-    # Kept positions to the front, in the kernel's order; the dropped ones land in a spare column K.
-    dest = torch.where(keep, keep.cumsum(1) - 1, topk)
-    out = torch.full((R, topk + 1), -1, dtype=torch.int32, device=logits.device)
-    out.scatter_(1, dest, pos)
-    out = out[:, :topk]
+    # A stable partition, kept positions first (in the kernel's order), then -1: kept entry j goes to column
+    # (kept before it), dropped entry j to n_kept + (dropped before it). A permutation of the columns, so the
+    # scatter writes every column once (deterministic).
+    before = keep.cumsum(1)  # kept in [0, j]
+    col = torch.arange(topk, device=logits.device)
+    dest = torch.where(keep, before - 1, before[:, -1:] + col - before)
+    out = torch.empty_like(pos).scatter_(1, dest, torch.where(keep, pos, -1))
 
     if repair_nan:
         # A row longer than K that kept a NaN may have lost finite candidates to it (see the module docstring).
