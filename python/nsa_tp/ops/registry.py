@@ -24,6 +24,8 @@ __all__ = [
 
 # Import paths of every tier (the order ``auto`` uses is nsa_tp.ops.tuning's, not this one).
 _TIER_MODULES: dict[str, str] = {
+    "deep_gemm": "nsa_tp.ops.deepgemm",
+    "sgl_kernel": "nsa_tp.ops.sglkernel",
     "flashmla": "nsa_tp.ops.flashmla",
     "triton": "nsa_tp.ops.triton",
     "reference": "nsa_tp.ops.reference_tier",
