@@ -285,20 +285,12 @@ def fp8_paged_mqa_logits(
     return logits.masked_fill_(cols[None, :] >= lens, _NEG_INF)
 
 
-# Under "auto" upstream's kernel runs first wherever it supports the inputs (issue 12: where this card was
-# never measured, prefer upstream); a constant for now, the measured ranking replaces it.
-_RANK = 0.0
-
-
-def _rank(*_args: Any, **_kwargs: Any) -> float:
-    return _RANK
-
-
+# Where "auto" runs it: nsa_tp.ops.tuning (upstream's kernel first unless another tier measured faster here).
 TIER = Tier(
     name="deep_gemm",
     available=_available,
     ops={
-        "fp8_mqa_logits": OpImpl(fp8_mqa_logits, supports=_logits_supports, rank=_rank),
-        "fp8_paged_mqa_logits": OpImpl(fp8_paged_mqa_logits, supports=_paged_logits_supports, rank=_rank),
+        "fp8_mqa_logits": OpImpl(fp8_mqa_logits, supports=_logits_supports),
+        "fp8_paged_mqa_logits": OpImpl(fp8_paged_mqa_logits, supports=_paged_logits_supports),
     },
 )

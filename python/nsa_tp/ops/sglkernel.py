@@ -191,20 +191,12 @@ def topk_transform_paged(
     )
 
 
-# Under "auto" upstream's kernel runs first wherever it supports the inputs (issue 12: where this card was
-# never measured, prefer upstream); a constant for now, the measured ranking replaces it.
-_RANK = 0.0
-
-
-def _rank(*_args: Any, **_kwargs: Any) -> float:
-    return _RANK
-
-
+# Where "auto" runs it: nsa_tp.ops.tuning (upstream's kernel first unless another tier measured faster here).
 TIER = Tier(
     name="sgl_kernel",
     available=_available,
     ops={
-        "topk_transform_ragged": OpImpl(topk_transform_ragged, supports=_topk_supports, rank=_rank),
-        "topk_transform_paged": OpImpl(topk_transform_paged, supports=_topk_supports, rank=_rank),
+        "topk_transform_ragged": OpImpl(topk_transform_ragged, supports=_topk_supports),
+        "topk_transform_paged": OpImpl(topk_transform_paged, supports=_topk_supports),
     },
 )
