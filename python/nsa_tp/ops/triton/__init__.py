@@ -4,7 +4,7 @@
 - :mod:`.sparse_mla_decode` — decode over the paged latent cache with a per-batch plan.
 - :mod:`.mqa_logits` — fp8 MQA logits over ragged ``[ks, ke)`` key ranges.
 - :mod:`.paged_mqa_logits` — fp8 MQA logits over the paged index-K cache.
-- :mod:`.topk` — the indexer's top-k transforms (ragged and paged) as one radix-select kernel per row.
+- :mod:`.topk` — the indexer's top-k transforms (ragged and paged): coarse histogram + radix select, no sort.
 
 ``available()`` gives the reason when Triton does not import or no CUDA device is visible (so CPU CI only
 sees the reason). The kernel modules are imported on first use, never at tier import time.
@@ -182,7 +182,9 @@ def _paged_logits_supports(q: Any, index_k_cache: Any, weights: Any, seq_lens: A
 # benchmark/results/topk_triton_NVIDIA_H100_80GB_HBM3_20261127.json. Sort ms vs Triton ms:
 #   R=4096: W=2048 1.04 vs 1.27 (slower), W=8192 4.13 vs 1.46, W=32768 14.91 vs 2.71, W=131072 70.5 vs 9.21.
 #   R=64:   W=2048 0.76 vs 0.11, W=8192 0.89 vs 0.12, W=32768 0.90 vs 0.23, W=131072 1.27 vs 0.78.
-# Preferred over the widths where it was faster at both row counts; the reference keeps the rest.
+# Preferred over the widths where it was faster at both row counts; the reference keeps the rest. (Measured
+# with the earlier radix-select + sort kernel; the sort-free rewrite needs `bench_topk.py --reference` to move
+# the window.)
 _TOPK_FASTER_WIDTHS = (8192, 131072)
 
 
@@ -194,11 +196,7 @@ def _topk_supports(logits: Any, topk: Any, *args: Any, **kwargs: Any) -> str | N
         return "logits: must be [R, W] float32 with unit column stride"
     if not isinstance(topk, int) or isinstance(topk, bool) or topk < 1:
         return "topk: not a positive int (the reference tier reports it)"
-    from nsa_tp.ops.triton.topk import MAX_KEEP, block_k  # Triton imports: only once this tier is available
-
-    if block_k(topk, logits.shape[1]) > MAX_KEEP:
-        return f"min(topk, W) = {min(topk, logits.shape[1])} exceeds the in-register sort's {MAX_KEEP}"
-    return None
+    return None  # no size limit: nothing is sorted or held per K
 
 
 def _topk_rank(logits: torch.Tensor, *_args: Any, **_kwargs: Any) -> float:

@@ -32,7 +32,6 @@ No sort: positions come from one ``tl.cumsum`` per chunk over two packed 16-bit 
 from __future__ import annotations
 
 import dataclasses
-import functools
 import os
 
 import torch
@@ -99,9 +98,9 @@ VARIANTS: dict[str, TopkConfig] = {
 }
 
 # THE place to change the choice after a measurement: (largest width, variant) pairs, first match wins.
-# Not yet measured (written before the H200 run): the row register-resident where it fits in 16-32 keys a
-# thread, two passes in 8K chunks beyond.
-DEFAULT_BY_WIDTH: tuple[tuple[int, str], ...] = ((8192, "res8k"), (32768, "res16k"), (1 << 62, "res8k"))
+# Not yet measured (written before the H200 run): rows up to 8K keys register-resident with 16 warps (16 keys
+# a thread, 1-2 programs an SM), longer rows in two passes over 8K chunks, the re-read from L2.
+DEFAULT_BY_WIDTH: tuple[tuple[int, str], ...] = ((8192, "res8k"), (32768, "res8k"), (1 << 62, "res8k"))
 
 
 def config_for(width: int) -> TopkConfig:
@@ -228,9 +227,11 @@ def _refine(row, vbuf, pbuf, m, bstar, from_buf, need, out_row, base,
 
 
 @triton.jit
-def _resident(row, n, topk, out_row, vbuf, pbuf,
-              RB: tl.constexpr, RBLOCK: tl.constexpr, BINS: tl.constexpr, CAP: tl.constexpr):
-    """A row of ``n <= RB`` candidates: one read, histogram and compaction from registers. Returns kept."""
+def _resident(row, n, topk, out_row, vbuf, pbuf, RB: tl.constexpr, BINS: tl.constexpr, CAP: tl.constexpr):
+    """Steps 2-3 for a row of ``n <= RB`` candidates: one read, histogram and compaction from registers.
+
+    Returns ``(kept, b*, above, candidates in b*)``.
+    """
     pos = tl.arange(0, RB)
     inside = pos < n
     key = _order_key(tl.load(row + pos, mask=inside, other=float("-inf")), inside)
@@ -242,15 +243,15 @@ def _resident(row, n, topk, out_row, vbuf, pbuf,
     cnt = tl.sum(tl.where(bins == bstar, hist, 0), 0)
     to_buf = cnt <= CAP
     _emit(key, d, pos, bstar, out_row, vbuf, pbuf, above * 0, above * 0, to_buf)
-    tl.debug_barrier()  # the buffer was written by other threads of this program
-    _refine(row, vbuf, pbuf, tl.where(to_buf, cnt, n), bstar, to_buf, rem - above, out_row, above, RBLOCK, BINS)
-    return rem
+    return rem, bstar, above, cnt
 
 
 @triton.jit
-def _stream(row, n, topk, out_row, vbuf, pbuf,
-            BLOCK: tl.constexpr, RBLOCK: tl.constexpr, BINS: tl.constexpr, CAP: tl.constexpr):
-    """Any row: a histogram pass and a compaction pass over ``BLOCK`` chunks (the second hits L2)."""
+def _stream(row, n, topk, out_row, vbuf, pbuf, BLOCK: tl.constexpr, BINS: tl.constexpr, CAP: tl.constexpr):
+    """Steps 2-3 for any row: a histogram pass and a compaction pass in ``BLOCK`` chunks (the second hits L2).
+
+    Returns what :func:`_resident` does.
+    """
     offs = tl.arange(0, BLOCK)
     hist = tl.zeros([BINS], dtype=tl.int32)
     for c0 in range(0, n, BLOCK):
@@ -270,12 +271,10 @@ def _stream(row, n, topk, out_row, vbuf, pbuf,
         inside = pos < n
         key = _order_key(tl.load(row + pos, mask=inside, other=float("-inf")), inside)
         n_gt, n_eq = _emit(key, _coarse(key, BINS), pos, bstar, out_row, vbuf, pbuf, n_gt, n_eq, to_buf)
-    tl.debug_barrier()
-    _refine(row, vbuf, pbuf, tl.where(to_buf, cnt, n), bstar, to_buf, rem - above, out_row, above, RBLOCK, BINS)
-    return rem
+    return rem, bstar, above, cnt
 
 
-@triton.jit
+@triton.jit(do_not_specialize=["stride_row", "stride_out", "R", "topk", "nprog"])  # fewer compiles
 def _topk_kernel(
     logits_ptr, stride_row, starts_ptr, lengths_ptr, out_ptr, stride_out, buf_ptr, R, topk, nprog,
     HAS_STARTS: tl.constexpr, BLOCK: tl.constexpr, RESIDENT: tl.constexpr, BINS: tl.constexpr,
@@ -304,18 +303,22 @@ def _topk_kernel(
             else:
                 if RESIDENT == 2:
                     if n <= BLOCK // 2:
-                        kept = _resident(row, n, topk, out_row, vbuf, pbuf, BLOCK // 2, RBLOCK, BINS, CAP)
+                        kept, bstar, above, cnt = _resident(row, n, topk, out_row, vbuf, pbuf, BLOCK // 2, BINS, CAP)
                     elif n <= BLOCK:
-                        kept = _resident(row, n, topk, out_row, vbuf, pbuf, BLOCK, RBLOCK, BINS, CAP)
+                        kept, bstar, above, cnt = _resident(row, n, topk, out_row, vbuf, pbuf, BLOCK, BINS, CAP)
                     else:
-                        kept = _stream(row, n, topk, out_row, vbuf, pbuf, BLOCK, RBLOCK, BINS, CAP)
+                        kept, bstar, above, cnt = _stream(row, n, topk, out_row, vbuf, pbuf, BLOCK, BINS, CAP)
                 elif RESIDENT == 1:
                     if n <= BLOCK:
-                        kept = _resident(row, n, topk, out_row, vbuf, pbuf, BLOCK, RBLOCK, BINS, CAP)
+                        kept, bstar, above, cnt = _resident(row, n, topk, out_row, vbuf, pbuf, BLOCK, BINS, CAP)
                     else:
-                        kept = _stream(row, n, topk, out_row, vbuf, pbuf, BLOCK, RBLOCK, BINS, CAP)
+                        kept, bstar, above, cnt = _stream(row, n, topk, out_row, vbuf, pbuf, BLOCK, BINS, CAP)
                 else:
-                    kept = _stream(row, n, topk, out_row, vbuf, pbuf, BLOCK, RBLOCK, BINS, CAP)
+                    kept, bstar, above, cnt = _stream(row, n, topk, out_row, vbuf, pbuf, BLOCK, BINS, CAP)
+                tl.debug_barrier()  # the buffer was written by other threads of this program
+                to_buf = cnt <= CAP
+                _refine(row, vbuf, pbuf, tl.where(to_buf, cnt, n), bstar, to_buf, kept - above, out_row, above,
+                        RBLOCK, BINS)
             for c0 in range(kept, topk, BLOCK):  # -1 after the kept ids
                 tl.store(out_row + c0 + offs, tl.full([BLOCK], -1, tl.int32), mask=c0 + offs < topk)
 
@@ -324,25 +327,18 @@ def _interpreted() -> bool:
     return os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
 
 
-@functools.cache
-def _programs_per_sm(cfg: TopkConfig, has_starts: bool, index: int) -> int:
-    """Persistent programs an SM holds at once (registers, threads, shared memory of the compiled kernel)."""
-    if cfg.progs_per_sm:
-        return cfg.progs_per_sm
-    dev = torch.device("cuda", index)
-    x = torch.empty((1, 1), dtype=torch.float32, device=dev)
-    i = torch.empty(1, dtype=torch.int32, device=dev)
-    k = _topk_kernel.warmup(
-        x, 1, i, i, i, 1, i, 1, 1, 1, HAS_STARTS=has_starts, BLOCK=cfg.block, RESIDENT=cfg.resident, BINS=cfg.bins,
-        RBLOCK=cfg.rblock, CAP=cfg.cap, num_warps=cfg.num_warps, grid=(1,),
-    )
-    k._init_handles()
-    props = torch.cuda.get_device_properties(dev)
-    threads = 32 * cfg.num_warps
-    regs = max(1, -(-k.n_regs // 8) * 8) * threads
+# Persistent programs an SM holds at once, per (config, HAS_STARTS, device): read from the kernel the first
+# launch compiled (registers, threads, shared memory). The first launch runs one program per SM.
+_PER_SM: dict[tuple[TopkConfig, bool, int], int] = {}
+
+
+def _occupancy(kernel, num_warps: int, device: torch.device) -> int:
+    props = torch.cuda.get_device_properties(device)
+    threads = 32 * num_warps
+    regs = max(1, -(-kernel.n_regs // 8) * 8) * threads
     by_regs = getattr(props, "regs_per_multiprocessor", 65536) // regs  # 64K on every SM80-SM100
     by_threads = props.max_threads_per_multi_processor // threads
-    smem = k.metadata.shared
+    smem = kernel.metadata.shared
     by_smem = props.shared_memory_per_multiprocessor // smem if smem else by_threads
     return max(1, min(by_regs, by_threads, by_smem))
 
@@ -368,18 +364,19 @@ def topk_positions(
     if R == 0:
         return out
     has_starts = row_starts is not None
-    if _interpreted() or logits.device.type != "cuda":
-        per_sm = 2
-    else:
-        per_sm = _programs_per_sm(cfg, has_starts, logits.device.index or 0)
+    on_gpu = logits.device.type == "cuda" and not _interpreted()
+    key = (cfg, has_starts, logits.device.index or 0)
+    per_sm = cfg.progs_per_sm or (_PER_SM.get(key, 1) if on_gpu else 2)
     progs = min(R, _common.num_sms(logits.device) * per_sm)
     buf = _common.alloc((progs, 2, cfg.cap), torch.int32, logits.device)
     starts = row_starts if has_starts else lengths  # any int32 pointer; unused without starts
-    _topk_kernel[(progs,)](
+    kernel = _topk_kernel[(progs,)](
         logits, logits.stride(0), starts, lengths, out, out.stride(0), buf, R, topk, progs,
         HAS_STARTS=has_starts, BLOCK=cfg.block, RESIDENT=cfg.resident, BINS=cfg.bins, RBLOCK=cfg.rblock,
         CAP=cfg.cap, num_warps=cfg.num_warps,
     )
+    if on_gpu and not cfg.progs_per_sm and key not in _PER_SM:
+        _PER_SM[key] = _occupancy(kernel, cfg.num_warps, logits.device)
     return out
 
 
