@@ -29,7 +29,8 @@ from nsa_tp.ops import triton as triton_tier
 from nsa_tp.ops.topk import topk_mismatch
 
 I32 = torch.int32
-VARIANT_NAMES = ["stream4k", "hybrid4k", "res8k", "res8k_b256", "res16k", "res16k_w32"]
+VARIANT_NAMES = ["hybrid1k_w4", "hybrid1k_w4_b256", "hybrid2k_w8", "hybrid2k_w8_r64", "hybrid4k_w16_r64",
+                 "hybrid4k_w32", "res8k_w32"]
 
 
 @pytest.fixture

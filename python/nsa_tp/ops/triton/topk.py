@@ -64,6 +64,7 @@ class TopkConfig:
     rblock: candidates per step of the radix select over the buffer.
     cap: the per-program candidate buffer (pairs); above it the select runs over the row.
     num_warps: warps per program.
+    maxnreg: register cap per thread (0: the compiler's choice), to fit more programs an SM (may spill).
     progs_per_sm: persistent programs per SM (0: as many as fit, from the compiled kernel's registers).
     """
 
@@ -73,6 +74,7 @@ class TopkConfig:
     rblock: int = 1024
     cap: int = 4096
     num_warps: int = 8
+    maxnreg: int = 0
     progs_per_sm: int = 0
 
     def __post_init__(self) -> None:
@@ -82,25 +84,32 @@ class TopkConfig:
                 raise ValueError(f"{name}: expected a power of two in [32, 32768], got {v}")
         if self.bins not in (32, 64, 128, 256):
             raise ValueError(f"bins: expected 32, 64, 128 or 256, got {self.bins}")
+        if self.maxnreg and not 24 <= self.maxnreg <= 255:
+            raise ValueError(f"maxnreg: expected 0 or 24..255, got {self.maxnreg}")
         if self.resident not in (0, 1, 2) or self.cap < 1:
             raise ValueError(f"resident: expected 0, 1 or 2 and cap >= 1, got {self.resident}, {self.cap}")
 
 
 # The configurations the benchmark times (names are stable: the JSON and DEFAULT_BY_WIDTH refer to them).
-# Register budget: block / (32 * num_warps) keys a thread, kept at 16-32 so several programs fit an SM.
+# Registers (ptxas for sm_90a, Triton 3.6, offline): about 60 + 8 per key a thread; 1024 keys on 4 warps take
+# 96 (5 programs an SM), 2048 on 8 warps 128 (2 an SM; capped at 64: 4 an SM, 96 bytes spilled), 4096 on 32
+# warps 64 (28 bytes spilled), 8192 on 32 warps 64 (96 bytes spilled). Several programs an SM overlap one
+# row's latency-bound steps (the select over a few hundred candidates) with another's streaming.
 VARIANTS: dict[str, TopkConfig] = {
-    "stream4k": TopkConfig(block=4096, resident=0, num_warps=8),
-    "hybrid4k": TopkConfig(block=4096, resident=1, num_warps=8),
-    "res8k": TopkConfig(block=8192, resident=2, num_warps=16),
-    "res8k_b256": TopkConfig(block=8192, resident=2, bins=256, num_warps=16),
-    "res16k": TopkConfig(block=16384, resident=2, num_warps=16),
-    "res16k_w32": TopkConfig(block=16384, resident=2, num_warps=32),
+    "hybrid1k_w4": TopkConfig(block=1024, resident=1, num_warps=4),
+    "hybrid1k_w4_b256": TopkConfig(block=1024, resident=1, bins=256, num_warps=4),
+    "hybrid2k_w8": TopkConfig(block=2048, resident=1, num_warps=8),
+    "hybrid2k_w8_r64": TopkConfig(block=2048, resident=1, num_warps=8, maxnreg=64),
+    "hybrid4k_w16_r64": TopkConfig(block=4096, resident=1, num_warps=16, maxnreg=64),
+    "hybrid4k_w32": TopkConfig(block=4096, resident=1, num_warps=32),
+    "res8k_w32": TopkConfig(block=8192, resident=2, num_warps=32),
 }
 
 # THE place to change the choice after a measurement: (largest width, variant) pairs, first match wins.
-# Not yet measured (written before the H200 run): rows up to 8K keys register-resident with 16 warps (16 keys
-# a thread, 1-2 programs an SM), longer rows in two passes over 8K chunks, the re-read from L2.
-DEFAULT_BY_WIDTH: tuple[tuple[int, str], ...] = ((8192, "res8k"), (32768, "res8k"), (1 << 62, "res8k"))
+# Not yet measured (written before the H200 run): the most programs an SM, rows up to 1K register-resident,
+# longer rows in two passes over 1K chunks (the second from L2).
+DEFAULT_BY_WIDTH: tuple[tuple[int, str], ...] = ((8192, "hybrid1k_w4"), (32768, "hybrid1k_w4"),
+                                                 (1 << 62, "hybrid1k_w4"))
 
 
 def config_for(width: int) -> TopkConfig:
@@ -370,10 +379,11 @@ def topk_positions(
     progs = min(R, _common.num_sms(logits.device) * per_sm)
     buf = _common.alloc((progs, 2, cfg.cap), torch.int32, logits.device)
     starts = row_starts if has_starts else lengths  # any int32 pointer; unused without starts
+    extra = {"maxnreg": cfg.maxnreg} if cfg.maxnreg and on_gpu else {}
     kernel = _topk_kernel[(progs,)](
         logits, logits.stride(0), starts, lengths, out, out.stride(0), buf, R, topk, progs,
         HAS_STARTS=has_starts, BLOCK=cfg.block, RESIDENT=cfg.resident, BINS=cfg.bins, RBLOCK=cfg.rblock,
-        CAP=cfg.cap, num_warps=cfg.num_warps,
+        CAP=cfg.cap, num_warps=cfg.num_warps, **extra,
     )
     if on_gpu and not cfg.progs_per_sm and key not in _PER_SM:
         _PER_SM[key] = _occupancy(kernel, cfg.num_warps, logits.device)
