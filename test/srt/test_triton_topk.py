@@ -29,7 +29,7 @@ from nsa_tp.ops import triton as triton_tier
 from nsa_tp.ops.topk import topk_mismatch
 
 I32 = torch.int32
-VARIANT_NAMES = ["hybrid1k_w4", "hybrid1k_w4_b256", "hybrid2k_w8", "hybrid2k_w8_r64", "hybrid4k_w16_r64",
+VARIANT_NAMES = ["stream1k_w4", "stream1k_w4_r64", "stream1k_w4_b256", "stream2k_w8", "hybrid4k_w16_r64",
                  "hybrid4k_w32", "res8k_w32"]
 
 

@@ -91,25 +91,29 @@ class TopkConfig:
 
 
 # The configurations the benchmark times (names are stable: the JSON and DEFAULT_BY_WIDTH refer to them).
-# Registers (ptxas for sm_90a, Triton 3.6, offline): about 60 + 8 per key a thread; 1024 keys on 4 warps take
-# 96 (5 programs an SM), 2048 on 8 warps 128 (2 an SM; capped at 64: 4 an SM, 96 bytes spilled), 4096 on 32
-# warps 64 (28 bytes spilled), 8192 on 32 warps 64 (96 bytes spilled). Several programs an SM overlap one
-# row's latency-bound steps (the select over a few hundred candidates) with another's streaming.
+# Registers (ptxas -v for sm_90a, Triton 3.6, compiled offline): streaming 1024 keys on 4 warps 94 (5 programs
+# an SM; capped at 64: 8 an SM, 44 bytes spilled), 2048 on 8 warps 104 (2 an SM); resident 4096 on 16 warps
+# capped at 64 (2 an SM, 108 bytes spilled), 4096 on 32 warps 64 (28 bytes spilled), 8192 on 32 warps 64 (96
+# bytes spilled). Several programs an SM overlap one row's latency-bound steps (the select over a few hundred
+# candidates) with another's streaming.
 VARIANTS: dict[str, TopkConfig] = {
-    "hybrid1k_w4": TopkConfig(block=1024, resident=1, num_warps=4),
-    "hybrid1k_w4_b256": TopkConfig(block=1024, resident=1, bins=256, num_warps=4),
-    "hybrid2k_w8": TopkConfig(block=2048, resident=1, num_warps=8),
-    "hybrid2k_w8_r64": TopkConfig(block=2048, resident=1, num_warps=8, maxnreg=64),
-    "hybrid4k_w16_r64": TopkConfig(block=4096, resident=1, num_warps=16, maxnreg=64),
+    # Streaming only (a row of more than K = 2048 keys never fits these blocks): two passes, the second
+    # from L2, many small programs an SM.
+    "stream1k_w4": TopkConfig(block=1024, resident=0, rblock=512, num_warps=4),
+    "stream1k_w4_r64": TopkConfig(block=1024, resident=0, rblock=512, num_warps=4, maxnreg=64),
+    "stream1k_w4_b256": TopkConfig(block=1024, resident=0, bins=256, rblock=512, num_warps=4),
+    "stream2k_w8": TopkConfig(block=2048, resident=0, rblock=512, num_warps=8),
+    # Register-resident rows up to 4K / 8K keys (one read), streaming beyond.
+    "hybrid4k_w16_r64": TopkConfig(block=4096, resident=1, rblock=512, num_warps=16, maxnreg=64),
     "hybrid4k_w32": TopkConfig(block=4096, resident=1, num_warps=32),
     "res8k_w32": TopkConfig(block=8192, resident=2, num_warps=32),
 }
 
 # THE place to change the choice after a measurement: (largest width, variant) pairs, first match wins.
-# Not yet measured (written before the H200 run): the most programs an SM, rows up to 1K register-resident,
-# longer rows in two passes over 1K chunks (the second from L2).
-DEFAULT_BY_WIDTH: tuple[tuple[int, str], ...] = ((8192, "hybrid1k_w4"), (32768, "hybrid1k_w4"),
-                                                 (1 << 62, "hybrid1k_w4"))
+# Not yet measured (written before the H200 run): the most programs an SM (five of 4 warps), two passes over
+# 1K chunks, the second from L2.
+DEFAULT_BY_WIDTH: tuple[tuple[int, str], ...] = ((8192, "stream1k_w4"), (32768, "stream1k_w4"),
+                                                 (1 << 62, "stream1k_w4"))
 
 
 def config_for(width: int) -> TopkConfig:
@@ -376,7 +380,8 @@ def topk_positions(
     on_gpu = logits.device.type == "cuda" and not _interpreted()
     key = (cfg, has_starts, logits.device.index or 0)
     per_sm = cfg.progs_per_sm or (_PER_SM.get(key, 1) if on_gpu else 2)
-    progs = min(R, _common.num_sms(logits.device) * per_sm)
+    # As many programs as fit, trimmed so each takes the same number of rows (no tail of programs with one more).
+    progs = _common.cdiv(R, _common.cdiv(R, _common.num_sms(logits.device) * per_sm))
     buf = _common.alloc((progs, 2, cfg.cap), torch.int32, logits.device)
     starts = row_starts if has_starts else lengths  # any int32 pointer; unused without starts
     extra = {"maxnreg": cfg.maxnreg} if cfg.maxnreg and on_gpu else {}
