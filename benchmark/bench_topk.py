@@ -1,11 +1,12 @@
 """The indexer's top-k (K = 2048) on one GPU: every Triton configuration next to sgl-kernel's ``fast_topk_v2``.
 
-Shapes are issue 12's: 4096 rows x 8K, 4096 x 32K, 1024 x 128K columns, fresh N(0, 1) float32 logits, each with
-*causal* lengths (row ``r`` scores ``(r + 1) * W / R`` keys, like the last R tokens of a W-token prompt) and
-*full* lengths (every row scores all W). For each case: the median of CUDA events over ``--reps`` calls after a
-warm-up, for every :data:`nsa_tp.ops.triton.topk.VARIANTS` entry and the tier's default
-(:data:`~nsa_tp.ops.triton.topk.DEFAULT_BY_WIDTH`), ``sgl_kernel.fast_topk_v2(score, lengths, topk,
-row_starts)`` when it imports ('not installed' otherwise), and (``--reference``) the reference's stable sort.
+Shapes are issue 12's: 4096 rows x 8K, 4096 x 32K, 1024 x 128K columns (and 4096 x 2K), fresh N(0, 1)
+float32 logits, each with *causal* lengths (row ``r`` scores ``(r + 1) * W / R`` keys, like the last R tokens
+of a W-token prompt) and *full* lengths (every row scores all W). For each case: the median of CUDA events
+over ``--reps`` calls after a warm-up, for every :data:`nsa_tp.ops.triton.topk.VARIANTS` entry and the
+tier's default (:data:`~nsa_tp.ops.triton.topk.DEFAULT_BY_WIDTH`), ``sgl_kernel.fast_topk_v2(score,
+lengths, topk, row_starts)`` when it imports ('not installed' otherwise), and (``--reference``) the
+reference's stable sort. Variants compile first in parallel worker processes.
 Every output is checked against the reference with ``topk_mismatch`` before it is timed; a variant that
 fails is reported as such, never timed. Writes one JSON to ``--out`` (a file, or a folder to put
 ``topk_<card>_<date>.json`` in) and prints a table.
@@ -28,7 +29,8 @@ import torch
 from nsa_tp.ops import topk as topk_ref
 from nsa_tp.ops.triton import topk as triton_topk
 
-SHAPES = ((4096, 8192), (4096, 32768), (1024, 131072))
+# Issue 12's three shapes, and W = 2048 (every causal row keeps all its keys) to place auto's lower width bound.
+SHAPES = ((4096, 8192), (4096, 32768), (1024, 131072), (4096, 2048))
 
 
 def _time(fn, reps: int, warmup: int = 3) -> float:
