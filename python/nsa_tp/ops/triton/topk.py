@@ -93,7 +93,7 @@ class TopkConfig:
 # The configurations the benchmark times (names are stable: the JSON and DEFAULT_BY_WIDTH refer to them).
 # Registers (ptxas -v for sm_90a, Triton 3.6, compiled offline): streaming 1024 keys on 4 warps 94 (5 programs
 # an SM; capped at 64: 8 an SM, 44 bytes spilled), 2048 on 8 warps 104 (2 an SM); resident 4096 on 16 warps
-# capped at 64 (2 an SM, 108 bytes spilled), 4096 on 32 warps 64 (28 bytes spilled), 8192 on 32 warps 64 (96
+# capped at 64 (2 an SM, 80 bytes spilled), 4096 on 32 warps 64 (28 bytes spilled), 8192 on 32 warps 64 (96
 # bytes spilled). Several programs an SM overlap one row's latency-bound steps (the select over a few hundred
 # candidates) with another's streaming.
 VARIANTS: dict[str, TopkConfig] = {
