@@ -162,6 +162,8 @@ def main() -> int:
            "command": " ".join(shlex.quote(a) for a in [sys.executable, *sys.argv]), "torch": torch.__version__,
            "triton": __import__("triton").__version__, "timing": f"CUDA events, median of {args.reps} after warm-up",
            "variants": {n: vars(triton_topk.VARIANTS[n]) for n in variants},
+           "programs_per_sm": {n: triton_topk._PER_SM.get((triton_topk.VARIANTS[n], True, torch.cuda.current_device()))
+                               for n in variants},
            "default_by_width": triton_topk.DEFAULT_BY_WIDTH, "cases": cases,
            "wall_s": round(time.time() - t_start, 1)}
     out = Path(args.out)

@@ -346,12 +346,15 @@ _PER_SM: dict[tuple[TopkConfig, bool, int], int] = {}
 
 
 def _occupancy(kernel, num_warps: int, device: torch.device) -> int:
+    try:  # the compiled kernel's resources (Triton 3.x names); 2 programs an SM if they cannot be read
+        n_regs, smem = int(kernel.n_regs), int(kernel.metadata.shared)
+    except (AttributeError, TypeError, ValueError):
+        return 2
     props = torch.cuda.get_device_properties(device)
     threads = 32 * num_warps
-    regs = max(1, -(-kernel.n_regs // 8) * 8) * threads
+    regs = max(1, -(-n_regs // 8) * 8) * threads
     by_regs = getattr(props, "regs_per_multiprocessor", 65536) // regs  # 64K on every SM80-SM100
     by_threads = props.max_threads_per_multi_processor // threads
-    smem = kernel.metadata.shared
     by_smem = props.shared_memory_per_multiprocessor // smem if smem else by_threads
     return max(1, min(by_regs, by_threads, by_smem))
 
