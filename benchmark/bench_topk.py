@@ -185,8 +185,11 @@ def main() -> int:
             else:
                 cells.append("ERROR" if n in c["errors"] else "n/a")
         print(f"{c['rows']}x{c['width']} {c['lengths']:8s}".ljust(24) + "".join(f"{x:>16s}" for x in cells))
+        print(f"    fastest variant: {c['fastest_variant']}; default: {c['default_config']}")
         for n, e in c["errors"].items():
             print(f"    {n}: {e}")
+        if "upstream_check" in c:
+            print(f"    sgl_kernel.fast_topk_v2 output vs the reference: {c['upstream_check']}")
     if sgl is None:
         print(f"sgl_kernel.fast_topk_v2: {sgl_reason}")
     print(f"wrote {out} ({doc['wall_s']} s)")
