@@ -80,8 +80,8 @@ class TopkConfig:
     def __post_init__(self) -> None:
         for name in ("block", "rblock"):
             v = getattr(self, name)
-            if v < 32 or v & (v - 1) or v > 32768:  # packed 16-bit counters: a chunk counts at most 32768
-                raise ValueError(f"{name}: expected a power of two in [32, 32768], got {v}")
+            if v < 32 or v & (v - 1) or v > 16384:  # two counters packed in an int32: a chunk counts < 2^15
+                raise ValueError(f"{name}: expected a power of two in [32, 16384], got {v}")
         if self.bins not in (32, 64, 128, 256):
             raise ValueError(f"bins: expected 32, 64, 128 or 256, got {self.bins}")
         if self.maxnreg and not 24 <= self.maxnreg <= 255:
@@ -161,7 +161,7 @@ def _emit(key, d, pos, bstar, out_row, vbuf, pbuf, n_gt, n_eq, to_buf):
     valid = key != 0
     gt = (valid & (d > bstar)).to(tl.int32)
     eq = (valid & (d == bstar)).to(tl.int32)
-    packed = tl.cumsum(gt + (eq << 16), 0)  # two running counts in one scan (a chunk holds < 2^16)
+    packed = tl.cumsum(gt + (eq << 16), 0)  # two running counts in one scan (a chunk holds <= 2^14)
     tl.store(out_row + n_gt + (packed & 0xFFFF) - 1, pos, mask=gt != 0)
     slot = n_eq + (packed >> 16) - 1
     tl.store(vbuf + slot, key.to(tl.int32, bitcast=True), mask=(eq != 0) & to_buf)
