@@ -45,6 +45,7 @@ class MQALogitsConfig:
     num_warps: int
     num_stages: int
     variant: str = "q_stream"  # positional prefix kept: (block_n, block_t, warps, stages) is the first design
+    maxnreg: int | None = None  # register cap per thread (e.g. 128: two 8-warp programs per SM), None = Triton's
 
     def __post_init__(self) -> None:
         if self.variant not in VARIANTS:
@@ -250,17 +251,19 @@ def fp8_mqa_logits(
         return out
     cfg = config or default_config(T, N, H)
     k_min = k_scale.amin()  # on the device: picks the folded epilogue without a host sync
+    launch = {"num_warps": cfg.num_warps, "num_stages": cfg.num_stages}
+    if cfg.maxnreg:
+        launch["maxnreg"] = cfg.maxnreg
     args = (q, q.stride(0), q.stride(1), k, k.stride(0), k_scale, k_min, weights, weights.stride(0), ks, ke,
             out, out.stride(0), T, N, H)
     if cfg.variant == "kv_stream":
         _kv_stream_kernel[(cdiv(T, cfg.block_t),)](
             *args, D=D, BLOCK_H=_block_h(H), BLOCK_N=cfg.block_n, BLOCK_T=cfg.block_t,
-            FILL_N=max(512, cfg.block_n), NUM_STAGES=cfg.num_stages,
-            num_warps=cfg.num_warps, num_stages=cfg.num_stages,
+            FILL_N=max(512, cfg.block_n), NUM_STAGES=cfg.num_stages, **launch,
         )
     else:
         _q_stream_kernel[(cdiv(N, cfg.block_n), cdiv(T, cfg.block_t))](
             *args, D=D, BLOCK_H=_block_h(H), BLOCK_N=cfg.block_n, BLOCK_T=cfg.block_t,
-            NUM_STAGES=cfg.num_stages, num_warps=cfg.num_warps, num_stages=cfg.num_stages,
+            NUM_STAGES=cfg.num_stages, **launch,
         )
     return out
