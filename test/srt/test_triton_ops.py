@@ -222,8 +222,9 @@ def test_fp8_mqa_logits_causal_skips_blocks(T, N, poisoned):
 # Every launch shape benchmark/bench_mqa_logits.py times (keep the two lists in step): each must be right
 # before its time means anything. (block_n, block_t, warps, stages, variant[, maxnreg])
 _LOGITS_CONFIGS = [
+    (64, 4, 4, 3, "kv_stream"), (64, 4, 4, 4, "kv_stream"), (64, 2, 4, 3, "kv_stream", 128),
     (128, 2, 4, 3, "kv_stream"), (128, 2, 4, 4, "kv_stream"), (128, 2, 8, 3, "kv_stream", 128),
-    (128, 2, 8, 3, "kv_stream"), (128, 1, 4, 3, "kv_stream"), (64, 4, 4, 3, "kv_stream"),
+    (128, 2, 8, 3, "kv_stream"), (128, 1, 4, 3, "kv_stream"),
     (128, 4, 8, 3, "kv_stream"), (256, 2, 8, 3, "kv_stream"), (128, 64, 4, 3, "q_stream"),
     (256, 64, 8, 3, "q_stream"),
 ]

@@ -52,12 +52,15 @@ class MQALogitsConfig:
             raise ValueError(f"variant: expected one of {VARIANTS}, got {self.variant!r}")
 
 
-# THE default launch shape (the one place to change after a measurement): kv_stream, 128 keys x (2 tokens x
-# 64 heads) per wgmma, 4 warps (one warpgroup, ~128 accumulator registers) so two programs share an SM and
-# one's epilogue overlaps the other's MMA, 3 stages of 16 KB key tiles. block_t is for 64 heads:
-# default_config keeps block_t x padded heads = 128 for other head counts. Chosen by reasoning (see
-# docs/kernels.md); benchmark/bench_mqa_logits.py prints the measured best to copy here.
-DEFAULT_CONFIG = MQALogitsConfig(block_n=128, block_t=2, num_warps=4, num_stages=3, variant="kv_stream")
+# THE default launch shape (the one place to change after a measurement): kv_stream, 64 keys x (4 tokens x
+# 64 heads) per wgmma (m64n256k32, the widest), 4 warps = one warpgroup, 3 stages of 8 KB key tiles.
+# Why, from an offline sm_90a compile (Triton 3.6; no GPU here): 251 registers and 58 KB of shared memory, so
+# two programs share an SM and one's epilogue can overlap the other's MMA (Triton 3.6 cannot overlap them
+# inside one program: every wgmma is waited on at once). Its key loop issues 476 instructions a thread for
+# 4.2 MFLOP, the lowest issue count per FLOP of the shapes compiled (128x2: 561 for 4.2, 64x2: 332 for 2.1),
+# and 4 tokens a program halve the key bytes streamed from L2 (8.5 GB at S=4096 N=65536) against 2 tokens.
+# benchmark/bench_mqa_logits.py times it against the alternatives and prints the fastest.
+DEFAULT_CONFIG = MQALogitsConfig(block_n=64, block_t=4, num_warps=4, num_stages=3, variant="kv_stream")
 
 
 def _block_h(H: int) -> int:
@@ -66,11 +69,11 @@ def _block_h(H: int) -> int:
 
 def default_config(num_tokens: int, num_keys: int, num_heads: int = 64) -> MQALogitsConfig:
     """:data:`DEFAULT_CONFIG`, with kv_stream's tokens per program scaled so ``block_t x padded heads`` stays
-    what it is at 64 heads (the MMA's N, at most 256)."""
+    what it is at 64 heads (the MMA's N, at most 256), and at most 8 tokens (16 tokens of 16 heads spill)."""
     cfg = DEFAULT_CONFIG
     if cfg.variant == "kv_stream":
-        rows = cfg.block_t * 64
-        cfg = dataclasses.replace(cfg, block_t=max(1, min(rows, 256) // _block_h(num_heads)))
+        rows = min(cfg.block_t * 64, 256)
+        cfg = dataclasses.replace(cfg, block_t=max(1, min(8, rows // _block_h(num_heads))))
     return cfg
 
 
@@ -134,7 +137,9 @@ def _kv_stream_kernel(
     FILL_N: tl.constexpr,
     NUM_STAGES: tl.constexpr,
 ):
-    t0 = tl.program_id(0) * BLOCK_T
+    # Last token block first: under a causal mask the late rows score the most keys, so the longest programs
+    # start in the first wave and the short ones fill the tail.
+    t0 = (tl.num_programs(0) - 1 - tl.program_id(0)) * BLOCK_T
     # q rows stacked token-major: row r = i * BLOCK_H + h is token t0 + i, head h. [BLOCK_T*BLOCK_H, D]
     r = tl.arange(0, BLOCK_T * BLOCK_H)
     r_t = tl.minimum(t0 + r // BLOCK_H, T - 1).to(tl.int64)  # past T: a real row, its output masked off
