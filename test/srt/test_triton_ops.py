@@ -278,7 +278,8 @@ def _paged_inputs(B, H, P, max_pages, gen):
 
 @pytest.mark.gpu
 @pytest.mark.parametrize("B,H", [(1, 64), (7, 16), (3, 3)])
-@pytest.mark.parametrize("cfg", [None, (128, 4), (256, 4), (512, 8)], ids=lambda c: "default" if c is None else str(c))
+@pytest.mark.parametrize("cfg", [None, (64, 4), (128, 4), (256, 4), (512, 8)],
+                         ids=lambda c: "default" if c is None else str(c))
 def test_fp8_paged_mqa_logits(B, H, cfg, poisoned):
     gen = _gen(700 + B + H)
     max_pages = 9
