@@ -254,9 +254,9 @@ def test_fp8_mqa_logits_configs(cfg, neg_scales, poisoned):
     assert rel_err(got, want) < 1e-3
 
 
-@pytest.mark.gpu
 def test_fp8_mqa_logits_default_for_head_counts():
-    """default_config keeps kv_stream's stacked q rows (tokens x padded heads) at the MMA's width."""
+    """default_config keeps kv_stream's stacked q rows (tokens x padded heads) within the MMA's width."""
+    pytest.importorskip("triton", reason="the kernel module needs Triton")
     from nsa_tp.ops.triton.mqa_logits import DEFAULT_CONFIG, default_config
 
     for heads in (1, 8, 16, 64, 128):
