@@ -54,11 +54,12 @@ class MQALogitsConfig:
 
 # THE default launch shape (the one place to change after a measurement): kv_stream, 64 keys x (4 tokens x
 # 64 heads) per wgmma (m64n256k32, the widest), 4 warps = one warpgroup, 3 stages of 8 KB key tiles.
-# Why, from an offline sm_90a compile (Triton 3.6; no GPU here): 251 registers and 58 KB of shared memory, so
+# Why, from an offline sm_90a compile (Triton 3.6; no GPU here): 250 registers and 58 KB of shared memory, so
 # two programs share an SM and one's epilogue can overlap the other's MMA (Triton 3.6 cannot overlap them
-# inside one program: every wgmma is waited on at once). Its key loop issues 476 instructions a thread for
-# 4.2 MFLOP, the lowest issue count per FLOP of the shapes compiled (128x2: 561 for 4.2, 64x2: 332 for 2.1),
-# and 4 tokens a program halve the key bytes streamed from L2 (8.5 GB at S=4096 N=65536) against 2 tokens.
+# inside one program: every wgmma is waited on at once). Its masked key loop issued 476 instructions a thread
+# for 4.2 MFLOP, the lowest issue count per FLOP of the shapes compiled (128x2: 561 for 4.2, 64x2: 332 for
+# 2.1); the unmasked loop that now runs the blocks inside every row's range issues 423. And 4 tokens a program
+# halve the key bytes streamed from L2 (8.5 GB at S=4096 N=65536) against 2 tokens.
 # benchmark/bench_mqa_logits.py times it against the alternatives and prints the fastest.
 DEFAULT_CONFIG = MQALogitsConfig(block_n=64, block_t=4, num_warps=4, num_stages=3, variant="kv_stream")
 
@@ -100,25 +101,37 @@ def _fill_neg_inf(out_rows, t_ok, start, stop, BLOCK_T: tl.constexpr, FILL_N: tl
 
 
 @triton.jit
-def _kv_stream_loop(qt, w, lo, hi, t_ok, out_rows, k_ptr, stride_kn, ksc_ptr, N, b0, b1,
-                    D: tl.constexpr, BLOCK_H: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_T: tl.constexpr,
-                    NUM_STAGES: tl.constexpr, FOLD: tl.constexpr):
-    """Key blocks ``[b0, b1)`` of one kv_stream program; ``FOLD``: the scale goes after the head sum."""
+def _kv_stream_loop(qt, w, lo, hi, t_ok, out_rows, k_ptr, stride_kn, ksc_ptr, N, b_first, n_first, b_second,
+                    n_total, D: tl.constexpr, BLOCK_H: tl.constexpr, BLOCK_N: tl.constexpr,
+                    BLOCK_T: tl.constexpr, NUM_STAGES: tl.constexpr, FOLD: tl.constexpr, MASKED: tl.constexpr):
+    """``n_total`` key blocks of one kv_stream program: ``b_first + i`` for ``i < n_first``, then ``b_second + ...``.
+
+    ``FOLD``: the scale goes after the head sum (every scale >= 0). ``MASKED=False`` only for blocks inside every
+    row's ``[lo, hi)`` (so also below N) of a program whose rows all exist: no column or row masks at all.
+    """
     offs_d = tl.arange(0, D)
-    for b in tl.range(b0, b1, num_stages=NUM_STAGES):
+    for i in tl.range(0, n_total, num_stages=NUM_STAGES):
+        b = tl.where(i < n_first, b_first + i, b_second + (i - n_first))
         offs_n = b * BLOCK_N + tl.arange(0, BLOCK_N)
-        n_ok = offs_n < N
-        kt = tl.load(k_ptr + offs_n[:, None].to(tl.int64) * stride_kn + offs_d[None, :],
-                     mask=n_ok[:, None], other=0.0)
-        ksc = tl.load(ksc_ptr + offs_n, mask=n_ok, other=0.0)
+        k_ptrs = k_ptr + offs_n[:, None].to(tl.int64) * stride_kn + offs_d[None, :]
+        if MASKED:
+            n_ok = offs_n < N
+            kt = tl.load(k_ptrs, mask=n_ok[:, None], other=0.0)
+            ksc = tl.load(ksc_ptr + offs_n, mask=n_ok, other=0.0)
+        else:
+            kt = tl.load(k_ptrs)
+            ksc = tl.load(ksc_ptr + offs_n)
         acc = tl.dot(kt, qt)  # [BLOCK_N, BLOCK_T*BLOCK_H] fp32, one fp8 wgmma chain (K = D)
         if FOLD:
             s = _head_sum(tl.maximum(acc, 0.0) * w[None, :], BLOCK_N, BLOCK_T, BLOCK_H) * ksc[:, None]
         else:
             s = _head_sum(tl.maximum(acc * ksc[:, None], 0.0) * w[None, :], BLOCK_N, BLOCK_T, BLOCK_H)
-        inside = (offs_n[:, None] >= lo[None, :]) & (offs_n[:, None] < hi[None, :])
-        s = tl.where(inside, s, float("-inf"))
-        tl.store(out_rows[None, :] + offs_n[:, None], s, mask=n_ok[:, None] & t_ok[None, :])
+        ptrs = out_rows[None, :] + offs_n[:, None]
+        if MASKED:
+            inside = (offs_n[:, None] >= lo[None, :]) & (offs_n[:, None] < hi[None, :])
+            tl.store(ptrs, tl.where(inside, s, float("-inf")), mask=n_ok[:, None] & t_ok[None, :])
+        else:
+            tl.store(ptrs, s)
 
 
 @triton.jit
@@ -161,13 +174,22 @@ def _kv_stream_kernel(
     b1 = tl.maximum(tl.cdiv(tl.max(tl.where(live, hi, 0), 0), BLOCK_N), b0)
     out_rows = out_ptr + t.to(tl.int64) * stride_ot  # [BLOCK_T]
 
-    # Two copies of the key loop: Triton 3.6's software pipeliner rejects a branch inside it.
+    # Blocks [f0, f1) lie inside every row's range and every row exists: they run without masks (14% fewer
+    # instructions a step in the sm_90a SASS); the rest of [b0, b1) (for causal rows, one or two blocks at the
+    # diagonal) runs masked.
+    all_live = tl.min(live.to(tl.int32), 0) == 1
+    f0 = tl.minimum(tl.maximum(tl.cdiv(tl.max(tl.where(live, lo, 0), 0), BLOCK_N), b0), b1)
+    f1 = tl.maximum(tl.minimum(tl.min(tl.where(live, hi, N), 0) // BLOCK_N, b1), f0)
+    f1 = tl.where(all_live, f1, f0)
+    # Copies of the key loop, not a branch inside one: Triton 3.6's software pipeliner rejects the branch.
     if tl.load(kmin_ptr) >= 0.0:  # every scale >= 0: apply it once per key, after the head sum
-        _kv_stream_loop(qt, w, lo, hi, t_ok, out_rows, k_ptr, stride_kn, ksc_ptr, N, b0, b1,
-                        D, BLOCK_H, BLOCK_N, BLOCK_T, NUM_STAGES, True)
+        _kv_stream_loop(qt, w, lo, hi, t_ok, out_rows, k_ptr, stride_kn, ksc_ptr, N, f0, f1 - f0, f0, f1 - f0,
+                        D, BLOCK_H, BLOCK_N, BLOCK_T, NUM_STAGES, True, False)
+        _kv_stream_loop(qt, w, lo, hi, t_ok, out_rows, k_ptr, stride_kn, ksc_ptr, N, b0, f0 - b0, f1,
+                        (f0 - b0) + (b1 - f1), D, BLOCK_H, BLOCK_N, BLOCK_T, NUM_STAGES, True, True)
     else:  # exact relu(x * s) for negative scales; unpipelined, so its tiles cost no shared memory up front
-        _kv_stream_loop(qt, w, lo, hi, t_ok, out_rows, k_ptr, stride_kn, ksc_ptr, N, b0, b1,
-                        D, BLOCK_H, BLOCK_N, BLOCK_T, 1, False)
+        _kv_stream_loop(qt, w, lo, hi, t_ok, out_rows, k_ptr, stride_kn, ksc_ptr, N, b0, b1 - b0, b1, b1 - b0,
+                        D, BLOCK_H, BLOCK_N, BLOCK_T, 1, False, True)
 
     # Columns outside [b0, b1) blocks: -inf, written here (store only) rather than by a separate fill kernel.
     _fill_neg_inf(out_rows, t_ok, 0, b0 * BLOCK_N, BLOCK_T, FILL_N)
