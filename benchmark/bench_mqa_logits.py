@@ -24,6 +24,7 @@ import datetime
 import json
 import shlex
 import sys
+import time
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -229,7 +230,7 @@ def _ratios(case: dict[str, Any]) -> None:
 
 
 def _print(case: dict[str, Any]) -> None:
-    print(f"\n{case['op']} {case['shape']}  best of ours: {case['best']}")
+    print(f"\n{case['op']} {case['shape']}  best of ours: {case['best']}  ({case['seconds']:.0f} s incl. compiles)")
     print(f"  {'variant':30s} {'ms':>8s} {'TFLOP/s':>8s} {'GB/s':>7s} {'x DG':>6s} {'x DGc':>6s}  check")
     for r in case["rows"]:
         sv = r.get("speed_vs", {})
@@ -239,7 +240,7 @@ def _print(case: dict[str, Any]) -> None:
         err = "-" if r["rel_err"] is None else format(r["rel_err"], ".1e")
         print(f"  {r['variant']:30s} {f(r['ms'], '%8.3f'):>8s} {f(r['tflops'], '%8.1f'):>8s} "
               f"{f(r['gbps'], '%7.0f'):>7s} {f(dg0, '%6.2f'):>6s} {f(dg1, '%6.2f'):>6s}  {chk} {err}"
-              + (f" [{r['note']}]" if r.get("note") else ""))
+              + (f" [{r['note']}]" if r.get("note") else ""), flush=True)
 
 
 def main() -> int:
@@ -253,17 +254,22 @@ def main() -> int:
         print("needs a CUDA GPU", file=sys.stderr)
         return 2
     dg, dg_note = _deep_gemm()
-    print(f"{torch.cuda.get_device_name()}  deep_gemm: {dg_note if dg is None else 'version ' + dg_note}")
+    print(f"{torch.cuda.get_device_name()}  deep_gemm: {dg_note if dg is None else 'version ' + dg_note}"
+          " (its kernels JIT-compile on first use: the first case includes that)", flush=True)
     gen = torch.Generator(device=DEV).manual_seed(12)
     cases = []
     if args.cases in ("all", "ragged"):
         for S, N in RAGGED_CASES:
+            t0 = time.perf_counter()
             cases.append(ragged_case(S, N, args.reps, dg, gen))
+            cases[-1]["seconds"] = time.perf_counter() - t0
             _ratios(cases[-1])
             _print(cases[-1])
     if args.cases in ("all", "paged"):
         for B in PAGED_CASES:
+            t0 = time.perf_counter()
             cases.append(paged_case(B, args.reps, args.graph_calls, dg, gen))
+            cases[-1]["seconds"] = time.perf_counter() - t0
             _ratios(cases[-1])
             _print(cases[-1])
     import triton  # noqa: PLC0415
