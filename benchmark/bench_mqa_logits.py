@@ -254,8 +254,9 @@ def main() -> int:
         print("needs a CUDA GPU", file=sys.stderr)
         return 2
     dg, dg_note = _deep_gemm()
-    print(f"{torch.cuda.get_device_name()}  deep_gemm: {dg_note if dg is None else 'version ' + dg_note}"
-          " (its kernels JIT-compile on first use: the first case includes that)", flush=True)
+    jit = " (its kernels JIT-compile on first use: the first case's seconds include that)" if dg else ""
+    print(f"{torch.cuda.get_device_name()}  deep_gemm: {dg_note if dg is None else 'version ' + dg_note}{jit}",
+          flush=True)
     gen = torch.Generator(device=DEV).manual_seed(12)
     cases = []
     if args.cases in ("all", "ragged"):
