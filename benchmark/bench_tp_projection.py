@@ -13,8 +13,9 @@ dim 128, DeepSeek-V3.2's 128 attention heads, d_qk 576) and each TP size ``N`` (
 - ``indexer``: the indexer over the busiest rank's rows of :func:`nsa_tp.token_parallel.plan_index_split`
   + the all-gather of ``T x 2048`` int32 ids + ``heads``' sparse core.
 - ``tokens``: the indexer and the 128-head sparse core over the busiest rank's rows of the token split
-  (:func:`nsa_tp.token_parallel.plan_token_split`, balanced by predicted cost) + two all-to-alls
-  (q ``576`` and o ``512`` bf16 values per row and head).
+  (:func:`nsa_tp.token_parallel.plan_token_split`, balanced by per-row costs measured in this run: the
+  all-rows indexer per (row, key) and a 128-head sparse probe on the prompt's last 4096 rows) + two
+  all-to-alls (q ``576`` and o ``512`` bf16 values per row and head).
 
 "Busiest": the first and the last rank of each split are timed (the first holds the most, shortest rows;
 the last the fewest, longest) and the larger is kept. The collectives cannot run on one GPU: they are
@@ -41,6 +42,7 @@ Run (the lead, one H200, < 4 minutes):
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import datetime
 import json
 import os
@@ -285,6 +287,19 @@ class Bench:
                           f"{label} rows [{rows.start}, {rows.stop})", _sparse_bytes(len(rows), heads, p.topk),
                           lambda: sparse_fn(p, rows, heads, self.sm_scale, self.args.sparse_backend))
 
+    def split_costs(self, p: Prompt, indexer_all_ms: float | str) -> TokenParallelCosts:
+        """The per-row costs that balance the token split on this card: the indexer per (row, key) from the
+        all-rows indexer, the 128-head sparse core per row from a probe on the prompt's last rows (every one
+        with a full top-k). Where either was skipped, :data:`DEFAULT_COSTS`."""
+        n = min(p.T, 4096)
+        probe = self.sparse(p, range(p.T - n, p.T), HEADS, "probe (split costs),")
+        if isinstance(probe, str) or isinstance(indexer_all_ms, str):
+            return DEFAULT_COSTS
+        return dataclasses.replace(
+            DEFAULT_COSTS, source="this run: all-rows indexer and a 128-head sparse probe",
+            indexer_ns_per_row_key=indexer_all_ms * 1e6 / (p.T * (p.T + 1) / 2),
+            sparse_ns_per_token=((HEADS, probe * 1e6 / n),))
+
     def case(self, p: Prompt, tp: int, comm: dict[str, float]) -> dict[str, Any]:
         a, T, K = self.args, p.T, p.topk
         h = HEADS // tp
@@ -297,7 +312,8 @@ class Bench:
         pieces["heads_sparse_padded"] = self.sparse(p, all_rows, hp, f"padded {h}->{hp},")
         tiers["heads_sparse_padded"] = self.tiers.get(self.last_key, {})
         isplit = plan_index_split(p.keys, tp)
-        tsplit = plan_token_split(T, tp, costs=token_costs(p.keys, DEFAULT_COSTS, HEADS))
+        split_costs = self.split_costs(p, pieces["heads_indexer_all_rows"])
+        tsplit = plan_token_split(T, tp, costs=token_costs(p.keys, split_costs, HEADS))
         ranks = sorted({0, tp - 1})
         idx_rank = {r: self.indexer(p, isplit.rows(r), f"index split rank {r}/{tp}") for r in ranks}
         tok_rank = {r: (self.indexer(p, tsplit.rows(r), f"token split rank {r}/{tp}"),
@@ -317,6 +333,9 @@ class Bench:
         )
         out: dict[str, Any] = dict(tokens=T, tp=tp, heads_per_rank=h, padded_heads=hp,
                                    index_split=list(isplit.splits), token_split=list(tsplit.splits),
+                                   token_split_costs=dict(source=split_costs.source,
+                                                          indexer_ns_per_row_key=split_costs.indexer_ns_per_row_key,
+                                                          sparse_ns_per_row_128_heads=split_costs.sparse_ns(HEADS)),
                                    modeled_bytes=modeled_bytes, modeled_ms=modeled, skipped=skipped)
         if skipped:
             out.update(measured_ms=pieces, projected_ms=None, ratio=None)
