@@ -426,8 +426,9 @@ def _rank_main(ctx: RankContext, with_layer: bool = True) -> dict:
     index_split = plan_index_split(counts, W, num_rows=b["rows"])
     gathered = gather_topk_rows(select(index_split.rows(r)), group, index_split)
     res["host_gather_index_split"] = torch.equal(gathered, topk_all)
-    for name, split in {**splits, "index": index_split}.items():
-        res[f"alloc_{name}"] = _traced_exchanges(b, split, r, W, group)
+    if dev.type == "cpu":  # the allocation trace is a gloo (CI) check; NCCL runs the same code untraced
+        for name, split in {**splits, "index": index_split}.items():
+            res[f"alloc_{name}"] = _traced_exchanges(b, split, r, W, group)
     tp8 = token_parallel_attention(q_mine, splits["even"], group, select, attend, fp8_q=True)
     res["prefill_fp8_q"] = _rel(tp8, pure)
 
@@ -506,6 +507,8 @@ def test_nccl_two_gpus_collectives_prefill_decode_and_key_sharding():
             got = res[f"prefill_{name}"]
             assert got["vs_pure"] < 1e-2 and got["vs_ref"] < 1e-2 and got["pad_zero"], (r, name, got)
         assert res["tiny"] < 1e-2 and res["decode_tokens"]["vs_pure"] < 1e-2, r
+        for name in ("even", "balanced", "one_rank"):  # the host entry point on NCCL and the fast tiers
+            assert res[f"host_tokens_{name}"]["vs_pure"] < 1e-2, (r, name)  # (ids equal up to ties: not compared)
         for name in [k for k in res if k.startswith("keys_")]:
             assert res[name]["ties"] == "" and res[name]["kept"] > 0, res[name]
 
