@@ -429,6 +429,9 @@ def _rank_main(ctx: RankContext, with_layer: bool = True) -> dict:
     if dev.type == "cpu":  # the allocation trace is a gloo (CI) check; NCCL runs the same code untraced
         for name, split in {**splits, "index": index_split}.items():
             res[f"alloc_{name}"] = _traced_exchanges(b, split, r, W, group)
+        # a one-rank group (group None): every head of every row here, nothing exchanged
+        res["alloc_one_rank_group"] = _traced_exchanges(b, plan_token_split(b["T"], 1, num_rows=b["rows"]), 0, 1,
+                                                        None)
     tp8 = token_parallel_attention(q_mine, splits["even"], group, select, attend, fp8_q=True)
     res["prefill_fp8_q"] = _rel(tp8, pure)
 
@@ -546,7 +549,7 @@ def test_exchange_allocations_match_the_planned_transient_buffers(world):
     """Every buffer the tokens exchange and the ids gather really allocate (traced at the dispatcher), and no
     other, is one transient_buffers planned: the stated memory bound is about the real allocations."""
     for r, res in enumerate(_run(world)):
-        for name in ("even", "balanced", "one_rank", "index"):
+        for name in ("even", "balanced", "one_rank", "index", "one_rank_group"):
             got = res[f"alloc_{name}"]
             assert got["tokens"] == got["plan"]["tokens"], (r, name, got)
             assert got["indexer"] == got["plan"]["indexer"], (r, name, got)
