@@ -12,8 +12,13 @@ Both produce exactly what pure TP produces on each rank (bf16 tolerance; top-k e
   replicated in the group, so any rank can compute any token's rows.
 - :func:`key_sharded_decode_topk`: decode with fewer rows than ranks: each rank scores its page-aligned
   slice of every row's context (:func:`shard_page_table`), keeps a local top-k, the candidates are
-  all-gathered and merged (:func:`nsa_tp.attention.topk_merge.merge_topk`) into the global top-k as
+  all-gathered and merged (:func:`nsa_tp.token_parallel.merge.merge_topk`) into the global top-k as
   global cache slots — what ``topk_transform_paged(fp8_paged_mqa_logits(...))`` gives unsharded.
+
+Host-engine entry points (tensors in, tensors out; the host computes its own top-k rows):
+
+- :func:`tokens_sparse_mla` — the ``tokens`` strategy's exchange + sparse core for one layer.
+- :func:`gather_topk_rows` — the ``indexer`` strategy's all-gather of every rank's top-k rows.
 """
 
 from __future__ import annotations
@@ -25,13 +30,14 @@ import torch
 import torch.distributed as dist
 
 from nsa_tp import ops
-from nsa_tp.attention.token_parallel import TokenSplit, plan_token_split
-from nsa_tp.attention.topk_merge import local_topk, merge_topk
 from nsa_tp.ops._check import check_same_device, check_tensor
 from nsa_tp.parallel.collectives import all_gather_stack, group_rank_world, heads_to_tokens, tokens_to_heads
+from nsa_tp.token_parallel.merge import local_topk, merge_topk
+from nsa_tp.token_parallel.plan import TokenSplit, plan_token_split
 
 __all__ = [
-    "token_parallel_attention", "Unabsorbed", "key_sharded_decode_topk", "shard_page_table", "KeyShardBatch",
+    "tokens_sparse_mla", "gather_topk_rows", "token_parallel_attention", "Unabsorbed", "key_sharded_decode_topk",
+    "shard_page_table", "KeyShardBatch",
     "SelectTopk", "Attend",
 ]
 
@@ -140,19 +146,117 @@ def token_parallel_attention(
     if topk.shape[0] != len(rows):
         raise ValueError(f"select_topk(rows): expected {len(rows)} rows, got shape {tuple(topk.shape)}")
     q_tok = pending.wait()
+    del pending  # its receive buffer: freed once regrouped (transient_buffers counts on it)
     if unabsorbed is not None:
         q_tok = unabsorbed.absorb(q_tok)  # [t_r, H, 192] -> [t_r, H, 576]
     core = _Core(attend, world * h, d_v, unabsorbed)
+    dim, dtype = core.out_shape()
+    out = q.new_empty((num_rows, h, dim), dtype=dtype)  # the result; the exchange writes its real rows
+    out[real:] = 0  # DP padding rows: 0, as pure TP's all -1 top-k rows give
     if out_chunks == 1:
-        # [t_r, W*h, 512 (or 128)] -> [T, h, 512 (or 128)]
-        out = tokens_to_heads(core(q_tok, topk, rows), group, split.splits)
+        o_tok = core(q_tok, topk, rows)
+        del q_tok
+        # [t_r, W*h, 512 (or 128)] -> [T, h, 512 (or 128)], received in place
+        tokens_to_heads(o_tok, group, split.splits, out=out[:real])
     else:
-        out = _attend_pipelined(core, q_tok, topk, split, rank, group, h, out_chunks)
-    if num_rows == real:
+        _attend_pipelined(core, q_tok, topk, split, rank, group, out[:real], out_chunks)
+    return out
+
+
+def tokens_sparse_mla(
+    q: torch.Tensor,
+    kv: torch.Tensor,
+    topk: torch.Tensor,
+    sm_scale: float,
+    group: dist.ProcessGroup | None,
+    split: TokenSplit,
+    *,
+    d_v: int = 512,
+    backend: str = "auto",
+    fp8_q: bool = False,
+    out_chunks: int = 1,
+) -> torch.Tensor:
+    """The ``tokens`` strategy for one layer, as a host engine calls it: heads -> tokens, sparse MLA, back.
+
+    Queries go ``[T, h, 576] -> [t_r, H, 576]`` (all ``H = W*h`` heads of this rank's rows), the sparse core
+    runs all heads with no padding (:func:`nsa_tp.ops.sparse_mla_fwd`), the output goes back
+    ``[t_r, H, 512] -> [T, h, 512]``. Every rank of ``group`` must call it with the same ``split``.
+
+    Args:
+        q: ``[split.num_rows, h, 576]`` bfloat16 — absorbed queries (rope applied) of this rank's ``h``
+            heads, global heads ``[r*h, (r+1)*h)``, for every row of the batch (DP padding rows included).
+        kv: ``[N, 1, 576]`` bfloat16 or ``[N, 1, 656]`` uint8 (fp8 format) — the flat latent KV cache,
+            replicated in the group (``[pages, 64, 1, D]`` viewed as ``[N, 1, D]``).
+        topk: ``[t_r, K]`` or ``[t_r, 1, K]`` int32 — top-k slots into ``kv`` for this rank's rows only,
+            ``split.rows(rank)``; ``-1`` (or ``>= N``) = no token.
+        sm_scale: softmax scale of ``q . k``.
+        group: the attention TP group (``None`` = one rank); its size is ``split.world``.
+        split: :func:`nsa_tp.token_parallel.plan.plan_token_split` of the batch's real rows.
+        d_v, backend: as :func:`nsa_tp.ops.sparse_mla_fwd`.
+        fp8_q, out_chunks: as :func:`token_parallel_attention`.
+
+    Returns:
+        ``[split.num_rows, h, d_v]`` bfloat16 — this rank's heads of every row (DP padding rows 0), the same
+        as ``sparse_mla_fwd(q, kv, full_topk)`` with the full ``[T, 1, K]`` top-k on this rank (bf16 tolerance).
+    """
+    if topk.ndim == 3:
+        check_tensor(topk, "topk", shape=(None, 1, None), dtype=torch.int32)
+        topk = topk[:, 0]
+    check_tensor(topk, "topk", ndim=2, dtype=torch.int32)
+    check_tensor(kv, "kv", ndim=3)
+    check_same_device(q=q, kv=kv, topk=topk)
+    if not isinstance(split, TokenSplit):
+        raise ValueError(f"split: expected a TokenSplit from plan_token_split, got {type(split).__name__}")
+    rank, world = group_rank_world(group)
+    if split.world != world:
+        raise ValueError(f"split: planned for {split.world} ranks, the group has {world}")
+    rows = split.rows(rank)
+    if topk.shape[0] != len(rows):
+        raise ValueError(f"topk: expected {len(rows)} rows (this rank's split), got shape {tuple(topk.shape)}")
+
+    def select(_rows: range) -> torch.Tensor:
+        return topk
+
+    def attend(q_tok: torch.Tensor, ids: torch.Tensor, _rows: range) -> torch.Tensor:
+        return ops.sparse_mla_fwd(q_tok, kv, ids.unsqueeze(1), sm_scale, d_v, backend=backend)[0]
+
+    return token_parallel_attention(q, split, group, select, attend, d_v=d_v, fp8_q=fp8_q, out_chunks=out_chunks)
+
+
+def gather_topk_rows(local: torch.Tensor, group: dist.ProcessGroup | None, split: TokenSplit) -> torch.Tensor:
+    """The ``indexer`` strategy's exchange: every rank's top-k rows -> the whole batch's top-k on every rank.
+
+    Args:
+        local: ``[len(split.rows(rank)), K]`` int32 — the top-k of this rank's query rows (its indexer share).
+        group: the attention TP group (``None`` = one rank).
+        split: :func:`nsa_tp.token_parallel.plan.plan_index_split` of the real rows, the same on every rank.
+
+    Returns:
+        ``[split.num_rows, K]`` int32, rank ``j``'s rows at ``split.rows(j)``; DP padding rows all ``-1``.
+        Transient: a ``[max_split, K]`` send block and the ``[W, max_split, K]`` int32 gather buffer (uneven
+        splits travel padded to the largest, because all-gather takes equal blocks); see
+        :func:`nsa_tp.token_parallel.plan.transient_buffers`.
+    """
+    check_tensor(local, "local", ndim=2, dtype=torch.int32)
+    if not isinstance(split, TokenSplit):
+        raise ValueError(f"split: expected a TokenSplit from plan_index_split, got {type(split).__name__}")
+    rank, world = group_rank_world(group)
+    if split.world != world:
+        raise ValueError(f"split: planned for {split.world} ranks, the group has {world}")
+    if local.shape[0] != split.splits[rank]:
+        raise ValueError(f"local: expected {split.splits[rank]} rows (this rank's split), got {tuple(local.shape)}")
+    K = local.shape[1]
+    out = local.new_full((split.num_rows, K), -1)
+    if world == 1:  # nothing to gather: the rows and the padding
+        out[: local.shape[0]] = local
         return out
-    padded = out.new_zeros((num_rows, h, out.shape[-1]))
-    padded[:real] = out
-    return padded
+    block = local.new_full((split.max_split, K), -1)
+    block[: local.shape[0]] = local
+    gathered = all_gather_stack(block, group)  # [W, max_split, K]: rank j's rows first in block j
+    for j, n in enumerate(split.splits):
+        start = split.offsets[j]
+        out[start : start + n] = gathered[j, :n]
+    return out
 
 
 @dataclasses.dataclass(frozen=True)
@@ -179,8 +283,9 @@ class _Core:
 
 
 def _attend_pipelined(core: _Core, q_tok: torch.Tensor, topk: torch.Tensor, split: TokenSplit, rank: int,
-                      group: dist.ProcessGroup | None, h: int, n: int) -> torch.Tensor:
-    """Core + output exchange in ``n`` slices per rank; slice ``c`` of every rank travels in exchange ``c``."""
+                      group: dist.ProcessGroup | None, out: torch.Tensor, n: int) -> None:
+    """Core + output exchange in ``n`` slices per rank; slice ``c`` of every rank travels in exchange ``c``;
+    the slices land in ``out [split.num_real, h, dim]``."""
     world = split.world
     # slices[j][c]: token count of rank j's slice c (every rank knows every rank's cut: same arithmetic)
     slices = [plan_token_split(split.splits[j], n).splits for j in range(world)]
@@ -192,8 +297,6 @@ def _attend_pipelined(core: _Core, q_tok: torch.Tensor, topk: torch.Tensor, spli
         part = core(q_tok[lo:hi], topk[lo:hi], range(first + lo, first + hi))
         pending.append(tokens_to_heads(part, group, [slices[j][c] for j in range(world)], async_op=True))
         lo = hi
-    dim, dtype = core.out_shape()
-    out = q_tok.new_empty((split.num_real, h, dim), dtype=dtype)
     offsets = split.offsets
     for c, p in enumerate(pending):
         got = p.wait()  # [sum_j slices[j][c], h, dim]: rank j's slice c, in rank order
@@ -203,7 +306,6 @@ def _attend_pipelined(core: _Core, q_tok: torch.Tensor, topk: torch.Tensor, spli
             dst = offsets[j] + sum(slices[j][:c])
             out[dst : dst + k] = got[src : src + k]
             src += k
-    return out
 
 
 @dataclasses.dataclass(frozen=True, eq=False)
@@ -228,7 +330,7 @@ def shard_page_table(
     """Rank ``rank``'s slice of every row's context, as a page table the paged logits kernel can read.
 
     Row ``r`` with ``P = ceil(seq_lens[r] / page_size)`` pages gets pages ``[rank*P//W, (rank+1)*P//W)``
-    (the same cut as :func:`nsa_tp.attention.token_parallel.plan_key_shards`). Computed on the device with
+    (the same cut as :func:`nsa_tp.token_parallel.plan.plan_key_shards`). Computed on the device with
     no host sync; build it once per batch (the backend keeps it in the batch metadata).
 
     Returns:
