@@ -4,11 +4,11 @@
 # repo root on the GPU machine, carrying .sgl/cN + .sgl/bin (../shared/sglang-on-device/prepare.sh) and
 # .wheels/ (sgl-flash-mla 1.0.0):
 #
-#   bash benchmark/gpu_single.sh kernels     # carry .sgl/c2 .sgl/bin .wheels: kernel bench of every tier vs upstream
-#   bash benchmark/gpu_single.sh unpack c1   # carry .sgl/c1 .sgl/bin
+#   bash benchmark/gpu_single.sh kernels     # carry .sgl/c2 .sgl/bin .wheels: `nsa-tp bench`, every tier vs upstream
+#   bash benchmark/gpu_single.sh variants    # carry .sgl/c1 .sgl/bin: unpack c1; our top-k / logits variants
 #   bash benchmark/gpu_single.sh start       # carry .sgl/c3 .sgl/bin: unpack c3, start the SGLang servers
 #   bash benchmark/gpu_single.sh tests       # GPU tests while the servers compile, then wait for them
-#   bash benchmark/gpu_single.sh measure     # SGLang off/on measurement, stop, then the kernel-variant benches
+#   bash benchmark/gpu_single.sh measure     # SGLang off/on measurement, stop, then the token-parallel projection
 #
 # The kernel phase writes the card's tuning table to /tmp/bench/tuning.json; the SGLang servers read it through
 # NSA_TP_TUNING_FILE, so the plugin routes by what this card measured a minute earlier.
@@ -48,8 +48,13 @@ EOF
     cp /tmp/bench/tuning.json "$OUT/"; cp /tmp/bench/sparse/kernels_*.json "$OUT/kernels_sparse.json"
     cp /tmp/bench/indexer/kernels_*.json "$OUT/kernels_indexer.json" 2>/dev/null
     stamp done ;;
-  unpack)
-    unpack "$2" ;;
+  variants)
+    unpack c1
+    stamp topk variants; timeout ${TOPK_S:-170} python3 benchmark/bench_topk.py --reference \
+      --out "$OUT/topk_bench.json" 2>&1 | tail -30
+    stamp logits variants; timeout ${LOGITS_S:-230} python3 benchmark/bench_mqa_logits.py \
+      --out "$OUT/mqa_logits.json" 2>&1 | tail -40
+    stamp done ;;
   start)
     unpack c3; flashmla
     python3 -c "import sglang.srt.models.deepseek_v2, sglang.srt.layers.attention.dsa_backend; print('sglang ok')" \
@@ -64,8 +69,9 @@ EOF
     stamp done ;;
   measure)
     stamp measure; timeout 260 python3 benchmark/sglang_e2e_1gpu.py measure --timeout 60 2>&1 | tail -40
-    python3 benchmark/sglang_e2e_1gpu.py stop; sleep 5
-    for b in ${BENCHES:-}; do stamp "$b"; done
+    python3 benchmark/sglang_e2e_1gpu.py stop; sleep 5; cp "$OUT"/e2e_1gpu.json /tmp/bench/ 2>/dev/null
+    stamp projection; timeout ${PROJ_S:-250} python3 benchmark/bench_tp_projection.py \
+      --out "$OUT/tp_projection.json" 2>&1 | tail -30
     stamp done ;;
-  *) echo "usage: bash benchmark/gpu_single.sh kernels|unpack cN|start|tests|measure" >&2; exit 2 ;;
+  *) echo "usage: bash benchmark/gpu_single.sh kernels|variants|start|tests|measure" >&2; exit 2 ;;
 esac
