@@ -5,7 +5,8 @@
 # .wheels/ (sgl-flash-mla 1.0.0):
 #
 #   bash benchmark/gpu_single.sh kernels     # carry .sgl/c2 .sgl/bin .wheels: `nsa-tp bench`, every tier vs upstream
-#   bash benchmark/gpu_single.sh variants    # carry .sgl/c1 .sgl/bin: unpack c1; our top-k / logits variants
+#   bash benchmark/gpu_single.sh variants    # our top-k / logits kernel variants next to upstream's kernels
+#   bash benchmark/gpu_single.sh unpack c1   # carry .sgl/c1 .sgl/bin (with c2 from `kernels`: SGLang's stack)
 #   bash benchmark/gpu_single.sh start       # carry .sgl/c3 .sgl/bin: unpack c3, start the SGLang servers
 #   bash benchmark/gpu_single.sh tests       # GPU tests while the servers compile, then wait for them
 #   bash benchmark/gpu_single.sh measure     # SGLang off/on measurement, stop, then the token-parallel projection
@@ -48,8 +49,9 @@ EOF
     cp /tmp/bench/tuning.json "$OUT/"; cp /tmp/bench/sparse/kernels_*.json "$OUT/kernels_sparse.json"
     cp /tmp/bench/indexer/kernels_*.json "$OUT/kernels_indexer.json" 2>/dev/null
     stamp done ;;
+  unpack)
+    unpack "$2" ;;
   variants)
-    unpack c1
     stamp topk variants; timeout ${TOPK_S:-170} python3 benchmark/bench_topk.py --reference \
       --out "$OUT/topk_bench.json" 2>&1 | tail -30
     stamp logits variants; timeout ${LOGITS_S:-230} python3 benchmark/bench_mqa_logits.py \
@@ -76,5 +78,5 @@ EOF
     stamp projection; timeout ${PROJ_S:-250} python3 benchmark/bench_tp_projection.py \
       --out "$OUT/tp_projection.json" 2>&1 | tail -30
     stamp done ;;
-  *) echo "usage: bash benchmark/gpu_single.sh kernels|variants|start|tests|measure" >&2; exit 2 ;;
+  *) echo "usage: bash benchmark/gpu_single.sh kernels|variants|unpack cN|start|tests|measure" >&2; exit 2 ;;
 esac

@@ -60,7 +60,7 @@ def test_every_section_builds_rows_and_a_table(cpu_timer):
     assert {d["class"] for d in dicts if d["op"] == "sparse_mla_fwd" and d["tier"] == "reference"} == {
         "h16/bf16", "h64/bf16", "h16/fp8", "h64/fp8"}
     table = tuning.table_from_rows(dicts)
-    assert set(table) == ops and table["sparse_mla_decode"] == {"h16/fp8/b<=64": pytest.approx(
+    assert set(table) == ops and table["sparse_mla_decode"] == {"h16/fp8/b<=8": pytest.approx(
         {"reference": next(d["ms"] for d in dicts if d["op"] == "sparse_mla_decode" and d["tier"] == "reference")})}
     check = auto_check(dicts, table)
     assert len(check) == len({(d["op"], str(d["shape"])) for d in dicts if d["class"]})

@@ -75,14 +75,29 @@ def available_tiers(op: str, include_reference: bool) -> list[str]:
     return out
 
 
-def _timed(fn: Callable[[], object]) -> tuple[float | None, str]:
-    """Median ms of ``fn()``, or None and the reason it could not run."""
+def _timed(fn: Callable[[], object], graph: bool = False) -> tuple[float | None, str]:
+    """Median ms of ``fn()``, or None and the reason it could not run.
+
+    ``graph=True`` times replays of ``fn`` captured in a CUDA graph: how SGLang runs decode (CUDA graphs are
+    on by default), where the host-side cost of a launch is gone and small batches are GPU time only. If the
+    capture fails, the eager time is reported and the note says so.
+    """
     try:
         fn()  # compile / first-call work stays out of the timing
         torch.cuda.synchronize()
-        return median_ms(fn), ""
     except Exception as e:  # noqa: BLE001 - a tier that cannot run this shape is a row with the reason
         return None, f"{type(e).__name__}: {str(e).splitlines()[0][:200] if str(e) else ''}"
+    if graph:
+        try:
+            g = torch.cuda.CUDAGraph()
+            with torch.cuda.graph(g):
+                fn()
+            torch.cuda.synchronize()
+            return median_ms(g.replay), "CUDA graph replay"
+        except Exception as e:  # noqa: BLE001 - e.g. a host sync inside: time it eagerly, say so
+            torch.cuda.synchronize()
+            return median_ms(fn), f"eager (graph capture failed: {type(e).__name__})"
+    return median_ms(fn), ""
 
 
 def _rate(amount: float, ms: float | None, unit: float) -> float | None:
@@ -104,6 +119,7 @@ def _case_rows(
     ceiling: float | None,
     compute_bound: bool,
     call: Callable[[str], Callable[[], object]] | None = None,
+    graph: bool = False,
 ) -> list[Row]:
     """One row per tier, then one ``auto`` row; every row carries upstream's time on the same inputs.
 
@@ -126,7 +142,7 @@ def _case_rows(
         except Exception as e:  # noqa: BLE001 - e.g. a plan the tier cannot build: a row with the reason
             rows.append(Row(op, tier, shape, None, note=f"{type(e).__name__}: {e}"[:300], cls=cls))
             continue
-        ms, note = _timed(thunk)
+        ms, note = _timed(thunk, graph)
         tf = _rate(useful_flops, ms, 1e12) if useful_flops else None
         gb = _rate(moved_bytes, ms, 1e9)
         rows.append(Row(op, tier, shape, ms, tf, gb, _frac(tf if compute_bound else gb, ceiling), note, cls))
@@ -225,8 +241,9 @@ def decode_rows(batches: list[int], heads: list[int], ctx: int, K: int, ceilings
                 plan = ops.plan_sparse_mla_decode(B, H, K, kv_dtype="fp8_e4m3", device=device, backend=tier)
                 return functools.partial(ops.sparse_mla_decode, q, cache, idx, sm_scale, plan=plan)
 
+            # Decode-sized calls as SGLang runs them: inside CUDA graphs (prefill-sized ones eagerly).
             rows += _case_rows("sparse_mla_decode", shape, tiers, (q, cache, idx, sm_scale), {}, useful, moved,
-                               ceilings.copy_gbps, False, call=call)
+                               ceilings.copy_gbps, False, call=call, graph=B <= 64)
             del q
     del cache
     return rows
@@ -260,6 +277,8 @@ def logits_rows(T: int, keys: list[int], H: int, D: int, ceilings: Ceilings, dev
 
 def paged_logits_rows(batches: list[int], H: int, ctx: int, ceilings: Ceilings, device: torch.device,
                       with_reference: bool = False) -> list[Row]:
+    """The decode indexer's logits over the paged index-K cache, timed as CUDA graph replays (as SGLang runs
+    decode)."""
     from nsa_tp.ops.index_cache import INDEX_PAGE_BYTES as PAGE_BYTES
 
     gen = torch.Generator(device=device).manual_seed(4)
@@ -277,7 +296,7 @@ def paged_logits_rows(batches: list[int], H: int, ctx: int, ceilings: Ceilings, 
         w = torch.randn(B, H, device=device, generator=gen)
         rows += _case_rows("fp8_paged_mqa_logits", {"B": B, "H": H, "ctx": ctx}, tiers,
                            (q, cache, w, seq_lens, page_table, ctx), {}, 2.0 * B * ctx * H * 128,
-                           B * ctx * (132 + 4) + B * H * 132, ceilings.copy_gbps, False)
+                           B * ctx * (132 + 4) + B * H * 132, ceilings.copy_gbps, False, graph=True)
         del cache
     return rows
 

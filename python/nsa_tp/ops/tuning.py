@@ -63,7 +63,9 @@ DEFAULT_ORDER = ("flashmla", "deep_gemm", "sgl_kernel", "triton", "reference")
 _MEASURED_DIR = Path(__file__).with_name("measured")
 _HEAD_BUCKETS = (16, 32, 64, 128)
 _WIDTH_BUCKETS = (2048, 8192, 32768, 131072)
-_SMALL_BATCH = 64  # decode proper; larger "batches" are SGLang's fp8 prefill through the decode kernel
+# Rows per decode-kernel call: small decode batches are launch-bound, 64 fills the card, and larger "batches"
+# are SGLang's fp8 prefill running through the decode kernel (one row per prompt token).
+_BATCH_BUCKETS = (8, 64)
 
 
 def _bucket(x: int, edges: Sequence[int]) -> str:
@@ -72,6 +74,10 @@ def _bucket(x: int, edges: Sequence[int]) -> str:
         if x <= e:
             return str(e)
     return f">{edges[-1]}"
+
+
+def _batch(rows: int) -> str:
+    return "b<=" + _bucket(rows, _BATCH_BUCKETS) if rows <= _BATCH_BUCKETS[-1] else f"b>{_BATCH_BUCKETS[-1]}"
 
 
 def _kv_format(kv: Any) -> str:
@@ -87,9 +93,9 @@ def shape_class(op: str, *args: Any, **kwargs: Any) -> str:
     """The shape class of an op call: the key its measured tier order is stored under.
 
     - ``sparse_mla_fwd``: ``h<heads bucket>/<bf16|fp8>`` (heads rounded up to 16, 32, 64, 128).
-    - ``plan_sparse_mla_decode`` / ``sparse_mla_decode``: ``h<bucket>/<kv>/b<=64`` or ``b>64`` (rows per call:
-      decode proper, or an fp8 prefill that SGLang runs through the decode kernel).
-    - ``fp8_mqa_logits``: ``n<keys bucket>``; ``fp8_paged_mqa_logits``: ``b<=64`` / ``b>64``.
+    - ``plan_sparse_mla_decode`` / ``sparse_mla_decode``: ``h<bucket>/<kv>/b<=8``, ``b<=64`` or ``b>64`` (rows
+      per call: decode proper, or an fp8 prefill that SGLang runs through the decode kernel).
+    - ``fp8_mqa_logits``: ``n<keys bucket>``; ``fp8_paged_mqa_logits``: ``b<=8`` / ``b<=64`` / ``b>64``.
     - top-k transforms: ``w<width bucket>`` (2K, 8K, 32K, 128K, larger).
     """
     if op == "sparse_mla_fwd":
@@ -98,15 +104,14 @@ def shape_class(op: str, *args: Any, **kwargs: Any) -> str:
     if op == "plan_sparse_mla_decode":
         batch, heads = args[0], args[1]
         fmt = _kv_dtype_format(kwargs.get("kv_dtype"))
-        return f"h{_bucket(heads, _HEAD_BUCKETS)}/{fmt}/b{'<=' if batch <= _SMALL_BATCH else '>'}{_SMALL_BATCH}"
+        return f"h{_bucket(heads, _HEAD_BUCKETS)}/{fmt}/{_batch(batch)}"
     if op == "sparse_mla_decode":
         q, kv = args[0], args[1]
-        rows = q.shape[0]
-        return f"h{_bucket(q.shape[1], _HEAD_BUCKETS)}/{_kv_format(kv)}/b{'<=' if rows <= _SMALL_BATCH else '>'}64"
+        return f"h{_bucket(q.shape[1], _HEAD_BUCKETS)}/{_kv_format(kv)}/{_batch(q.shape[0])}"
     if op == "fp8_mqa_logits":
         return f"n{_bucket(args[1][0].shape[0], _WIDTH_BUCKETS)}"
     if op == "fp8_paged_mqa_logits":
-        return f"b{'<=' if args[0].shape[0] <= _SMALL_BATCH else '>'}{_SMALL_BATCH}"
+        return _batch(args[0].shape[0])
     if op in ("topk_transform_ragged", "topk_transform_paged"):
         return f"w{_bucket(args[0].shape[1], _WIDTH_BUCKETS)}"
     return "all"
