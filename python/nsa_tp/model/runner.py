@@ -26,6 +26,7 @@ import dataclasses
 import os
 import resource
 import statistics
+import sys
 import time
 from collections.abc import Sequence
 from typing import Any
@@ -350,10 +351,19 @@ def time_layer_prefill(
     }
 
 
-def time_cases(ctx: RankContext, cases: Sequence[RunCase], warmup: int, iters: int) -> list[dict[str, Any]]:
-    """Rank body for benchmarks: :func:`time_layer_prefill` of every case, in order (pass to ``launch``)."""
+def time_cases(ctx: RankContext, cases: Sequence[RunCase], warmup: int, iters: int,
+               progress: bool = False) -> list[dict[str, Any]]:
+    """Rank body for benchmarks: :func:`time_layer_prefill` of every case, in order (pass to ``launch``).
+    ``progress``: rank 0 prints one line per case on stderr (a benchmark of many cases otherwise looks hung)."""
     memo: dict[tuple[Any, ...], LayerWeights] = {}
-    return [time_layer_prefill(ctx, c, warmup, iters, _case_weights(c, memo)) for c in cases]
+    out = []
+    t0 = time.perf_counter()
+    for k, c in enumerate(cases):
+        if progress and ctx.rank == 0:
+            print(f"[{time.perf_counter() - t0:7.1f}s] case {k + 1}/{len(cases)}: {c.label()}, "
+                  f"{sum(r.new_len for r in c.requests)} tokens", file=sys.stderr, flush=True)
+        out.append(time_layer_prefill(ctx, c, warmup, iters, _case_weights(c, memo)))
+    return out
 
 
 def _run_cases(ctx: RankContext, cases: Sequence[RunCase]) -> list[CaseResult | None]:
