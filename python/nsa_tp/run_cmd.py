@@ -191,7 +191,7 @@ def _check_backend(name: str) -> None:
                          "tier that runs here) or --backend reference") from None
 
 
-def _model_paths(model_path: str) -> tuple[str, str]:
+def _model_paths(model_path: str, layer: int) -> tuple[str, str]:
     """``--model-path`` -> (where its config.json is, where its weights are), refusing what cannot work."""
     from nsa_tp.model.weights import check_checkpoint
 
@@ -200,7 +200,7 @@ def _model_paths(model_path: str) -> tuple[str, str]:
         raise UsageError(f"--model-path {path}: `nsa-tp run` loads real weights, so it needs the checkpoint "
                          f"folder (config.json + *.safetensors), not the config file; pass --model-path "
                          f"{path.parent} (or drop --model-path for random weights)")
-    check_checkpoint(path)  # WeightsError (a ConfigError) names a missing, empty or unreadable checkpoint
+    check_checkpoint(path, layer)  # WeightsError (a ConfigError) names a missing, empty or unreadable checkpoint
     return (str(path.parent) if path.is_file() else str(path)), str(path)
 
 
@@ -211,11 +211,11 @@ def _plan(args: argparse.Namespace, gpus: int) -> tuple[NSAConfig, tuple[Request
     _check_backend(args.backend)
     weights_path = None
     if args.model_path:
-        config_path, weights_path = _model_paths(args.model_path)
-        cfg = NSAConfig.from_hf_config(config_path)
         if args.hidden_size is not None or args.heads != 128:
             raise UsageError("--hidden-size/--heads: the checkpoint's config.json sets them with --model-path; "
                              "drop them")
+        config_path, weights_path = _model_paths(args.model_path, args.layer)
+        cfg = NSAConfig.from_hf_config(config_path)
     else:
         cfg = NSAConfig(
             hidden_size=args.hidden_size or (7168 if on_gpu else 512),

@@ -142,6 +142,15 @@ def test_run_model_path_corrupt_safetensors(capsys, tmp_path):
     assert_usage_error(rc, err, "--model-path", "not a readable safetensors checkpoint")
 
 
+def test_run_model_path_layer_without_weights(capsys, tmp_path):
+    st = pytest.importorskip("safetensors.torch")
+    shutil.copy(CONFIG_V32, tmp_path / "config.json")
+    st.save_file({"model.embed_tokens.weight": torch.zeros(2, 2)}, str(tmp_path / "model.safetensors"))
+    rc, _, err = cli(capsys, "run", "--model-path", str(tmp_path), "--layer", "3")
+    assert_usage_error(rc, err, "--layer 3", "'model.layers.3.self_attn.q_a_proj.weight' is missing",
+                       "pick another --layer")
+
+
 def test_run_model_path_with_dims_flags(capsys, tmp_path):
     st = pytest.importorskip("safetensors.torch")
     shutil.copy(CONFIG_V32, tmp_path / "config.json")

@@ -185,18 +185,25 @@ def checkpoint_files(path: str | Path) -> list[Path]:
     return files
 
 
-def check_checkpoint(path: str | Path) -> None:
+def check_checkpoint(path: str | Path, layer: int | None = None) -> None:
     """Everything about ``--model-path`` that can be checked without reading tensors: the package, the files,
-    and that each file's header parses (a truncated or foreign file fails here with one line, not in a rank)."""
+    that each file's header parses (a truncated or foreign file fails here with one line, not in a rank) and,
+    given ``layer``, that the layer's attention tensors are there."""
     require_safetensors()
     from safetensors import SafetensorError, safe_open
 
+    present: set[str] = set()
     for f in checkpoint_files(path):
         try:
             with safe_open(str(f), framework="pt") as h:
-                h.keys()
+                present.update(h.keys())
         except (SafetensorError, OSError) as e:
             raise WeightsError(f"--model-path {f}: not a readable safetensors checkpoint ({e})") from e
+    if layer is not None:
+        missing = [n for n in hf_names(layer).values() if n not in present]
+        if missing:
+            raise WeightsError(f"--layer {layer}: tensor '{missing[0]}' is missing from {path} (layer {layer} has "
+                               "no NSA attention weights there?); pick another --layer")
 
 
 def _open_tensors(path: Path, names: list[str]) -> dict[str, torch.Tensor]:
