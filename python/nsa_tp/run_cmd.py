@@ -59,8 +59,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 
 
 def _hidden_size(text: str) -> int:
-    # A multiple of DeepSeek's 128x128 fp8 weight block (7168 = 56 x 128): the small CPU layer keeps the
-    # real model's shape constraints, so a width the checkpoint format could not hold is refused.
+    # DeepSeek's widths are multiples of its 128x128 fp8 weight block (7168 = 56 x 128); a smaller layer for
+    # CPU keeps that shape, and a width like 7 (accepted silently before) is almost surely a typo.
     value = int_at_least(128)(text)
     if value % 128:
         raise argparse.ArgumentTypeError(f"must be a multiple of 128 (DeepSeek-V3.2: 7168), got {value}")
