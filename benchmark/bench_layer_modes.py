@@ -15,7 +15,8 @@ matplotlib is installed. Run on the GPU host (NVLS off)::
         python benchmark/bench_layer_modes.py --world 2
     # or: torchrun --nproc-per-node 2 benchmark/bench_layer_modes.py --world 2
 
-``--smoke`` runs tiny dims on CPU with gloo (checks the script, times nothing meaningful).
+``--smoke`` runs tiny dims on CPU with gloo (checks the script, times nothing meaningful) and writes into a
+temp folder unless ``--out`` is given. Without GPUs and without ``--smoke`` it refuses (exit 2).
 """
 
 from __future__ import annotations
@@ -27,6 +28,7 @@ import os
 import re
 import shlex
 import sys
+import tempfile
 from pathlib import Path
 from typing import Any
 
@@ -96,7 +98,9 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--iters", type=int, default=5)
     p.add_argument("--kv-cache-dtype", default="bfloat16", choices=("bfloat16", "fp8_e4m3"))
     p.add_argument("--backend", default="auto", help="kernel tier for every op")
-    p.add_argument("--out", default="benchmark/results")
+    p.add_argument("--out", default=None,
+                   help="folder for the JSON and PNG (default benchmark/results; --smoke: a temp folder, never "
+                        "beside the published results)")
     p.add_argument("--smoke", action="store_true", help="tiny dims on CPU/gloo: checks the script only")
     args = p.parse_args(argv)
 
@@ -104,9 +108,12 @@ def main(argv: list[str] | None = None) -> int:
         os.environ.setdefault(k, v)
     gpus = torch.cuda.device_count() if torch.cuda.is_available() else 0
     world = args.world or int(os.environ.get("WORLD_SIZE", 0)) or gpus
-    if not args.smoke and gpus < world:
-        print(f"bench_layer_modes: needs {world} GPUs, {gpus} visible (use --smoke on CPU)", file=sys.stderr)
+    if not args.smoke and (world < 1 or gpus < world):
+        print(f"bench_layer_modes: error: needs {world or 'some'} CUDA GPUs (NCCL), {gpus} visible; on CPU use --smoke "
+              "(tiny dims, checks the script, times nothing meaningful)", file=sys.stderr)
         return 2
+    if args.out is None:
+        args.out = tempfile.mkdtemp(prefix="nsa-tp-smoke-") if args.smoke else "benchmark/results"
     cfg = NSAConfig()
     if args.smoke:
         cfg = cfg.replace(hidden_size=256, q_lora_rank=128, num_attention_heads=32, index_topk=64)
@@ -118,8 +125,11 @@ def main(argv: list[str] | None = None) -> int:
                 kv_cache_dtype=args.kv_cache_dtype, backend=args.backend, seed=0)
         for t in args.tokens for (tp, dp, dpa) in layouts_for(world)
     ]
-    per_rank = launch(time_cases, world, (cases, args.warmup, args.iters), backend="gloo" if args.smoke else "nccl",
-                      timeout_s=3600)
+    comm = "gloo, CPU smoke run" if args.smoke else "NCCL"
+    print(f"bench_layer_modes: {len(cases)} cases on {world} ranks ({comm}); results -> {args.out}",
+          file=sys.stderr, flush=True)
+    per_rank = launch(time_cases, world, (cases, args.warmup, args.iters, True),
+                      backend="gloo" if args.smoke else "nccl", timeout_s=3600)
     if under_torchrun() and int(os.environ["RANK"]) != 0:
         return 0
     rows = []

@@ -37,6 +37,7 @@ import json
 import os
 import statistics
 import sys
+import tempfile
 import time
 from collections.abc import Callable
 
@@ -179,6 +180,15 @@ class _Setup:
 # ------------------------------------------------------------------------------------------------ per rank
 
 
+_T0 = time.perf_counter()
+
+
+def _progress(rank: int, what: str) -> None:
+    """One line on stderr from rank 0 per step (a full run takes minutes; a silent one looks hung)."""
+    if rank == 0:
+        print(f"[{time.perf_counter() - _T0:7.1f}s] {what}", file=sys.stderr, flush=True)
+
+
 def _rank_main(ctx, args: argparse.Namespace) -> dict:
     import torch
     import torch.distributed as dist
@@ -221,6 +231,7 @@ def _rank_main(ctx, args: argparse.Namespace) -> dict:
 
     # ---- 1. prefill
     for T in args.prefill_tokens:
+        _progress(r, f"prefill {T} tokens: pure TP vs token-parallel")
         s = _Setup(dev, T, args.topk, layout.kv_cache_dtype, args.logits_budget_mb)
         q = s.q_all[:, mine].contiguous()
         meta = s.builder(h).prefill([T], [0], s.page_table)
@@ -287,6 +298,7 @@ def _rank_main(ctx, args: argparse.Namespace) -> dict:
 
     # ---- 2. decode, batch 1
     for L in (args.decode_context_small, args.decode_context):
+        _progress(r, f"decode batch 1, context {L}: replicated vs key-sharded indexer")
         s = _Setup(dev, L, args.topk, layout.kv_cache_dtype, args.logits_budget_mb, seed=1, q_rows=1)
         s.indexer.forward(s.x, s.q_lora, s.cos, s.sin, s.index_k,
                           s.builder(h).prefill([L], [0], s.page_table, index_rows=slice(0, 0)).index)  # keys
@@ -345,6 +357,7 @@ def _rank_main(ctx, args: argparse.Namespace) -> dict:
         torch.cuda.empty_cache() if dev.type == "cuda" else None
 
     # ---- 3. all-to-all latency and bandwidth
+    _progress(r, "all-to-all latency and bandwidth")
     for T in (64, args.a2a_tokens):
         x = torch.randn(T, h, D_QK, device=dev).to(torch.bfloat16)
         split = plan_token_split(T, W).splits
@@ -352,6 +365,7 @@ def _rank_main(ctx, args: argparse.Namespace) -> dict:
         out["a2a"].append(dict(tokens=T, heads_per_rank=h, bytes_per_rank=a2a_bytes_per_rank(T, h, D_QK, W), ms=ms))
 
     # ---- 4. single-GPU parts for the TP4/TP8 projection (rank 0 measures, the others wait)
+    _progress(r, f"single-GPU parts of the TP{'/TP'.join(map(str, args.project_to))} projection")
     if r == 0 and not args.skip_projection:
         for T in args.prefill_tokens:
             s = _Setup(dev, T, args.topk, layout.kv_cache_dtype, args.logits_budget_mb)
@@ -518,7 +532,9 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--skip-projection", action="store_true")
     p.add_argument("--no-graphs", action="store_true", help="skip the CUDA-graph timing of the decode indexer")
     p.add_argument("--quick", action="store_true", help="tiny sizes: a CPU/gloo smoke run of this script")
-    p.add_argument("--out", default="benchmark/results/token_parallel.json")
+    p.add_argument("--out", default=None,
+                   help="result JSON (default benchmark/results/token_parallel.json; --quick: a temp folder, never "
+                        "beside the published results)")
     p.add_argument("--plot", default=None, metavar="JSON", help="only draw the PNG of an existing result")
     args = p.parse_args(argv)
     if args.plot:
@@ -531,6 +547,20 @@ def main(argv: list[str] | None = None) -> int:
 
     from nsa_tp.parallel.launch import NCCL_ENV, launch
 
+    gpus = torch.cuda.device_count() if torch.cuda.is_available() else 0
+    if args.world < 1:
+        print(f"bench_token_parallel: error: --world must be >= 1, got {args.world}", file=sys.stderr)
+        return 2
+    if not args.quick and gpus < args.world:
+        # At real dims on CPU ranks one prefill point takes tens of minutes: refuse rather than look hung.
+        print(f"bench_token_parallel: error: --world {args.world} needs {args.world} CUDA GPUs (NCCL), {gpus} visible; "
+              "on CPU use --quick (tiny sizes, checks the script, times nothing meaningful)", file=sys.stderr)
+        return 2
+    if args.out is None:
+        args.out = (os.path.join(tempfile.mkdtemp(prefix="nsa-tp-smoke-"), "token_parallel_quick.json") if args.quick
+                    else "benchmark/results/token_parallel.json")
+    print(f"bench_token_parallel: {args.world} ranks ({'NCCL' if gpus else 'gloo, CPU smoke run'}); results -> "
+          f"{args.out}; each rank's clock starts at its launch", file=sys.stderr, flush=True)
     for k, v in NCCL_ENV.items():
         os.environ.setdefault(k, v)
     results = launch(_rank_main, args.world, (args,), timeout_s=3000)
@@ -554,7 +584,8 @@ def main(argv: list[str] | None = None) -> int:
               f"{row['token_parallel_ms']:.2f} ms ({row['speedup']:.2f}x; all-to-all {row['all_to_all_ms']:.2f} ms; "
               f"{row['out_chunks']} slices overlapped {row['token_parallel_pipelined_ms']:.2f} ms; unabsorbed "
               f"{row['token_parallel_unabsorbed_ms']:.2f} vs {row['pure_tp_with_absorb_ms']:.2f} ms), "
-              f"peak {row['pure_tp_peak_mb']:.0f} vs {row['token_parallel_peak_mb']:.0f} MB, rel diff "
+              + (f"peak {row['pure_tp_peak_mb']:.0f} vs {row['token_parallel_peak_mb']:.0f} MB" if gpus
+                 else "peak memory n/a on CPU") + ", rel diff "
               f"{row['rel_diff']:.1e}")
     for d in report["decode"].values():
         graph = (f"CUDA graphs {d['replicated_indexer_graph_ms']:.3f} vs {d['key_sharded_indexer_graph_ms']:.3f} ms "

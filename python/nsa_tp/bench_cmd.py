@@ -19,6 +19,8 @@ import shlex
 import sys
 from typing import Any
 
+from nsa_tp.cli import UsageError, int_at_least
+
 __all__ = ["add_arguments", "main", "SECTIONS"]
 
 SECTIONS = ("sparse_mla_fwd", "sparse_mla_decode", "fp8_mqa_logits", "fp8_paged_mqa_logits", "topk")
@@ -26,9 +28,15 @@ SECTIONS = ("sparse_mla_fwd", "sparse_mla_decode", "fp8_mqa_logits", "fp8_paged_
 
 def _ints(text: str) -> list[int]:
     try:
-        return [int(x) for x in text.split(",") if x]
+        values = [int(x) for x in text.split(",") if x]
     except ValueError:
         raise argparse.ArgumentTypeError(f"expected comma-separated integers, got {text!r}") from None
+    if not values or min(values) < 1:
+        raise argparse.ArgumentTypeError(f"expected comma-separated integers >= 1, got {text!r}")
+    return values
+
+
+DEFAULT_OUT = "benchmark/results"
 
 
 def _pairs(text: str) -> list[tuple[int, int]]:
@@ -40,26 +48,66 @@ def _pairs(text: str) -> list[tuple[int, int]]:
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--out", default="benchmark/results", help="folder for the JSON and PNG files")
+    pos = int_at_least(1)
+    p.add_argument("--out", default=None,
+                   help=f"folder for the JSON and PNG files (default {DEFAULT_OUT}; with --plot-from: the JSON's)")
     p.add_argument("--heads", type=_ints, default=[16, 32, 64, 128], help="sparse MLA heads per rank")
-    p.add_argument("--tokens", type=int, default=4096, help="sparse MLA / logits query tokens T")
-    p.add_argument("--kv-slots", type=int, default=32768, help="sparse MLA KV rows N")
-    p.add_argument("--topk", type=int, default=2048)
+    p.add_argument("--tokens", type=pos, default=4096, help="sparse MLA / logits query tokens T")
+    p.add_argument("--kv-slots", type=pos, default=32768, help="sparse MLA KV rows N")
+    p.add_argument("--topk", type=pos, default=2048)
     p.add_argument("--logits-keys", type=_ints, default=[4096, 8192, 16384, 32768, 65536],
                    help="key counts N for the fp8 MQA logits sweep (causal over the last T tokens)")
     p.add_argument("--decode-batches", type=_ints, default=[1, 64, 4096],
                    help="rows per decode-kernel call (SGLang runs fp8 prefill through it: one row per token)")
     p.add_argument("--topk-cases", type=_pairs, default=[(4096, 8192), (4096, 32768), (1024, 131072)],
                    help="top-k cases as ROWSxWIDTH,... (causal rows)")
-    p.add_argument("--context", type=int, default=32768, help="decode context per request")
+    p.add_argument("--context", type=pos, default=32768, help="decode context per request")
     p.add_argument("--ops", type=lambda t: [x for x in t.split(",") if x], default=list(SECTIONS),
                    help=f"comma-separated sections to run (default all: {','.join(SECTIONS)})")
     p.add_argument("--sweep", action="store_true", help="also sweep the kernels' launch configs")
     p.add_argument("--quick", action="store_true", help="small shapes (a smoke run, includes the reference tier)")
-    p.add_argument("--plot-from", default=None, metavar="JSON", help="only redraw the PNGs of a results file")
+    p.add_argument("--plot-from", default=None, metavar="JSON",
+                   help="only redraw the PNGs of a results file (needs matplotlib: pip install -e '.[bench]')")
     p.add_argument("--warm-only", action="store_true",
                    help="compile every kernel variant the full run needs (small shapes with the same integer "
                         "specializations), time nothing, write nothing; run it beside other work to hide compiles")
+
+
+def _have_matplotlib() -> bool:
+    import importlib.util
+
+    return importlib.util.find_spec("matplotlib") is not None
+
+
+def _plot_from(args: argparse.Namespace) -> int:
+    """``--plot-from FILE``: redraw the PNGs of a results JSON into ``--out`` (default: the JSON's folder)."""
+    from nsa_tp.bench.plots import plot_results
+
+    src = args.plot_from
+    try:
+        with open(src) as f:
+            results = json.load(f)
+    except FileNotFoundError:
+        raise UsageError(f"--plot-from {src}: no such file; pass a kernels_*.json written by `nsa-tp bench`") \
+            from None
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise UsageError(f"--plot-from {src}: not a readable results JSON ({e})") from None
+    if not isinstance(results, dict) or not isinstance(results.get("rows"), list):
+        raise UsageError(f"--plot-from {src}: not an `nsa-tp bench` results file (no 'rows' list)")
+    if not _have_matplotlib():
+        print("nsa-tp bench: error: --plot-from needs matplotlib, which is not installed; "
+              "pip install -e '.[bench]' (or pip install matplotlib)", file=sys.stderr)
+        return 1
+    out = args.out if args.out is not None else (os.path.dirname(src) or ".")
+    os.makedirs(out, exist_ok=True)
+    stem = os.path.splitext(os.path.basename(src))[0]
+    written = plot_results(results, out, stem)
+    if not written:
+        print(f"nsa-tp bench: error: {src} has no measured rows to plot", file=sys.stderr)
+        return 1
+    for path in written:
+        print(f"wrote {path}")
+    return 0
 
 
 def _slug(text: str) -> str:
@@ -122,21 +170,17 @@ def auto_check(rows: list[dict[str, Any]], table: dict[str, Any]) -> list[dict[s
 
 
 def main(args: argparse.Namespace) -> int:
-    from nsa_tp.bench.plots import plot_results
-
     if args.plot_from:
-        with open(args.plot_from) as f:
-            results = json.load(f)
-        stem = os.path.splitext(os.path.basename(args.plot_from))[0]
-        for path in plot_results(results, os.path.dirname(args.plot_from) or ".", stem):
-            print(f"wrote {path}")
-        return 0
+        return _plot_from(args)
+    from nsa_tp.bench.plots import plot_results
 
     unknown = sorted(set(args.ops) - set(SECTIONS))
     if unknown:
         print(f"nsa-tp bench: error: --ops: unknown section(s) {unknown}; choose from {', '.join(SECTIONS)}",
               file=sys.stderr)
         return 2
+    if args.out is None:
+        args.out = DEFAULT_OUT
     import torch
 
     if not torch.cuda.is_available():
@@ -234,4 +278,7 @@ def main(args: argparse.Namespace) -> int:
     print(f"wrote {tuning_path}")
     for png in plot_results(results, args.out, stem):
         print(f"wrote {png}")
+    if not _have_matplotlib():
+        print(f"note: no PNG plots (matplotlib is not installed: pip install -e '.[bench]'); draw them later with "
+              f"nsa-tp bench --plot-from {path}")
     return 0

@@ -11,11 +11,40 @@ import importlib
 import json
 import sys
 from collections.abc import Callable, Sequence
+from typing import NoReturn
 
 from nsa_tp.config import ConfigError, NSAConfig
 from nsa_tp.parallel import TOKEN_PARALLEL_MODES, LayoutError, ParallelLayout, resolve_layout
 
-__all__ = ["main", "build_parser", "add_layout_args", "layout_from_args"]
+__all__ = ["main", "build_parser", "add_layout_args", "layout_from_args", "int_at_least", "UsageError"]
+
+
+class UsageError(ValueError):
+    """A flag value that cannot work (the message names the flag and the fix); the CLI exits 2 with it."""
+
+
+def int_at_least(low: int, why: str = "") -> Callable[[str], int]:
+    """An argparse ``type`` for integers ``>= low``: a bad value is a one-line usage error naming the range."""
+
+    def parse(text: str) -> int:
+        try:
+            value = int(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"expected an integer, got {text!r}") from None
+        if value < low:
+            raise argparse.ArgumentTypeError(f"must be >= {low}{why}, got {value}")
+        return value
+
+    parse.__name__ = f"int>={low}"
+    return parse
+
+
+class _Parser(argparse.ArgumentParser):
+    """argparse with one-line errors: ``nsa-tp run: error: argument --topk: must be >= 1, got 0 (see
+    nsa-tp run --help)`` and exit 2, instead of the usage block (the message already names the flag)."""
+
+    def error(self, message: str) -> NoReturn:
+        self.exit(2, f"{self.prog}: error: {message} (see {self.prog} --help)\n")
 
 # Subcommands implemented in their own modules: name -> (module, help). Each module defines
 # `add_arguments(parser)` and `main(args) -> int`.
@@ -27,11 +56,12 @@ _SUBCOMMANDS: dict[str, tuple[str, str]] = {
 
 def add_layout_args(p: argparse.ArgumentParser, *, tp_default: int | None = 1) -> None:
     """SGLang's layout flags, shared by `plan`, `run` and `bench`."""
-    p.add_argument("--tp", "--tp-size", dest="tp", type=int, default=tp_default, help="tensor parallel size")
-    p.add_argument("--dp", "--dp-size", dest="dp", type=int, default=1, help="data parallel size")
+    p.add_argument("--tp", "--tp-size", dest="tp", type=int_at_least(1), default=tp_default,
+                   help="tensor parallel size")
+    p.add_argument("--dp", "--dp-size", dest="dp", type=int_at_least(1), default=1, help="data parallel size")
     p.add_argument("--enable-dp-attention", action="store_true", help="attention DP groups of tp/dp ranks")
     p.add_argument("--kv-cache-dtype", default="auto", help="auto | fp8_e4m3 | bfloat16")
-    p.add_argument("--page-size", type=int, default=64)
+    p.add_argument("--page-size", type=int_at_least(1), default=64, help="KV cache page size (NSA: 64)")
     p.add_argument("--sm", type=int, choices=(80, 90, 100), default=None,
                    help="GPU generation to plan for (default: this machine's GPU, else 90)")
     p.add_argument("--nsa-token-parallel", choices=TOKEN_PARALLEL_MODES, default="auto",
@@ -66,7 +96,8 @@ def _format_layout(layout: ParallelLayout, model: str) -> str:
         ("mode", layout.mode),
         ("ranks", f"{layout.world_size} GPU(s): --tp {layout.tp_size} --dp {layout.dp_size}"
                   + (" --enable-dp-attention" if layout.enable_dp_attention else "")
-                  + (f" ({layout.num_replicas} replicas)" if layout.num_replicas > 1 else "")),
+                  + (f" = {layout.num_replicas} replicas of {layout.tp_size} GPUs (--dp without "
+                     "--enable-dp-attention: independent copies of the model)" if layout.num_replicas > 1 else "")),
         ("attention groups", f"{layout.attn_dp_size} x {layout.attn_tp_size} ranks (attn_dp x attn_tp)"),
         ("heads per rank", f"{layout.heads_per_rank} of {layout.num_attention_heads}"),
         (f"FlashMLA padding (SM{layout.sm_major}0)", padding),
@@ -103,7 +134,7 @@ def _plan_main(args: argparse.Namespace) -> int:
 def build_parser(command: str | None = None) -> argparse.ArgumentParser:
     """The full parser. Only ``command``'s module is imported (all of them when None): `run` and `bench`
     pull in torch and the kernels, which `nsa-tp plan` does not need."""
-    parser = argparse.ArgumentParser(prog="nsa-tp", description=__doc__.splitlines()[0])
+    parser = _Parser(prog="nsa-tp", description=__doc__.splitlines()[0])
     sub = parser.add_subparsers(dest="command", required=True)
     plan = sub.add_parser("plan", help="resolve and print the NSA parallel layout for SGLang's flags")
     add_layout_args(plan)
@@ -123,11 +154,15 @@ def build_parser(command: str | None = None) -> argparse.ArgumentParser:
 def main(argv: Sequence[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     chosen = next((a for a in argv if not a.startswith("-")), None)
-    args = build_parser(chosen if chosen in _SUBCOMMANDS or chosen == "plan" else None).parse_args(argv)
+    parser = build_parser(chosen if chosen in _SUBCOMMANDS or chosen == "plan" else None)
+    try:
+        args = parser.parse_args(argv)
+    except SystemExit as e:  # --help (0) or a usage error (2, already printed as one line): a return code
+        return e.code if isinstance(e.code, int) else 2
     func: Callable[[argparse.Namespace], int] = args.func
     try:
         return func(args)
-    except (LayoutError, ConfigError) as e:
+    except (LayoutError, ConfigError, UsageError) as e:
         print(f"nsa-tp {args.command}: error: {e}", file=sys.stderr)
         return 2
 

@@ -95,14 +95,25 @@ class NSAConfig:
             if not path.is_file():
                 raise ConfigError(f"--model-path: no config.json at {path}")
             try:
-                hf = json.loads(path.read_text())
+                hf = json.loads(path.read_bytes().decode("utf-8"))
+            except UnicodeDecodeError as e:
+                raise ConfigError(f"--model-path {path}: not UTF-8 text (byte {e.start}); expected a HuggingFace "
+                                  "config.json (a .safetensors file goes with its folder: pass the folder)") from e
             except json.JSONDecodeError as e:
-                raise ConfigError(f"{path}: not valid JSON ({e})") from e
+                raise ConfigError(f"--model-path {path}: not valid JSON ({e}); expected a HuggingFace config.json") \
+                    from e
+            except OSError as e:
+                raise ConfigError(f"--model-path {path}: cannot read it ({e.strerror})") from e
             where = str(path)
+        if not isinstance(hf, Mapping):
+            raise ConfigError(f"{where}: expected a JSON object (a HuggingFace config.json), got "
+                              f"{type(hf).__name__ if hf is not None else 'null'}")
 
         archs = hf.get("architectures")
         if not archs:
             raise ConfigError(f"{where}: field 'architectures' is missing; expected one of {NSA_ARCHITECTURES}")
+        if not isinstance(archs, list) or not all(isinstance(a, str) for a in archs):
+            raise ConfigError(f"{where}: field 'architectures' must be a list of names, got {archs!r}")
         if not any(a in NSA_ARCHITECTURES for a in archs):
             raise ConfigError(
                 f"{where}: field 'architectures' is {archs}, not an NSA (DeepSeek Sparse Attention) model; "
@@ -133,6 +144,9 @@ class NSAConfig:
         if "rope_theta" in hf:
             kwargs["rope_theta"] = float(field("rope_theta", float))
         scaling = hf.get("rope_scaling")
+        if scaling is not None and not isinstance(scaling, Mapping):
+            raise ConfigError(f"{where}: field 'rope_scaling' must be an object like "
+                              f'{{"type": "yarn", "factor": 40, ...}} or null, got {scaling!r}')
         if scaling:
             kind = scaling.get("type", scaling.get("rope_type"))
             if kind not in ("yarn", "deepseek_yarn"):
@@ -146,8 +160,16 @@ class NSAConfig:
                 ("mscale_all_dim", "rope_mscale_all_dim"),
             ):
                 if key in scaling:
-                    cast = int if key == "original_max_position_embeddings" else float
-                    kwargs[attr] = cast(scaling[key])
+                    value = scaling[key]
+                    if key == "original_max_position_embeddings":
+                        ok = isinstance(value, int) and not isinstance(value, bool) and value > 0
+                        want, cast = "a positive integer", int
+                    else:
+                        ok = isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
+                        want, cast = "a number", float
+                    if not ok:
+                        raise ConfigError(f"{where}: field 'rope_scaling.{key}' must be {want}, got {value!r}")
+                    kwargs[attr] = cast(value)
         else:
             kwargs["rope_scaling_factor"] = 1.0
         return cls(**kwargs)

@@ -119,7 +119,7 @@ def test_nsa_tp_run_cli_one_layout_json_and_bad_flags(capsys):
     assert main(base + ["--tp", "3"]) == 2
     assert "error: 32 attention heads do not split" in capsys.readouterr().err
     assert main(base + ["--prompt-len", "2"]) == 2
-    assert "--prompt-len must be at least 4" in capsys.readouterr().err
+    assert "argument --prompt-len: must be >= 4" in capsys.readouterr().err
 
 
 def test_nsa_tp_run_with_checkpoint_weights(tmp_path, capsys):

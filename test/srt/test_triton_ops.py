@@ -349,10 +349,12 @@ def test_bench_without_gpu_or_from_json(tmp_path, capsys):
     }
     path = tmp_path / "r.json"
     path.write_text(json.dumps(results))
-    assert main(["bench", "--plot-from", str(path)]) == 0
     try:
         import matplotlib  # noqa: F401
-    except ImportError:
+    except ImportError:  # no PNG can be drawn: said on stderr, nonzero (issue 15), not a silent 0
+        assert main(["bench", "--plot-from", str(path)]) == 1
+        assert "needs matplotlib" in capsys.readouterr().err
         return
+    assert main(["bench", "--plot-from", str(path)]) == 0
     assert (tmp_path / "r_sparse_mla.png").stat().st_size > 0
     assert (tmp_path / "r_logits.png").stat().st_size > 0

@@ -26,6 +26,7 @@ import dataclasses
 import os
 import resource
 import statistics
+import sys
 import time
 from collections.abc import Sequence
 from typing import Any
@@ -79,6 +80,9 @@ class RunCase:
     weights_path: str | None = None  # a safetensors checkpoint (else random weights from `seed`)
     layer_index: int = 0
     name: str = ""
+    # Run the whole case once on throwaway caches before the measured run: first calls compile kernels
+    # (Triton), fill allocators and caches; without it a one-layer timing is mostly start-up (seconds, not ms).
+    warmup: bool = False
 
     def layout(self) -> ParallelLayout:
         sm = None if torch.cuda.is_available() else 9
@@ -246,7 +250,27 @@ def run_case(ctx: RankContext | None, case: RunCase, weights: LayerWeights | Non
         torch.cuda.reset_peak_memory_stats(device)
     if weights is None:
         weights = _case_weights(case, {})
+    if case.warmup:
+        # Same shapes and collectives on every rank, on caches that are then dropped; one decode step is
+        # enough to compile the decode path (later steps differ only in sequence lengths).
+        _run_batch(_Rank(case, groups, device, weights), case, min(case.decode_steps, 1))
+        if device.type == "cuda":
+            torch.cuda.synchronize(device)
+            torch.cuda.empty_cache()
+            torch.cuda.reset_peak_memory_stats(device)
     rank = _Rank(case, groups, device, weights)
+    prefill, prefill_ms, decode, decode_ms = _run_batch(rank, case, case.decode_steps)
+    return CaseResult(
+        label=case.label(), rank=groups.rank, world_size=layout.world_size, heads_per_rank=layout.heads_per_rank,
+        mode=layout.mode, prefill=prefill, decode=decode, pad_rows=rank.pad_rows, prefill_ms=prefill_ms,
+        decode_ms=decode_ms / max(case.decode_steps, 1), peak_mem_mb=_peak_mem_mb(device), device=str(device),
+    )
+
+
+def _run_batch(rank: _Rank, case: RunCase, decode_steps: int) -> tuple[
+        dict[int, torch.Tensor], float, list[dict[int, torch.Tensor]], float]:
+    """Prefix fill, the timed prefill, ``decode_steps`` timed decode steps: (prefill out, ms, decode outs,
+    total decode ms)."""
     reqs = case.requests
     every = range(len(reqs))
     if any(r.prefix_len for r in reqs):
@@ -255,17 +279,12 @@ def run_case(ctx: RankContext | None, case: RunCase, weights: LayerWeights | Non
         {i: (reqs[i].prefix_len, reqs[i].prefix_len + reqs[i].new_len) for i in every}, is_decode=False)
     decode: list[dict[int, torch.Tensor]] = []
     decode_ms = 0.0
-    for step in range(case.decode_steps):
-        spans = {i: (reqs[i].prefix_len + reqs[i].new_len + step,) * 2 for i in every}
-        spans = {i: (s, s + 1) for i, (s, _) in spans.items()}
-        out, ms = rank.timed_forward(spans, is_decode=True)
+    for step in range(decode_steps):
+        pos = {i: reqs[i].prefix_len + reqs[i].new_len + step for i in every}
+        out, ms = rank.timed_forward({i: (p, p + 1) for i, p in pos.items()}, is_decode=True)
         decode.append(out)
         decode_ms += ms
-    return CaseResult(
-        label=case.label(), rank=groups.rank, world_size=layout.world_size, heads_per_rank=layout.heads_per_rank,
-        mode=layout.mode, prefill=prefill, decode=decode, pad_rows=rank.pad_rows, prefill_ms=prefill_ms,
-        decode_ms=decode_ms / max(case.decode_steps, 1), peak_mem_mb=_peak_mem_mb(device), device=str(device),
-    )
+    return prefill, prefill_ms, decode, decode_ms
 
 
 def _case_weights(case: RunCase, memo: dict[tuple[Any, ...], LayerWeights]) -> LayerWeights:
@@ -333,10 +352,19 @@ def time_layer_prefill(
     }
 
 
-def time_cases(ctx: RankContext, cases: Sequence[RunCase], warmup: int, iters: int) -> list[dict[str, Any]]:
-    """Rank body for benchmarks: :func:`time_layer_prefill` of every case, in order (pass to ``launch``)."""
+def time_cases(ctx: RankContext, cases: Sequence[RunCase], warmup: int, iters: int,
+               progress: bool = False) -> list[dict[str, Any]]:
+    """Rank body for benchmarks: :func:`time_layer_prefill` of every case, in order (pass to ``launch``).
+    ``progress``: rank 0 prints one line per case on stderr (a benchmark of many cases otherwise looks hung)."""
     memo: dict[tuple[Any, ...], LayerWeights] = {}
-    return [time_layer_prefill(ctx, c, warmup, iters, _case_weights(c, memo)) for c in cases]
+    out = []
+    t0 = time.perf_counter()
+    for k, c in enumerate(cases):
+        if progress and ctx.rank == 0:
+            print(f"[{time.perf_counter() - t0:7.1f}s] case {k + 1}/{len(cases)}: {c.label()}, "
+                  f"{sum(r.new_len for r in c.requests)} tokens", file=sys.stderr, flush=True)
+        out.append(time_layer_prefill(ctx, c, warmup, iters, _case_weights(c, memo)))
+    return out
 
 
 def _run_cases(ctx: RankContext, cases: Sequence[RunCase]) -> list[CaseResult | None]:

@@ -43,6 +43,9 @@ __all__ = [
     "save_layer_weights",
     "hf_names",
     "expected_shapes",
+    "require_safetensors",
+    "checkpoint_files",
+    "check_checkpoint",
 ]
 
 # Block size of the checkpoint's fp8 weight quantization (DeepSeek-V3 "weight_block_size": [128, 128]).
@@ -153,8 +156,69 @@ def _dequant_fp8_block(w: torch.Tensor, scale_inv: torch.Tensor, name: str) -> t
     return w.float() * scale
 
 
+def require_safetensors() -> None:
+    """Raise :class:`WeightsError` with the fix when the ``safetensors`` package (an optional dependency,
+    needed only for real weights) is not installed."""
+    try:
+        import safetensors  # noqa: F401
+    except ImportError:
+        raise WeightsError("--model-path: reading checkpoint weights needs the safetensors package; "
+                           "install it (pip install safetensors) or drop --model-path for random weights") from None
+
+
+def checkpoint_files(path: str | Path) -> list[Path]:
+    """The ``.safetensors`` files of a checkpoint (a file, or a folder with or without an index), checked up
+    front so a wrong ``--model-path`` fails with one line before any rank starts."""
+    path = Path(path)
+    if path.is_file():
+        if path.suffix != ".safetensors":
+            raise WeightsError(f"--model-path {path}: weights are read from a checkpoint folder (config.json + "
+                               "*.safetensors) or one .safetensors file, not this file; pass the folder")
+        return [path]
+    if not path.is_dir():
+        raise WeightsError(f"--model-path {path}: no such file or folder")
+    files = sorted(path.glob("*.safetensors"))
+    if not files:
+        raise WeightsError(f"--model-path {path}: no *.safetensors weights in this folder; pass a checkpoint "
+                           "folder, or drop --model-path for random weights (`nsa-tp plan --model-path` reads "
+                           "only config.json)")
+    return files
+
+
+def check_checkpoint(path: str | Path, layer: int | None = None) -> None:
+    """Everything about ``--model-path`` that can be checked without reading tensors: the package, the files,
+    that each file's header parses (a truncated or foreign file fails here with one line, not in a rank) and,
+    given ``layer``, that the layer's attention tensors are there."""
+    require_safetensors()
+    from safetensors import SafetensorError, safe_open
+
+    present: set[str] = set()
+    for f in checkpoint_files(path):
+        try:
+            with safe_open(str(f), framework="pt") as h:
+                present.update(h.keys())
+        except (SafetensorError, OSError) as e:
+            raise WeightsError(f"--model-path {f}: not a readable safetensors checkpoint ({e})") from e
+    if layer is not None:
+        missing = [n for n in hf_names(layer).values() if n not in present]
+        if missing:
+            raise WeightsError(f"--layer {layer}: tensor '{missing[0]}' is missing from {path} (layer {layer} has "
+                               "no NSA attention weights there?); pick another --layer")
+
+
 def _open_tensors(path: Path, names: list[str]) -> dict[str, torch.Tensor]:
     """Read ``names`` (and any ``*_scale_inv`` next to them) from one file or an indexed folder."""
+    require_safetensors()
+    checkpoint_files(path)
+    from safetensors import SafetensorError
+
+    try:
+        return _read_tensors(path, names)
+    except SafetensorError as e:  # a truncated or non-safetensors file behind a .safetensors name
+        raise WeightsError(f"--model-path {path}: not a readable safetensors checkpoint ({e})") from e
+
+
+def _read_tensors(path: Path, names: list[str]) -> dict[str, torch.Tensor]:
     from safetensors import safe_open
 
     if path.is_dir():
