@@ -54,7 +54,8 @@ RAGGED_VARIANTS: dict[str, ml.MQALogitsConfig] = {
 }
 P = pml.PagedLogitsConfig
 PAGED_VARIANTS: dict[str, pml.PagedLogitsConfig] = {
-    "default": pml.DEFAULT_PAGED_CONFIG,  # n256w8: 124 regs, 32 KB [2]
+    "default": pml.DEFAULT_PAGED_CONFIG,  # n128w4 since the 2026-11-29 H200 run (was n256w8)
+    "n256w8": P(256, 8),  # 124 regs, 32 KB [2]
     "n64w4": P(64, 4),  # 80 regs, 8 KB: one page a program, the most programs (B=1: 512) [8+]
     "n128w4": P(128, 4),  # 128 regs, 16 KB [4]
     "n256w4": P(256, 4),  # 223 regs [2]

@@ -110,10 +110,11 @@ VARIANTS: dict[str, TopkConfig] = {
 }
 
 # THE place to change the choice after a measurement: (largest width, variant) pairs, first match wins.
-# Not yet measured (written before the H200 run): the most programs an SM (five of 4 warps), two passes over
-# 1K chunks, the second from L2.
-DEFAULT_BY_WIDTH: tuple[tuple[int, str], ...] = ((8192, "stream1k_w4"), (32768, "stream1k_w4"),
-                                                 (1 << 62, "stream1k_w4"))
+# Measured on one H200 (2026-11-29, benchmark/results/topk_variants_h200_20261129.json: 4096 x 2K/8K/32K and
+# 1024 x 128K, causal and full rows): stream1k_w4_r64 was the fastest variant in 7 of 8 cases and within 3% of
+# the fastest in the eighth (hybrid4k_w16_r64 at 1024 x 128K causal, 1.23 vs 1.27 ms), so it is the default at
+# every width. Still 2.3-4.6x slower than sgl-kernel's fast_topk_v2 there (0.14-0.47 ms).
+DEFAULT_BY_WIDTH: tuple[tuple[int, str], ...] = ((1 << 62, "stream1k_w4_r64"),)
 
 
 def config_for(width: int) -> TopkConfig:
