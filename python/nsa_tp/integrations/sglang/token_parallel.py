@@ -1,0 +1,479 @@
+"""Token-parallel DSA prefill inside SGLang's attention TP group (``--tp N``, or ``--dp D --enable-dp-attention``
+with ``attn_tp = N / D >= 2``); see docs/sglang_token_parallel.md.
+
+Three roles, kept apart (STYLE.md, "Living inside a host engine"):
+
+- **switch** — ``--nsa-token-parallel auto|on|off|indexer`` (sets ``NSA_TP_TOKEN_PARALLEL`` for every SGLang
+  process) and :func:`token_parallel_mode`;
+- **adapter** — :func:`plan_extend` turns SGLang's ``ForwardBatch`` into one frozen :class:`ExtendPlan` per
+  batch (the strategy, and which contiguous rows each rank owns), cached on the batch object and read by
+  every layer;
+- **executors** — the backend subclass (:func:`make_backend_class`, registered under SGLang's own ``"dsa"``
+  name through ``register_attention_backend``) runs the sparse core of a ``tokens`` batch through the shared
+  core :func:`nsa_tp.attention.token_parallel_core.token_parallel_attention` (q heads -> tokens, all heads,
+  no padding, tokens -> heads); :func:`around_get_topk_ragged` (the one HookRegistry hook this module adds)
+  scores only this rank's query rows for an ``indexer`` or ``tokens`` batch and all-gathers the top-k ids.
+
+Strategies (every rank of the group sees the same batch and the same settings, so all choose the same one,
+which their collectives need):
+
+- ``heads``: upstream's code, unchanged. Always under decode, target-verify, draft-extend, ``attn_tp == 1``,
+  a batch with no real tokens, or ``auto`` without measured costs for this card.
+- ``indexer``: each rank's indexer scores ``1/attn_tp`` of the query rows; the ids are all-gathered; the sparse
+  core stays upstream's.
+- ``tokens``: the indexer split above, plus the sparse core token-parallel over all heads.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import os
+from collections.abc import Callable
+from typing import Any
+
+import torch
+import torch.distributed as dist
+
+from nsa_tp import ops
+from nsa_tp.attention.token_parallel import DEFAULT_COSTS, TokenParallelCosts, TokenSplit, plan_token_split
+from nsa_tp.attention.token_parallel_core import token_parallel_attention
+from nsa_tp.integrations.sglang._log import log_once, logger
+from nsa_tp.integrations.sglang._switch import ops_backend, plugin_enabled
+from nsa_tp.ops.kv_format import D_LATENT, D_QK
+from nsa_tp.parallel.collectives import all_gather_stack
+
+__all__ = [
+    "ENV_MODE", "ENV_COSTS", "MODES", "FLAG", "PLAN_ATTR", "HOOKS",
+    "token_parallel_mode", "add_cli_flag", "load_costs", "choose_extend_strategy",
+    "ExtendPlan", "plan_extend", "plan_for", "extend_rows", "run_tokens_sparse_core",
+    "around_get_topk_ragged", "make_backend_class", "register_backend", "hook_targets",
+]
+
+ENV_MODE = "NSA_TP_TOKEN_PARALLEL"
+# JSON with a "costs" block (benchmark/bench_token_parallel.py's output) measured on this card with the fastest
+# upstream kernels; without it ``auto`` keeps upstream's ``heads`` path.
+ENV_COSTS = "NSA_TP_TOKEN_PARALLEL_COSTS"
+MODES = ("auto", "on", "off", "indexer")  # on = tokens for every eligible batch; indexer = the indexer split only
+FLAG = "--nsa-token-parallel"
+PLAN_ATTR = "nsa_tp_extend_plan"  # the per-batch plan, cached on SGLang's ForwardBatch object
+
+# The one hook this module places (HookRegistry, AROUND): the indexer's ragged (extend) top-k. Same name and
+# signature in 0.5.17 and 0.5.23: (self, enable_dual_stream, forward_batch, layer_id, q_fp8 [T,64,128] fp8,
+# weights [T,64,1] fp32, metadata, topk_result=None) -> [T, 2048] int32. Called by the eager indexer and by
+# the piecewise-CUDA-graph indexer split op (which runs eagerly), so one hook covers both.
+INDEXER_TARGET = "sglang.srt.layers.attention.dsa.dsa_indexer.Indexer._get_topk_ragged"
+HOOKS = {INDEXER_TARGET: "AROUND"}
+
+
+# ---------------------------------------------------------------------------------------------------- switch
+
+
+def token_parallel_mode() -> str:
+    """``NSA_TP_TOKEN_PARALLEL`` (``auto`` when unset); an unknown value raises ``ValueError`` naming it."""
+    value = os.environ.get(ENV_MODE, "auto").strip().lower() or "auto"
+    if value not in MODES:
+        raise ValueError(f"{ENV_MODE}: expected one of {', '.join(MODES)}, got {value!r}")
+    return value
+
+
+class _ModeAction(argparse.Action):
+    def __call__(self, parser: argparse.ArgumentParser, namespace: argparse.Namespace, values: Any,
+                 option_string: str | None = None) -> None:
+        os.environ[ENV_MODE] = str(values)  # inherited by every SGLang subprocess (started after parsing)
+
+
+def add_cli_flag(parser: argparse.ArgumentParser) -> None:
+    """Add :data:`FLAG` to SGLang's parser once; not a ``ServerArgs`` field (``default=SUPPRESS``)."""
+    if FLAG in parser._option_string_actions:
+        return
+    parser.add_argument(
+        FLAG, action=_ModeAction, choices=MODES, default=argparse.SUPPRESS,
+        help=f"nsa-tp token-parallel DSA prefill inside the attention TP group (sets {ENV_MODE}): auto = only "
+             f"where measured faster on this card ({ENV_COSTS}), else upstream; on = always tokens; "
+             "indexer = split only the indexer rows; off = upstream.",
+    )
+
+
+def load_costs(card: str | None) -> tuple[TokenParallelCosts | None, str]:
+    """The measured costs for ``card`` from ``NSA_TP_TOKEN_PARALLEL_COSTS``, or None and why not."""
+    path = os.environ.get(ENV_COSTS, "").strip()
+    if not path:
+        return None, f"no measured costs ({ENV_COSTS} unset)"
+    try:
+        with open(path) as f:
+            data = json.load(f)
+        costs = TokenParallelCosts.from_dict(data.get("costs", data))
+    except (OSError, ValueError, TypeError, AttributeError) as e:
+        return None, f"{ENV_COSTS}={path} unreadable: {type(e).__name__}: {e}"
+    if card is not None and costs.card != card:
+        return None, f"{ENV_COSTS}={path} was measured on {costs.card!r}, this card is {card!r}"
+    return costs, f"costs measured on {costs.card} ({costs.date})"
+
+
+# --------------------------------------------------------------------------------------------------- adapter
+
+
+def choose_extend_strategy(mode: str, world: int, prefix_lens: list[int], extend_lens: list[int],
+                           heads_per_rank: int, costs: TokenParallelCosts | None) -> tuple[str, str]:
+    """Pure: the strategy for one extend batch and the reason (``heads`` | ``indexer`` | ``tokens``).
+
+    ``auto`` picks the cheapest of the three by the predicted per-rank time from ``costs`` and switches away
+    from ``heads`` only for a predicted gain above ``costs.margin``; ``costs=None`` keeps ``heads``.
+    """
+    if mode not in MODES:
+        raise ValueError(f"mode: expected one of {MODES}, got {mode!r}")
+    num_real = sum(extend_lens)
+    if mode == "off":
+        return "heads", "switched off"
+    if world < 2:
+        return "heads", "attention TP group of 1"
+    if num_real == 0:
+        return "heads", "no real tokens"
+    if mode == "on":
+        return "tokens", "forced (on)"
+    if mode == "indexer":
+        return "indexer", "forced (indexer)"
+    if costs is None:
+        return "heads", "auto without measured costs for this card"
+    times = predict_extend_ms(world, prefix_lens, extend_lens, heads_per_rank, costs)
+    best = min(times, key=times.get)
+    if best != "heads" and times[best] < times["heads"] * (1 - costs.margin):
+        return best, "auto: predicted " + ", ".join(f"{k} {v:.3f} ms" for k, v in times.items())
+    return "heads", "auto: no strategy predicted faster by more than the margin"
+
+
+def predict_extend_ms(world: int, prefix_lens: list[int], extend_lens: list[int], heads_per_rank: int,
+                      costs: TokenParallelCosts) -> dict[str, float]:
+    """Predicted per-rank time (ms) of one layer's indexer + sparse core + collectives, per strategy."""
+    keys = sum(e * p + e * (e + 1) / 2 for p, e in zip(prefix_lens, extend_lens, strict=True))  # causal (row, key)
+    T = sum(extend_lens)
+    idx_all = keys * costs.indexer_ns_per_row_key / 1e6
+    sparse_own = T * costs.sparse_ns(heads_per_rank) / 1e6
+    sparse_all_heads = T / world * costs.sparse_ns(heads_per_rank * world) / 1e6
+
+    def xfer(bytes_per_rank: float) -> float:
+        return costs.a2a_latency_us / 1e3 + bytes_per_rank / (costs.a2a_gbytes_per_s * 1e9) * 1e3
+
+    gather = xfer(T * 2048 * 4 * (world - 1) / world)  # int32 top-k rows from the other ranks
+    a2a = xfer(T * heads_per_rank * (D_QK + D_LATENT) * 2 * (world - 1) / world)  # q there, o back, bf16
+    return {
+        "heads": idx_all + sparse_own,
+        "indexer": idx_all / world + gather + sparse_own,
+        "tokens": idx_all / world + gather + sparse_all_heads + a2a,
+    }
+
+
+@dataclasses.dataclass(frozen=True)
+class ExtendPlan:
+    """One extend batch's strategy inside the attention TP group (built once per batch, read by every layer).
+
+    ``splits``: real query rows per rank, contiguous, in rank order (rows ``>= sum(splits)`` are DP padding).
+    """
+
+    strategy: str
+    reason: str
+    splits: tuple[int, ...]
+    rank: int
+
+    @property
+    def num_real(self) -> int:
+        return sum(self.splits)
+
+    @property
+    def rows(self) -> range:
+        start = sum(self.splits[: self.rank])
+        return range(start, start + self.splits[self.rank])
+
+    def split(self, num_rows: int) -> TokenSplit:
+        return TokenSplit(self.splits, num_rows)
+
+
+def extend_rows(forward_batch: Any) -> tuple[list[int], list[int]] | None:
+    """``(prefix_lens, extend_lens)`` of a plain extend batch from SGLang's host lists, or None when the
+    batch is not one (decode, idle, target-verify, draft-extend) or does not carry them."""
+    mode = getattr(forward_batch, "forward_mode", None)
+    if mode is None or not mode.is_extend_without_speculative():
+        return None
+    extend = getattr(forward_batch, "extend_seq_lens_cpu", None)
+    prefix = getattr(forward_batch, "extend_prefix_lens_cpu", None)
+    if extend is None or prefix is None or len(extend) != len(prefix):
+        return None
+    return [int(p) for p in prefix], [int(e) for e in extend]
+
+
+def plan_extend(forward_batch: Any, rank: int, world: int, heads_per_rank: int, *, mode: str | None = None,
+                costs: TokenParallelCosts | None = None, card: str | None = None) -> ExtendPlan:
+    """The :class:`ExtendPlan` for this batch on ``rank`` of an attention TP group of ``world`` ranks.
+
+    Reads ``forward_mode``, ``extend_prefix_lens_cpu`` and ``extend_seq_lens_cpu`` (host lists; no device
+    sync). The split balances the causal work: token ``i`` of a request with prefix ``p`` scores ``p + i + 1``
+    keys (a chunked-prefill chunk behind a 30K prefix costs like the end of a 32K prompt).
+    """
+    mode = token_parallel_mode() if mode is None else mode
+    if not plugin_enabled():
+        mode = "off"
+    rows = extend_rows(forward_batch)
+    if rows is None:
+        return ExtendPlan("heads", "not a plain extend batch", (0,) * world, rank)
+    prefix, extend = rows
+    if mode == "auto" and costs is None:
+        costs, why = load_costs(card)
+        if costs is None:
+            return ExtendPlan("heads", f"auto: {why}", (sum(extend),) + (0,) * (world - 1), rank)
+    strategy, reason = choose_extend_strategy(mode, world, prefix, extend, heads_per_rank, costs)
+    if strategy == "heads":
+        return ExtendPlan("heads", reason, (sum(extend),) + (0,) * (world - 1), rank)
+    unit = costs or DEFAULT_COSTS  # only to weigh rows against each other for the split, not to choose
+    per_token = [unit.indexer_ns_per_row_key * (p + i + 1) + unit.sparse_ns(heads_per_rank * world)
+                 for p, e in zip(prefix, extend, strict=True) for i in range(e)]
+    split = plan_token_split(len(per_token), world, costs=per_token)
+    return ExtendPlan(strategy, reason, split.splits, rank)
+
+
+def plan_for(forward_batch: Any, group: Any, heads_per_rank: int) -> ExtendPlan:
+    """The batch's plan, built on the first call (first layer) and cached on the batch object."""
+    plan = getattr(forward_batch, PLAN_ATTR, None)
+    if plan is None:
+        rank, world = _rank_world(group)
+        plan = plan_extend(forward_batch, rank, world, heads_per_rank, card=_card())
+        setattr(forward_batch, PLAN_ATTR, plan)
+        if plan.strategy != "heads" or world > 1:
+            log_once(f"tp-plan-{plan.strategy}-{plan.reason}", "token-parallel extend: strategy=%s (%s), "
+                     "attn_tp=%d, rows per rank %s", plan.strategy, plan.reason, world, plan.splits)
+    return plan
+
+
+def _rank_world(group: Any) -> tuple[int, int]:
+    if group is None or not dist.is_initialized():
+        return 0, 1
+    return dist.get_rank(group), dist.get_world_size(group)
+
+
+def _card() -> str | None:
+    return torch.cuda.get_device_name() if torch.cuda.is_available() else None
+
+
+def _attn_tp_group() -> Any:
+    """SGLang's attention TP group (its torch ``ProcessGroup``); ``None`` outside a distributed run."""
+    from sglang.srt.distributed.parallel_state import get_attn_tp_group  # 0.5.17 and 0.5.23
+
+    coord = get_attn_tp_group()
+    return None if coord.world_size == 1 else coord.device_group
+
+
+# ------------------------------------------------------------------------------------------------ executors
+
+
+def run_tokens_sparse_core(q_all: torch.Tensor, kv: torch.Tensor, indices: torch.Tensor, sm_scale: float,
+                           d_v: int, plan: ExtendPlan, group: Any) -> torch.Tensor:
+    """The ``tokens`` sparse core: ``q_all [T, h, 576]`` (this rank's heads) -> ``o [T, h, d_v]`` bf16.
+
+    ``kv [N, 1, 576|656]`` and ``indices [T, K]`` int32 (-1 = none; every row, replicated in the group) are
+    what upstream's FlashMLA call gets. Rows ``>= plan.num_real`` (DP padding) come back 0.
+    """
+    def select_topk(rows: range) -> torch.Tensor:
+        return indices[rows.start : rows.stop]
+
+    def attend(q_tok: torch.Tensor, topk: torch.Tensor, rows: range) -> torch.Tensor:
+        out, _, _ = ops.sparse_mla_fwd(q_tok, kv, topk.unsqueeze(1), sm_scale, d_v, backend=ops_backend())
+        return out
+
+    return token_parallel_attention(q_all, plan.split(q_all.shape[0]), group, select_topk, attend, d_v=d_v)
+
+
+def _gather_rows(own: torch.Tensor, plan: ExtendPlan, group: Any) -> torch.Tensor:
+    """Every rank's ``[splits[r], K]`` rows -> ``[num_real, K]`` in rank order (one equal-size all-gather)."""
+    width = max(plan.splits)
+    padded = own.new_full((width, own.shape[1]), -1)
+    padded[: own.shape[0]] = own
+    stacked = all_gather_stack(padded, group)  # [W, width, K]
+    return torch.cat([stacked[r, :n] for r, n in enumerate(plan.splits)])
+
+
+def around_get_topk_ragged(original: Callable[..., torch.Tensor], indexer: Any, enable_dual_stream: bool,
+                           forward_batch: Any, layer_id: int, q_fp8: torch.Tensor, weights: torch.Tensor,
+                           metadata: Any, topk_result: torch.Tensor | None = None, **extra: Any) -> torch.Tensor:
+    """``Indexer._get_topk_ragged`` with the query rows split over the attention TP group.
+
+    Upstream's own function runs on this rank's rows only (its chunked path's per-row metadata, cut to the
+    rank's rows by :class:`_RowWindow`); the ``[rows, K]`` results are all-gathered so every rank holds the
+    whole ``[T, K]`` top-k, as upstream. The index-K cache store happened before this call, on every rank.
+    """
+    plan = getattr(forward_batch, PLAN_ATTR, None)
+    if plan is None or plan.strategy == "heads" or extra or not plugin_enabled():
+        return original(indexer, enable_dual_stream, forward_batch, layer_id, q_fp8, weights, metadata,
+                        topk_result, **extra)
+    rows = plan.rows
+    if len(rows):
+        own = original(indexer, False, forward_batch, layer_id, q_fp8[rows.start : rows.stop],
+                       weights[rows.start : rows.stop], _RowWindow(metadata, rows))[: len(rows)]
+    else:  # upstream's function asserts at least one row; this rank only joins the gather
+        own = torch.full((0, indexer.index_topk), -1, dtype=torch.int32, device=q_fp8.device)
+    log_once("tp-indexer", "token-parallel indexer active: Indexer._get_topk_ragged scores %d of %d rows "
+             "on this rank, then all-gathers the top-k ids", len(rows), plan.num_real)
+    full = _gather_rows(own, plan, _attn_tp_group())
+    if topk_result is None:
+        topk_result = full.new_full((q_fp8.shape[0], full.shape[1]), -1)
+    topk_result[: plan.num_real] = full
+    return topk_result
+
+
+class _RowWindow:
+    """Upstream's indexer metadata restricted to the query rows ``rows``: the row-indexed tensors (key ranges,
+    causal lengths, row -> request, ragged offsets) are cut, everything keyed by key or request passes
+    through. ``topk_transform`` is called the way upstream's own chunked path calls it for a row chunk.
+    Used only by :func:`around_get_topk_ragged`."""
+
+    _ROW_GETTERS = ("get_seqlens_expanded", "get_token_to_batch_idx")
+
+    def __init__(self, metadata: Any, rows: range) -> None:
+        self._m, self._rows = metadata, rows
+        self.attn_metadata = _CutOffsets(metadata.attn_metadata, rows)
+
+    def _cut(self, x: torch.Tensor | None) -> torch.Tensor | None:
+        return None if x is None else x[self._rows.start : self._rows.stop]
+
+    def __getattr__(self, name: str) -> Any:
+        value = getattr(self._m, name)
+        if name in self._ROW_GETTERS:
+            return lambda: self._cut(value())
+        if name == "get_indexer_kvcache_range":
+            return lambda: tuple(self._cut(x) for x in value())
+        if name == "topk_transform":
+            return self._topk_transform
+        return value
+
+    def _topk_transform(self, logits: torch.Tensor, topk: int, ks: torch.Tensor | None = None,
+                        **kwargs: Any) -> torch.Tensor:
+        kwargs.setdefault("ke_offset", self.get_seqlens_expanded())
+        if kwargs.get("topk_indices_offset_override") is None and kwargs.get("cu_seqlens_q") is None:
+            offset = self.attn_metadata.topk_indices_offset
+            if offset is not None:  # RAGGED: each row's offset into the flattened KV
+                kwargs["topk_indices_offset_override"] = offset
+            else:  # PAGED: each row is a length-1 query of its request (upstream's chunked path)
+                kwargs["cu_seqlens_q"] = torch.ones(len(self._rows), dtype=torch.int32, device=logits.device)
+                kwargs["batch_idx_list"] = self.get_token_to_batch_idx()
+        return self._m.topk_transform(logits, topk, ks=ks, **kwargs)
+
+
+class _CutOffsets:
+    """``attn_metadata`` with ``topk_indices_offset`` cut to the window's rows (upstream's chunked path reads
+    it there and slices it from row 0 of what it is given)."""
+
+    def __init__(self, attn_metadata: Any, rows: range) -> None:
+        self._a = attn_metadata
+        full = getattr(attn_metadata, "topk_indices_offset", None)
+        self.topk_indices_offset = None if full is None else full[rows.start : rows.stop]
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self._a, name)
+
+
+def make_backend_class() -> type:
+    """``DeepseekSparseAttnBackend`` with the ``tokens`` sparse core (imports SGLang; model processes only)."""
+    from sglang.srt.layers.attention.dsa_backend import DeepseekSparseAttnBackend
+
+    class NsaTpTokenParallelBackend(DeepseekSparseAttnBackend):
+        """Upstream's DSA backend; on a ``tokens`` extend batch the FlashMLA sparse core runs token-parallel."""
+
+        def init_forward_metadata(self, forward_batch: Any) -> None:
+            super().init_forward_metadata(forward_batch)
+            plan_for(forward_batch, _attn_tp_group(), self.num_q_heads)  # once per batch, before any layer
+
+        def forward_extend(self, q: Any, k: Any, v: Any, layer: Any, forward_batch: Any, *args: Any,
+                           **kwargs: Any) -> Any:
+            self._nsa_tp_plan = plan_for(forward_batch, _attn_tp_group(), layer.tp_q_head_num)
+            try:
+                return super().forward_extend(q, k, v, layer, forward_batch, *args, **kwargs)
+            finally:
+                self._nsa_tp_plan = None
+
+        def _forward_flashmla_sparse(self, q_all: Any, kv_cache: Any, v_head_dim: int, page_table_1: Any,
+                                     sm_scale: float, topk_length: Any = None, **extra: Any) -> Any:
+            plan = getattr(self, "_nsa_tp_plan", None)
+            why = _tokens_unsupported(plan, q_all, kv_cache, v_head_dim, page_table_1, extra)
+            if why is not None:
+                return super()._forward_flashmla_sparse(q_all, kv_cache, v_head_dim, page_table_1, sm_scale,
+                                                        topk_length=topk_length, **extra)
+            log_once("tp-sparse", "token-parallel sparse core active: _forward_flashmla_sparse -> "
+                     "nsa_tp token_parallel_attention (%d heads per rank -> all heads of 1/%d of the rows)",
+                     q_all.shape[1], len(plan.splits))
+            return run_tokens_sparse_core(q_all, kv_cache, page_table_1.to(torch.int32), sm_scale, v_head_dim,
+                                          plan, _attn_tp_group())
+
+        def _forward_flashmla_kv(self, q_all: Any, kv_cache: Any, v_head_dim: int, sm_scale: float, layer: Any,
+                                 metadata: Any, page_table_1: Any, **extra: Any) -> Any:
+            plan = getattr(self, "_nsa_tp_plan", None)
+            q = q_all.reshape(-1, layer.tp_q_head_num, q_all.shape[-1])
+            flat = kv_cache.view(-1, 1, kv_cache.shape[-1])  # the pool [pages*64, 1, D]: slots are global
+            why = _tokens_unsupported(plan, q, flat, v_head_dim, page_table_1, extra)
+            if why is not None:
+                return super()._forward_flashmla_kv(q_all, kv_cache, v_head_dim, sm_scale, layer, metadata,
+                                                    page_table_1, **extra)
+            log_once("tp-kv", "token-parallel sparse core active: _forward_flashmla_kv (extend) -> nsa_tp "
+                     "token_parallel_attention over the paged pool (%d heads per rank)", q.shape[1])
+            out = run_tokens_sparse_core(q, flat, page_table_1.to(torch.int32), sm_scale, v_head_dim, plan,
+                                         _attn_tp_group())
+            return out.unsqueeze(1)  # [T, h, 512] -> [T, 1, h, 512], upstream's shape
+
+    return NsaTpTokenParallelBackend
+
+
+def _tokens_unsupported(plan: ExtendPlan | None, q: torch.Tensor, kv: torch.Tensor, v_head_dim: int,
+                        page_table_1: torch.Tensor, extra: dict) -> str | None:
+    """None when the ``tokens`` core may run on these inputs; the checks depend only on what every rank of
+    the group shares (shapes, dtypes, the plan), so all ranks decide alike."""
+    if plan is None or plan.strategy != "tokens":
+        return "not a tokens batch"
+    if extra:
+        return "extra arguments " + ", ".join(extra)
+    if q.dim() != 3 or q.shape[-1] != D_QK or v_head_dim != D_LATENT:
+        return f"q {tuple(q.shape)} / v_head_dim {v_head_dim} outside [T, h, {D_QK}] / {D_LATENT}"
+    if q.shape[0] < plan.num_real or page_table_1.dim() != 2 or page_table_1.shape[0] < plan.num_real:
+        return f"q rows {q.shape[0]} / page_table_1 {tuple(page_table_1.shape)} fewer than the plan's {plan.num_real}"
+    if page_table_1.shape[0] != q.shape[0]:
+        return "page_table_1 rows differ from q rows"
+    return None
+
+
+def register_backend() -> str:
+    """Point SGLang's ``"dsa"`` attention-backend factory at :func:`make_backend_class`'s subclass.
+
+    Through SGLang's public ``register_attention_backend`` under upstream's own name: DeepSeek-V3.2 selects
+    ``"dsa"`` by default and SGLang's model code compares the backend name with ``"dsa"``, so a new name would
+    change upstream's code paths. Returns the name registered.
+    """
+    from sglang.srt.layers.attention import attention_registry  # its decorators run first, then ours wins
+
+    cls = make_backend_class()
+
+    @attention_registry.register_attention_backend("dsa")
+    def create_nsa_tp_dsa_backend(runner: Any) -> Any:
+        return cls(runner)
+
+    return "dsa"
+
+
+def hook_targets() -> dict[str, Callable[..., Any]]:
+    """The HookRegistry hooks of this module: ``{target: AROUND function}`` (see :data:`HOOKS`)."""
+    return {INDEXER_TARGET: around_get_topk_ragged}
+
+
+def register_in_model_process() -> list[tuple[str, Callable[..., Any], str]]:
+    """What :mod:`.plugin` calls in a process that runs the model: the backend, and the hook specs to place.
+
+    Returns ``[(target, hook, "AROUND")]``. A failure logs one line and leaves upstream's backend in place.
+    """
+    mode = token_parallel_mode()
+    if mode == "off":
+        logger.info("token-parallel extend switched off (%s=off): upstream's DSA backend", ENV_MODE)
+        return []
+    try:
+        register_backend()
+    except Exception as e:  # noqa: BLE001 - any import failure means "leave upstream's backend"; say why
+        logger.warning("token-parallel backend not registered: %s: %s", type(e).__name__, e)
+        return []
+    logger.info("token-parallel extend: mode=%s; DSA backend 'dsa' -> NsaTpTokenParallelBackend", mode)
+    return [(t, h, HOOKS[t]) for t, h in hook_targets().items()]
