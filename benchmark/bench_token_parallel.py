@@ -16,7 +16,7 @@ heads x 128, top-k 2048, d_qk 576), one fresh causal prompt:
    of the balanced split, the sparse core at the per-rank shapes (``T x 128/W`` heads for pure TP, the
    rank's rows x 128 heads for token-parallel), plus the all-to-all from the measured latency and bandwidth.
    Assumes the per-GPU all-to-all bandwidth on an 8-GPU NVSwitch host is what 2 GPUs measured.
-5. **costs**: the policy's :class:`~nsa_tp.attention.token_parallel.TokenParallelCosts` fitted from 1-3,
+5. **costs**: the policy's :class:`~nsa_tp.token_parallel.policy.TokenParallelCosts` fitted from 1-3,
    to replace ``DEFAULT_COSTS`` after the run.
 
 Run (the lead, on the device; NVLink multicast must stay off):
@@ -185,12 +185,13 @@ def _rank_main(ctx, args: argparse.Namespace) -> dict:
 
     from nsa_tp import ops
     from nsa_tp.attention.backend import NSABackend
-    from nsa_tp.attention.token_parallel import plan_token_split, token_costs
-    from nsa_tp.attention.token_parallel_backend import TokenParallelBackend, build_token_parallel_metadata
-    from nsa_tp.attention.token_parallel_core import Unabsorbed, key_sharded_decode_topk, shard_page_table
-    from nsa_tp.attention.topk_merge import merge_topk
     from nsa_tp.parallel.collectives import a2a_bytes_per_rank, all_gather_stack, heads_to_tokens, tokens_to_heads
     from nsa_tp.parallel.layout import resolve_layout
+    from nsa_tp.token_parallel.backend import TokenParallelBackend, build_token_parallel_metadata
+    from nsa_tp.token_parallel.core import Unabsorbed, key_sharded_decode_topk, shard_page_table
+    from nsa_tp.token_parallel.merge import merge_topk
+    from nsa_tp.token_parallel.plan import plan_token_split
+    from nsa_tp.token_parallel.policy import token_costs
 
     dev, r, W = ctx.device, ctx.rank, ctx.world_size
     group = dist.group.WORLD if W > 1 else None

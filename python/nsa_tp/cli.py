@@ -81,8 +81,8 @@ def _format_layout(layout: ParallelLayout, model: str) -> str:
 
 
 def _token_parallel_text(layout: ParallelLayout) -> str:
-    """The per-batch policy of ``--nsa-token-parallel`` (nsa_tp.attention.token_parallel, issue 7)."""
-    from nsa_tp.attention.token_parallel import describe_policy
+    """The per-batch policy of ``--nsa-token-parallel`` (nsa_tp.token_parallel.policy, issue 7)."""
+    from nsa_tp.token_parallel.policy import describe_policy
 
     return describe_policy(layout)
 

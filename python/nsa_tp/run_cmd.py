@@ -24,10 +24,11 @@ import torch
 
 from nsa_tp.cli import add_layout_args, layout_from_args
 from nsa_tp.config import NSAConfig
+from nsa_tp.model.core import CORE_MODES
 from nsa_tp.model.runner import CaseResult, Request, RunCase, compare_results, run_layouts
-from nsa_tp.model.token_parallel import case_strategies
+from nsa_tp.token_parallel.policy import choose_strategy
 
-__all__ = ["add_arguments", "main", "default_layouts", "default_requests", "COLUMNS"]
+__all__ = ["add_arguments", "main", "default_layouts", "default_requests", "case_strategies", "COLUMNS"]
 
 TOLERANCE = 1e-2  # bf16: relative error per request
 
@@ -124,6 +125,29 @@ class Progress:
         else:
             sys.stderr.write(line + "\n")
         sys.stderr.flush()
+
+
+def case_strategies(case: RunCase) -> str:
+    """What a :class:`~nsa_tp.model.runner.RunCase`'s core splits over the attention TP group, as
+    ``"<prefill>/<decode>"`` per attention DP group (distinct values joined by ``,``): ``heads`` (pure TP),
+    ``indexer``, ``tokens`` or ``keys``; ``-`` for a core that is not token-parallel aware. The same pure
+    policy the core runs (``choose_strategy``), for the run table."""
+    if case.core not in CORE_MODES:
+        return "-"
+    lay = case.layout()
+    mode = CORE_MODES[case.core]
+    seen: list[str] = []
+    for reqs in case.groups_of_requests(lay.attn_dp_size):
+        if not reqs:
+            continue  # an idle attention DP group runs no core
+        rs = [case.requests[i] for i in reqs]
+        keys = [r.prefix_len + i + 1 for r in rs for i in range(r.new_len)]
+        pre = choose_strategy(lay, len(keys), sum(keys) / len(keys), mode)
+        ctx = [r.prefix_len + r.new_len + 1 for r in rs]
+        dec = choose_strategy(lay, len(rs), sum(ctx) / len(ctx), mode, is_decode=True)
+        if f"{pre}/{dec}" not in seen:
+            seen.append(f"{pre}/{dec}")
+    return ",".join(seen) or "-"
 
 
 def _row(case: RunCase, ranks: list[CaseResult], ref: CaseResult) -> dict[str, Any]:

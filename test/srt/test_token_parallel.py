@@ -9,24 +9,22 @@ import random
 import pytest
 import torch
 
-from nsa_tp.attention.token_parallel import (
+from nsa_tp.ops.topk import topk_positions
+from nsa_tp.parallel import resolve_layout
+from nsa_tp.parallel.collectives import a2a_bytes_per_rank, fp8_pack_rows, fp8_row_bytes, fp8_unpack_rows
+from nsa_tp.token_parallel.core import shard_page_table
+from nsa_tp.token_parallel.merge import local_topk, merge_topk
+from nsa_tp.token_parallel.plan import causal_mean_keys, plan_key_shards, plan_token_split
+from nsa_tp.token_parallel.policy import (
     DEFAULT_COSTS,
     TokenParallelCosts,
-    causal_mean_keys,
     choose_strategy,
     choose_token_parallel,
     crossover_decode_context,
     crossover_tokens,
-    plan_key_shards,
-    plan_token_split,
     predict_ms,
     token_costs,
 )
-from nsa_tp.attention.token_parallel_core import shard_page_table
-from nsa_tp.attention.topk_merge import local_topk, merge_topk
-from nsa_tp.ops.topk import topk_positions
-from nsa_tp.parallel import resolve_layout
-from nsa_tp.parallel.collectives import a2a_bytes_per_rank, fp8_pack_rows, fp8_row_bytes, fp8_unpack_rows
 
 # ---------------------------------------------------------------------------------------------- split plans
 
@@ -313,7 +311,7 @@ def test_indexer_logits_memory_per_rank_drops_by_attn_tp(W):
     """A 4096-token causal prefill: each rank plans logits only for its rows, so its peak (one chunk,
     budget not binding) is ~1/attn_tp of pure TP's, and under a binding budget its total is ~1/attn_tp."""
     from nsa_tp.attention.metadata import ForwardMetadataBuilder
-    from nsa_tp.attention.token_parallel_backend import build_token_parallel_metadata
+    from nsa_tp.token_parallel.backend import build_token_parallel_metadata
 
     T = 4096
     table = torch.arange(T // 64, dtype=torch.int32)[None, :]
@@ -340,8 +338,8 @@ def test_indexer_logits_memory_per_rank_drops_by_attn_tp(W):
 
 
 def test_plan_shows_the_per_batch_policy(capsys):
-    from nsa_tp.attention.token_parallel import describe_policy
     from nsa_tp.cli import main
+    from nsa_tp.token_parallel.policy import describe_policy
 
     assert main(["plan", "--tp", "8", "--sm", "90"]) == 0
     line = [ln for ln in capsys.readouterr().out.splitlines() if ln.startswith("token-parallel")][0]
@@ -354,7 +352,7 @@ def test_plan_shows_the_per_batch_policy(capsys):
 
 def test_case_strategies_for_the_run_table():
     from nsa_tp.model.runner import Request, RunCase
-    from nsa_tp.model.token_parallel import case_strategies
+    from nsa_tp.run_cmd import case_strategies
 
     reqs = (Request(0, 160), Request(80, 54), Request(0, 35))
 

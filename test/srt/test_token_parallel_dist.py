@@ -17,15 +17,17 @@ from nsa_tp import ops
 from nsa_tp.attention.backend import NSABackend
 from nsa_tp.attention.indexer import Indexer, IndexerWeights
 from nsa_tp.attention.metadata import ForwardMetadataBuilder
-from nsa_tp.attention.token_parallel import TokenSplit, plan_token_split, token_costs
-from nsa_tp.attention.token_parallel_backend import TokenParallelBackend, build_token_parallel_metadata
-from nsa_tp.attention.token_parallel_core import Unabsorbed, key_sharded_decode_topk, token_parallel_attention
 from nsa_tp.ops.index_cache import INDEX_PAGE_SIZE, new_index_k_cache, store_index_k
 from nsa_tp.ops.kv_format import pack_fp8_kv
 from nsa_tp.ops.rope import rope_cos_sin
 from nsa_tp.parallel.collectives import all_gather_stack, heads_to_tokens, tokens_to_heads
 from nsa_tp.parallel.launch import RankContext, launch
 from nsa_tp.parallel.layout import resolve_layout
+from nsa_tp.token_parallel import gather_topk_rows, tokens_sparse_mla
+from nsa_tp.token_parallel.backend import TokenParallelBackend, build_token_parallel_metadata
+from nsa_tp.token_parallel.core import Unabsorbed, key_sharded_decode_topk, token_parallel_attention
+from nsa_tp.token_parallel.plan import TokenSplit, plan_index_split, plan_token_split
+from nsa_tp.token_parallel.policy import token_costs
 
 D_QK, D_V, IDX_HEADS, IDX_DIM = 576, 512, 4, 128
 SM_SCALE = 576**-0.5
@@ -339,6 +341,18 @@ def _rank_main(ctx: RankContext, with_layer: bool = True) -> dict:
                 vs_pure=_rel(tp, pure), vs_ref=_rel(tp, ref[:, r * h : (r + 1) * h]), shape=tuple(tp.shape),
                 pad_zero=bool((tp[b["T"] :] == 0).all()),
             )
+    # the host-engine entry points: top-k computed by the caller for its own rows only
+    for name, split in splits.items():
+        rows = split.rows(r)
+        mine_topk = select(rows)
+        host = tokens_sparse_mla(q_mine, b["kv"], mine_topk, SM_SCALE, group, split)
+        res[f"host_tokens_{name}"] = dict(vs_pure=_rel(host, pure), pad_zero=bool((host[b["T"] :] == 0).all()),
+                                          shape=tuple(host.shape))
+        gathered = gather_topk_rows(mine_topk, group, split)
+        res[f"host_gather_{name}"] = torch.equal(gathered, topk_all)
+    index_split = plan_index_split(counts, W, num_rows=b["rows"])
+    gathered = gather_topk_rows(select(index_split.rows(r)), group, index_split)
+    res["host_gather_index_split"] = torch.equal(gathered, topk_all)
     tp8 = token_parallel_attention(q_mine, splits["even"], group, select, attend, fp8_q=True)
     res["prefill_fp8_q"] = _rel(tp8, pure)
 
@@ -447,6 +461,18 @@ def test_prefill_token_parallel_equals_pure_tp_and_reference(world):
             assert got["vs_pure"] < 1e-2 and got["pad_zero"], (r, chunks, got)
             assert got["shape"] == (sum(n for _, n in PREFILL_REQS) + 3, HEADS // world, 128), got
         assert res["tiny"] < 1e-2, (r, res["tiny"])
+
+
+@pytest.mark.parametrize("world", WORLDS)
+def test_host_entry_points_equal_pure_tp(world):
+    """tokens_sparse_mla (the caller's own top-k rows) equals pure TP; gather_topk_rows rebuilds every row."""
+    for r, res in enumerate(_run(world)):
+        for name in ("even", "balanced", "one_rank"):
+            got = res[f"host_tokens_{name}"]
+            assert got["shape"] == (sum(n for _, n in PREFILL_REQS) + 3, HEADS // world, D_V), (r, name)
+            assert got["vs_pure"] < 1e-2 and got["pad_zero"], (r, name, got)
+            assert res[f"host_gather_{name}"], (r, name)
+        assert res["host_gather_index_split"], r
 
 
 @pytest.mark.parametrize("world", WORLDS)

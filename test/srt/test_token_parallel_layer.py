@@ -10,9 +10,9 @@ from __future__ import annotations
 
 import pytest
 
-from nsa_tp.attention.token_parallel import choose_strategy
 from nsa_tp.config import NSAConfig
 from nsa_tp.model.runner import Request, RunCase, compare_results, run_case, run_layouts
+from nsa_tp.token_parallel.policy import choose_strategy
 
 CFG = NSAConfig(hidden_size=256, q_lora_rank=128, num_attention_heads=32, index_topk=48)
 REQS = (Request(0, 90), Request(70, 23), Request(5, 40))

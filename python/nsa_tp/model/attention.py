@@ -16,8 +16,9 @@ Per token (``h`` = this rank's heads, from the layout; shapes for ``T`` rows, ``
 
 The **attention core** (:mod:`nsa_tp.model.core`) is the seam between the per-head projections and "how
 the attention runs across the attention TP group": ``"heads"`` (the default, what SGLang does) runs the
-indexer for all rows on every rank and the sparse MLA on this rank's heads; another strategy (token-parallel)
-registers itself with :func:`nsa_tp.model.core.register_attention_core` and is picked by name.
+indexer for all rows on every rank and the sparse MLA on this rank's heads; ``"token_parallel"`` runs the
+per-batch choice of :mod:`nsa_tp.token_parallel`; others register with
+:func:`nsa_tp.model.core.register_attention_core` and are picked by name.
 
 Rows past ``batch.num_tokens`` are DP padding (the token count padded to the attention DP groups' max for
 the MLP sync): they flow through every projection, are never written to the caches, get no valid top-k
@@ -27,21 +28,18 @@ DP group with no request this step) skips the core and its metadata: its padding
 
 from __future__ import annotations
 
-import dataclasses
-from typing import Any
-
 import torch
 
 from nsa_tp.attention.indexer import Indexer, IndexerWeights
 from nsa_tp.attention.kv_cache import NSACaches
 from nsa_tp.config import NSAConfig
-from nsa_tp.model.core import CoreInputs, make_core
+from nsa_tp.model.core import CoreInputs, LayerBatch, make_core
 from nsa_tp.model.sharding import ShardedWeights
 from nsa_tp.ops._check import check_tensor
 from nsa_tp.ops.rope import apply_rope, rope_cos_sin
 from nsa_tp.parallel.groups import ParallelGroups
 
-__all__ = ["NSAAttention", "LayerBatch", "rms_norm", "mla_rope_cos_sin"]
+__all__ = ["NSAAttention", "rms_norm", "mla_rope_cos_sin"]
 
 
 def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
@@ -58,23 +56,6 @@ def mla_rope_cos_sin(cfg: NSAConfig, positions: torch.Tensor) -> tuple[torch.Ten
         beta_fast=cfg.rope_beta_fast, beta_slow=cfg.rope_beta_slow,
         mscale=cfg.rope_mscale, mscale_all_dim=cfg.rope_mscale_all_dim,
     )
-
-
-@dataclasses.dataclass(frozen=True)
-class LayerBatch:
-    """What every layer of one forward pass shares; built once per batch (see ``nsa_tp.model.runner``).
-
-    ``num_tokens`` real rows first, then ``num_padded - num_tokens`` DP-padding rows.
-    """
-
-    num_tokens: int
-    num_padded: int
-    positions: torch.Tensor  # [num_padded] int64, token positions in their requests (0 on padding rows)
-    out_slots: torch.Tensor  # [num_tokens] int64, global cache slots of the real rows
-    cos: torch.Tensor  # [num_padded, 32] float32, MLA rope
-    sin: torch.Tensor  # [num_padded, 32] float32
-    is_decode: bool
-    metadata: Any  # the core's per-batch metadata (its build_metadata); None for an idle batch
 
 
 class NSAAttention:

@@ -34,7 +34,8 @@ import torch
 
 from nsa_tp.attention.kv_cache import NSACaches
 from nsa_tp.config import NSAConfig
-from nsa_tp.model.attention import LayerBatch, NSAAttention, mla_rope_cos_sin
+from nsa_tp.model.attention import NSAAttention, mla_rope_cos_sin
+from nsa_tp.model.core import LayerBatch
 from nsa_tp.model.sharding import shard_weights
 from nsa_tp.model.weights import LayerWeights, random_weights
 from nsa_tp.parallel.groups import ParallelGroups, build_groups

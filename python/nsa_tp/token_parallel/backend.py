@@ -1,5 +1,5 @@
 """The NSA backend in token-parallel form: per batch, pick how the attention core is split over the
-attention TP group (:func:`~nsa_tp.attention.token_parallel.choose_strategy`), build that strategy's
+attention TP group (:func:`~nsa_tp.token_parallel.policy.choose_strategy`), build that strategy's
 metadata once, and execute it per layer with the same inputs and output as
 :class:`~nsa_tp.attention.backend.NSABackend` (this rank's heads ``[T_pad, h, 512]``).
 
@@ -7,7 +7,7 @@ metadata once, and execute it per layer with the same inputs and output as
 - ``"tokens"``, prefill: the batch metadata's indexer covers only this rank's rows (the ``index_rows`` hook
   of :meth:`ForwardMetadataBuilder.prefill`, so its logits chunk plan — and its logits memory — is per
   rank); queries go heads -> tokens, the sparse core runs all heads on the flattened latent cache, the
-  output comes back tokens -> heads (:func:`~nsa_tp.attention.token_parallel_core.token_parallel_attention`).
+  output comes back tokens -> heads (:func:`~nsa_tp.token_parallel.core.token_parallel_attention`).
 - ``"tokens"``, decode (batch >= attn_tp): the same with requests as tokens; the indexer scores this rank's
   requests through their own decode index batch and the sparse decode runs a plan for (those requests,
   all heads).
@@ -30,26 +30,20 @@ from nsa_tp.attention.backend import NSABackend
 from nsa_tp.attention.indexer import DecodeIndexBatch, Indexer, build_decode_index_batch
 from nsa_tp.attention.metadata import ForwardMetadata, ForwardMetadataBuilder
 from nsa_tp.attention.padding import pad_topk_indices
-from nsa_tp.attention.token_parallel import (
-    DEFAULT_COSTS,
-    TokenParallelCosts,
-    TokenSplit,
-    choose_strategy,
-    plan_token_split,
-    token_costs,
-)
-from nsa_tp.attention.token_parallel_core import (
+from nsa_tp.ops._check import check_tensor
+from nsa_tp.ops.index_cache import store_index_k_unchecked
+from nsa_tp.ops.plan import DecodePlan
+from nsa_tp.parallel.collectives import group_rank_world
+from nsa_tp.parallel.layout import ParallelLayout
+from nsa_tp.token_parallel.core import (
     KeyShardBatch,
     Unabsorbed,
     key_sharded_decode_topk,
     shard_page_table,
     token_parallel_attention,
 )
-from nsa_tp.ops._check import check_tensor
-from nsa_tp.ops.index_cache import store_index_k_unchecked
-from nsa_tp.ops.plan import DecodePlan
-from nsa_tp.parallel.collectives import group_rank_world
-from nsa_tp.parallel.layout import ParallelLayout
+from nsa_tp.token_parallel.plan import TokenSplit, plan_token_split
+from nsa_tp.token_parallel.policy import DEFAULT_COSTS, TokenParallelCosts, choose_strategy, token_costs
 
 __all__ = ["TokenParallelMetadata", "build_token_parallel_metadata", "TokenParallelBackend"]
 

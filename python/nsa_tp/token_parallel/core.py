@@ -12,8 +12,13 @@ Both produce exactly what pure TP produces on each rank (bf16 tolerance; top-k e
   replicated in the group, so any rank can compute any token's rows.
 - :func:`key_sharded_decode_topk`: decode with fewer rows than ranks: each rank scores its page-aligned
   slice of every row's context (:func:`shard_page_table`), keeps a local top-k, the candidates are
-  all-gathered and merged (:func:`nsa_tp.attention.topk_merge.merge_topk`) into the global top-k as
+  all-gathered and merged (:func:`nsa_tp.token_parallel.merge.merge_topk`) into the global top-k as
   global cache slots — what ``topk_transform_paged(fp8_paged_mqa_logits(...))`` gives unsharded.
+
+Host-engine entry points (tensors in, tensors out; the host computes its own top-k rows):
+
+- :func:`tokens_sparse_mla` — the ``tokens`` strategy's exchange + sparse core for one layer.
+- :func:`gather_topk_rows` — the ``indexer`` strategy's all-gather of every rank's top-k rows.
 """
 
 from __future__ import annotations
@@ -25,13 +30,14 @@ import torch
 import torch.distributed as dist
 
 from nsa_tp import ops
-from nsa_tp.attention.token_parallel import TokenSplit, plan_token_split
-from nsa_tp.attention.topk_merge import local_topk, merge_topk
 from nsa_tp.ops._check import check_same_device, check_tensor
 from nsa_tp.parallel.collectives import all_gather_stack, group_rank_world, heads_to_tokens, tokens_to_heads
+from nsa_tp.token_parallel.merge import local_topk, merge_topk
+from nsa_tp.token_parallel.plan import TokenSplit, plan_token_split
 
 __all__ = [
-    "token_parallel_attention", "Unabsorbed", "key_sharded_decode_topk", "shard_page_table", "KeyShardBatch",
+    "tokens_sparse_mla", "gather_topk_rows", "token_parallel_attention", "Unabsorbed", "key_sharded_decode_topk",
+    "shard_page_table", "KeyShardBatch",
     "SelectTopk", "Attend",
 ]
 
@@ -155,6 +161,98 @@ def token_parallel_attention(
     return padded
 
 
+def tokens_sparse_mla(
+    q: torch.Tensor,
+    kv: torch.Tensor,
+    topk: torch.Tensor,
+    sm_scale: float,
+    group: dist.ProcessGroup | None,
+    split: TokenSplit,
+    *,
+    d_v: int = 512,
+    backend: str = "auto",
+    fp8_q: bool = False,
+    out_chunks: int = 1,
+) -> torch.Tensor:
+    """The ``tokens`` strategy for one layer, as a host engine calls it: heads -> tokens, sparse MLA, back.
+
+    Queries go ``[T, h, 576] -> [t_r, H, 576]`` (all ``H = W*h`` heads of this rank's rows), the sparse core
+    runs all heads with no padding (:func:`nsa_tp.ops.sparse_mla_fwd`), the output goes back
+    ``[t_r, H, 512] -> [T, h, 512]``. Every rank of ``group`` must call it with the same ``split``.
+
+    Args:
+        q: ``[split.num_rows, h, 576]`` bfloat16 — absorbed queries (rope applied) of this rank's ``h``
+            heads, global heads ``[r*h, (r+1)*h)``, for every row of the batch (DP padding rows included).
+        kv: ``[N, 1, 576]`` bfloat16 or ``[N, 1, 656]`` uint8 (fp8 format) — the flat latent KV cache,
+            replicated in the group (``[pages, 64, 1, D]`` viewed as ``[N, 1, D]``).
+        topk: ``[t_r, K]`` or ``[t_r, 1, K]`` int32 — top-k slots into ``kv`` for this rank's rows only,
+            ``split.rows(rank)``; ``-1`` (or ``>= N``) = no token.
+        sm_scale: softmax scale of ``q . k``.
+        group: the attention TP group (``None`` = one rank); its size is ``split.world``.
+        split: :func:`nsa_tp.token_parallel.plan.plan_token_split` of the batch's real rows.
+        d_v, backend: as :func:`nsa_tp.ops.sparse_mla_fwd`.
+        fp8_q, out_chunks: as :func:`token_parallel_attention`.
+
+    Returns:
+        ``[split.num_rows, h, d_v]`` bfloat16 — this rank's heads of every row (DP padding rows 0), the same
+        as ``sparse_mla_fwd(q, kv, full_topk)`` with the full ``[T, 1, K]`` top-k on this rank (bf16 tolerance).
+    """
+    if topk.ndim == 3:
+        check_tensor(topk, "topk", shape=(None, 1, None), dtype=torch.int32)
+        topk = topk[:, 0]
+    check_tensor(topk, "topk", ndim=2, dtype=torch.int32)
+    check_tensor(kv, "kv", ndim=3)
+    check_same_device(q=q, kv=kv, topk=topk)
+    if not isinstance(split, TokenSplit):
+        raise ValueError(f"split: expected a TokenSplit from plan_token_split, got {type(split).__name__}")
+    rank, world = group_rank_world(group)
+    if split.world != world:
+        raise ValueError(f"split: planned for {split.world} ranks, the group has {world}")
+    rows = split.rows(rank)
+    if topk.shape[0] != len(rows):
+        raise ValueError(f"topk: expected {len(rows)} rows (this rank's split), got shape {tuple(topk.shape)}")
+
+    def select(_rows: range) -> torch.Tensor:
+        return topk
+
+    def attend(q_tok: torch.Tensor, ids: torch.Tensor, _rows: range) -> torch.Tensor:
+        return ops.sparse_mla_fwd(q_tok, kv, ids.unsqueeze(1), sm_scale, d_v, backend=backend)[0]
+
+    return token_parallel_attention(q, split, group, select, attend, d_v=d_v, fp8_q=fp8_q, out_chunks=out_chunks)
+
+
+def gather_topk_rows(local: torch.Tensor, group: dist.ProcessGroup | None, split: TokenSplit) -> torch.Tensor:
+    """The ``indexer`` strategy's exchange: every rank's top-k rows -> the whole batch's top-k on every rank.
+
+    Args:
+        local: ``[len(split.rows(rank)), K]`` int32 — the top-k of this rank's query rows (its indexer share).
+        group: the attention TP group (``None`` = one rank).
+        split: :func:`nsa_tp.token_parallel.plan.plan_index_split` of the real rows, the same on every rank.
+
+    Returns:
+        ``[split.num_rows, K]`` int32, rank ``j``'s rows at ``split.rows(j)``; DP padding rows all ``-1``.
+        Transient: one ``[W, max_split, K]`` int32 gather buffer (uneven splits travel padded to the
+        largest, because all-gather takes equal blocks).
+    """
+    check_tensor(local, "local", ndim=2, dtype=torch.int32)
+    if not isinstance(split, TokenSplit):
+        raise ValueError(f"split: expected a TokenSplit from plan_index_split, got {type(split).__name__}")
+    rank, world = group_rank_world(group)
+    if split.world != world:
+        raise ValueError(f"split: planned for {split.world} ranks, the group has {world}")
+    if local.shape[0] != split.splits[rank]:
+        raise ValueError(f"local: expected {split.splits[rank]} rows (this rank's split), got {tuple(local.shape)}")
+    K = local.shape[1]
+    block = local.new_full((split.max_split, K), -1)
+    block[: local.shape[0]] = local
+    gathered = all_gather_stack(block, group)  # [W, max_split, K]: rank j's rows first in block j
+    out = local.new_full((split.num_rows, K), -1)
+    for j, n in enumerate(split.splits):
+        start = split.offsets[j]
+        out[start : start + n] = gathered[j, :n]
+    return out
+
+
 @dataclasses.dataclass(frozen=True)
 class _Core:
     """``attend`` for a range of rows, output checked, W_UV applied when exchanging unabsorbed."""
@@ -228,7 +326,7 @@ def shard_page_table(
     """Rank ``rank``'s slice of every row's context, as a page table the paged logits kernel can read.
 
     Row ``r`` with ``P = ceil(seq_lens[r] / page_size)`` pages gets pages ``[rank*P//W, (rank+1)*P//W)``
-    (the same cut as :func:`nsa_tp.attention.token_parallel.plan_key_shards`). Computed on the device with
+    (the same cut as :func:`nsa_tp.token_parallel.plan.plan_key_shards`). Computed on the device with
     no host sync; build it once per batch (the backend keeps it in the batch metadata).
 
     Returns:

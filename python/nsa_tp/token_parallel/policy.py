@@ -1,17 +1,12 @@
-"""Token-parallel sparse attention inside an attention TP group: the split plans and the per-batch policy.
+"""How an attention TP group splits a batch's sparse attention: the cost model and the per-batch choice.
 
-Under pure TP every rank of an attention TP group holds the whole latent KV cache and the whole index-K
-cache (``kv_a`` and the indexer are replicated), yet each rank runs the indexer for *all* tokens and the
-sparse core for its ``h = H / W`` heads, which FlashMLA pads to 64 on Hopper (4x the FLOPs at TP8).
-Token-parallel regroups the queries (:mod:`nsa_tp.parallel.collectives`) so that rank ``r`` runs *all*
-``H`` heads of a contiguous slice of the tokens through the indexer and the sparse core, then regroups the
-output back. What is split over the group, per batch (:func:`choose_strategy`):
+What is split over the group, per batch (:func:`choose_strategy`):
 
 - ``"heads"``  — pure TP (upstream): every rank scores every token, sparse core on its padded heads.
 - ``"tokens"`` — token-parallel: prefill, or decode with at least ``W`` requests (requests are tokens).
 - ``"keys"``   — decode with fewer than ``W`` tokens (batch 1): each rank scores a slice of every
   request's context and keeps a local top-k; the candidates are gathered and merged into the exact
-  global top-k (:mod:`nsa_tp.attention.topk_merge`); the sparse core stays split by heads.
+  global top-k (:mod:`nsa_tp.token_parallel.merge`); the sparse core stays split by heads.
 
 Everything here is pure host-side arithmetic (no tensors, no device queries), built once per batch.
 """
@@ -19,181 +14,27 @@ Everything here is pure host-side arithmetic (no tensors, no device queries), bu
 from __future__ import annotations
 
 import dataclasses
-import math
 from collections.abc import Sequence
 
 from nsa_tp.parallel.layout import TOKEN_PARALLEL_MODES, ParallelLayout
+from nsa_tp.token_parallel.plan import _check_count, causal_mean_keys
 
 __all__ = [
-    "TokenSplit",
-    "KeyShard",
     "TokenParallelCosts",
     "DEFAULT_COSTS",
     "STRATEGIES",
-    "plan_token_split",
-    "plan_key_shards",
     "token_costs",
     "predict_ms",
     "choose_strategy",
     "choose_token_parallel",
     "crossover_tokens",
     "crossover_decode_context",
-    "causal_mean_keys",
     "describe_policy",
 ]
 
 STRATEGIES = ("heads", "tokens", "keys")
 D_QK = 576  # absorbed q: 512 latent + 64 rope (what heads_to_tokens sends)
 D_V = 512  # latent output (what tokens_to_heads sends back)
-
-
-# --------------------------------------------------------------------------------------------------
-# Token split (prefill, and decode with batch >= W)
-# --------------------------------------------------------------------------------------------------
-
-
-@dataclasses.dataclass(frozen=True)
-class TokenSplit:
-    """Which contiguous token rows each rank of the group owns in token-parallel mode.
-
-    Rows ``[0, num_real)`` are real tokens, split as ``splits`` (rank ``r``: ``rows(r)``); rows
-    ``[num_real, num_rows)`` are DP padding (for the MLP sync) that no rank computes: their output is 0,
-    as under pure TP where their top-k row is all -1.
-    """
-
-    splits: tuple[int, ...]
-    num_rows: int
-
-    @property
-    def world(self) -> int:
-        return len(self.splits)
-
-    @property
-    def num_real(self) -> int:
-        return sum(self.splits)
-
-    @property
-    def offsets(self) -> tuple[int, ...]:
-        out = [0]
-        for s in self.splits:
-            out.append(out[-1] + s)
-        return tuple(out)
-
-    def rows(self, rank: int) -> range:
-        if not 0 <= rank < self.world:
-            raise ValueError(f"rank: expected 0 <= rank < {self.world}, got {rank}")
-        off = self.offsets
-        return range(off[rank], off[rank + 1])
-
-
-def _check_count(value: object, name: str, minimum: int = 0) -> int:
-    if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
-        raise ValueError(f"{name}: expected an int >= {minimum}, got {value!r}")
-    return value
-
-
-def plan_token_split(
-    num_tokens: int,
-    world: int,
-    *,
-    num_rows: int | None = None,
-    costs: Sequence[float] | None = None,
-) -> TokenSplit:
-    """Split ``num_tokens`` real tokens into ``world`` contiguous slices.
-
-    Args:
-        num_tokens: real tokens in the batch (>= 0; fewer than ``world`` leaves some ranks empty).
-        world: ranks in the attention TP group (>= 1).
-        num_rows: rows of q including DP padding (>= ``num_tokens``; default ``num_tokens``).
-        costs: optional per-token cost (``len == num_tokens``, each >= 0), e.g. :func:`token_costs`.
-            Without it the counts differ by at most one (the first ranks take the extra). With it the
-            cuts balance the cumulative cost: rank ``r`` ends at the first token whose prefix cost reaches
-            ``(r+1)/world`` of the total, so no rank exceeds its share by more than one token's cost.
-            Causal prefill needs this: the last token of a 32K prompt scores 32K keys, the first one.
-
-    Returns:
-        :class:`TokenSplit` with ``splits`` summing to ``num_tokens``.
-    """
-    _check_count(num_tokens, "num_tokens")
-    _check_count(world, "world", 1)
-    rows = num_tokens if num_rows is None else _check_count(num_rows, "num_rows")
-    if rows < num_tokens:
-        raise ValueError(f"num_rows: expected >= num_tokens ({num_tokens}), got {rows}")
-    if costs is None:
-        base, extra = divmod(num_tokens, world)
-        return TokenSplit(tuple(base + (r < extra) for r in range(world)), rows)
-    c = [float(x) for x in costs]
-    if len(c) != num_tokens:
-        raise ValueError(f"costs: expected one cost per token ({num_tokens}), got {len(c)}")
-    if any(not math.isfinite(x) or x < 0 for x in c):
-        raise ValueError("costs: expected finite non-negative values")
-    total = sum(c)
-    if total == 0:
-        return plan_token_split(num_tokens, world, num_rows=rows)
-    cuts, acc, t = [], 0.0, 0
-    for r in range(1, world):
-        target = total * r / world
-        while t < num_tokens and acc + c[t] / 2 < target:  # cut where the token's midpoint passes the share
-            acc += c[t]
-            t += 1
-        cuts.append(t)
-    bounds = [0, *cuts, num_tokens]
-    return TokenSplit(tuple(bounds[i + 1] - bounds[i] for i in range(world)), rows)
-
-
-def causal_mean_keys(prefix_len: int, extend_len: int) -> float:
-    """Mean keys a query token scores when ``extend_len`` new tokens follow ``prefix_len`` cached ones."""
-    _check_count(prefix_len, "prefix_len")
-    _check_count(extend_len, "extend_len")
-    return prefix_len + (extend_len + 1) / 2 if extend_len else 0.0
-
-
-# --------------------------------------------------------------------------------------------------
-# Key shards (decode with batch < W)
-# --------------------------------------------------------------------------------------------------
-
-
-@dataclasses.dataclass(frozen=True)
-class KeyShard:
-    """One rank's slice of every request's context for the key-sharded decode indexer.
-
-    Request ``b``'s pages ``[page_start[b], page_start[b] + num_pages[b])`` of its page table, i.e. token
-    positions ``[key_start[b], key_start[b] + key_len[b])``. Slices of one request over the ranks are
-    disjoint and cover ``[0, seq_len)`` exactly; a request shorter than the group leaves some ranks empty.
-    """
-
-    page_start: tuple[int, ...]
-    num_pages: tuple[int, ...]
-    key_start: tuple[int, ...]
-    key_len: tuple[int, ...]
-
-    @property
-    def max_keys(self) -> int:
-        return max(self.key_len, default=0)
-
-
-def plan_key_shards(seq_lens: Sequence[int], world: int, page_size: int = 64) -> tuple[KeyShard, ...]:
-    """Split each request's context ``[0, seq_lens[b])`` into ``world`` page-aligned slices, one per rank.
-
-    Page-aligned so that each rank's slice is a column range of the page table and the paged logits
-    kernel reads whole pages; rank ``r`` takes pages ``[r*P//W, (r+1)*P//W)`` of the ``P = ceil(L/page)``.
-    """
-    _check_count(world, "world", 1)
-    _check_count(page_size, "page_size", 1)
-    lens = [_check_count(v, f"seq_lens[{i}]") for i, v in enumerate(seq_lens)]
-    shards = []
-    for r in range(world):
-        ps, npg, ks, kl = [], [], [], []
-        for L in lens:
-            pages = -(-L // page_size)
-            p0, p1 = r * pages // world, (r + 1) * pages // world
-            k0, k1 = p0 * page_size, min(p1 * page_size, L)
-            ps.append(p0)
-            npg.append(p1 - p0)
-            ks.append(k0)
-            kl.append(max(k1 - k0, 0))
-        shards.append(KeyShard(tuple(ps), tuple(npg), tuple(ks), tuple(kl)))
-    return tuple(shards)
 
 
 # --------------------------------------------------------------------------------------------------
