@@ -21,8 +21,8 @@ from importlib.util import find_spec
 import pytest
 import torch
 
-from nsa_tp.attention.token_parallel import DEFAULT_COSTS
 from nsa_tp.integrations.sglang import token_parallel as tp
+from nsa_tp.token_parallel import DEFAULT_COSTS
 
 INSTALL = "bash scripts/install_sglang_cpu.sh"
 needs_sglang = pytest.mark.skipif(find_spec("sglang") is None, reason=f"sglang is not installed (run `{INSTALL}`)")
@@ -67,12 +67,6 @@ def test_cli_flag_sets_env_and_is_not_a_server_arg(monkeypatch):
 # ----------------------------------------------------------------------------------------- strategy choice
 
 
-def _costs(**over) -> object:
-    d = DEFAULT_COSTS.to_dict()
-    d.update(over)
-    return type(DEFAULT_COSTS).from_dict(d)
-
-
 @pytest.mark.parametrize(("mode", "world", "ext", "want"), [
     ("off", 8, [4096], "heads"), ("on", 1, [4096], "heads"), ("on", 8, [0, 0], "heads"),
     ("on", 8, [4096], "tokens"), ("indexer", 2, [5], "indexer"), ("auto", 8, [32768], "heads"),
@@ -82,23 +76,26 @@ def test_choice_forced_and_without_costs(mode, world, ext, want):
     assert strategy == want, reason
 
 
-def test_auto_follows_the_measured_costs():
-    # Sparse core launch-bound per token at few heads (FlashMLA pads to 64): tokens pays at long prefill.
-    costs = _costs(sparse_ns_per_token=[[64, 527.3], [128, 901.1]])
-    s, why = tp.choose_extend_strategy("auto", 8, [0], [32768], 16, costs)
-    assert s == "tokens", why
-    t = tp.predict_extend_ms(8, [0], [32768], 16, costs)
-    assert t["tokens"] < t["indexer"] < t["heads"]
-    # A short prefill: the collectives' latency dominates; nothing beats heads by the margin.
-    assert tp.choose_extend_strategy("auto", 8, [0], [16], 16, costs)[0] == "heads"
-    # A card whose all-heads sparse core is this slow makes tokens lose; the indexer split still wins.
-    slow = _costs(sparse_ns_per_token=[[64, 527.3], [128, 1e6]])
-    assert tp.choose_extend_strategy("auto", 8, [0], [32768], 16, slow)[0] == "indexer"
-    # The margin: a predicted gain below it keeps heads.
-    t = tp.predict_extend_ms(2, [0], [2048], 64, costs)
-    gain = 1 - min(t["indexer"], t["tokens"]) / t["heads"]
-    wide = _costs(sparse_ns_per_token=[[64, 527.3], [128, 901.1]], margin=min(0.99, gain + 0.01))
-    assert tp.choose_extend_strategy("auto", 2, [0], [2048], 64, wide)[0] == "heads"
+@pytest.mark.parametrize(("world", "prefix", "ext"), [(8, [0], [32768]), (8, [0], [16]), (2, [30000, 0], [2048, 7]),
+                                                   (4, [0, 0, 0], [512, 8192, 3])])
+def test_auto_is_the_shared_policy(world, prefix, ext):
+    from nsa_tp.parallel.layout import resolve_layout
+    from nsa_tp.token_parallel import choose_strategy
+
+    h = 128 // world
+    got, why = tp.choose_extend_strategy("auto", world, prefix, ext, h, DEFAULT_COSTS)
+    keys = sum(e * p + e * (e + 1) // 2 for p, e in zip(prefix, ext, strict=True))
+    want = choose_strategy(resolve_layout(world, num_attention_heads=128), sum(ext), keys / sum(ext), "auto",
+                           costs=DEFAULT_COSTS)
+    assert got == want and got in ("heads", "tokens"), why  # auto never picks the unpriced indexer split
+
+
+def test_auto_switches_only_for_a_gain_above_the_margin():
+    assert tp.choose_extend_strategy("auto", 8, [0], [32768], 16, DEFAULT_COSTS)[0] == "tokens"
+    assert tp.choose_extend_strategy("auto", 8, [0], [16], 16, DEFAULT_COSTS)[0] == "heads"  # latency-bound
+    d = DEFAULT_COSTS.to_dict()
+    d["margin"] = 0.99  # a 99% gain asked for: none predicted
+    assert tp.choose_extend_strategy("auto", 8, [0], [32768], 16, type(DEFAULT_COSTS).from_dict(d))[0] == "heads"
 
 
 def test_cost_file_must_match_the_card(tmp_path, monkeypatch):

@@ -10,9 +10,13 @@ Three roles, kept apart (STYLE.md, "Living inside a host engine"):
   every layer;
 - **executors** — the backend subclass (:func:`make_backend_class`, registered under SGLang's own ``"dsa"``
   name through ``register_attention_backend``) runs the sparse core of a ``tokens`` batch through the shared
-  core :func:`nsa_tp.attention.token_parallel_core.token_parallel_attention` (q heads -> tokens, all heads,
-  no padding, tokens -> heads); :func:`around_get_topk_ragged` (the one HookRegistry hook this module adds)
-  scores only this rank's query rows for an ``indexer`` or ``tokens`` batch and all-gathers the top-k ids.
+  core :func:`nsa_tp.token_parallel.tokens_sparse_mla` (q heads -> tokens, all heads, no padding, tokens ->
+  heads); :func:`around_get_topk_ragged` (the one HookRegistry hook this module adds) runs upstream's own
+  indexer top-k on this rank's query rows only for an ``indexer`` or ``tokens`` batch, then
+  :func:`nsa_tp.token_parallel.gather_topk_rows` gives every rank the whole ``[T, K]``.
+
+The algorithm (splits, cost model, collectives, sparse core) is :mod:`nsa_tp.token_parallel`'s, shared with
+nsa-tp's own layer; this module only translates SGLang's batch and calls it.
 
 Strategies (every rank of the group sees the same batch and the same settings, so all choose the same one,
 which their collectives need):
@@ -20,8 +24,11 @@ which their collectives need):
 - ``heads``: upstream's code, unchanged. Always under decode, target-verify, draft-extend, ``attn_tp == 1``,
   a batch with no real tokens, or ``auto`` without measured costs for this card.
 - ``indexer``: each rank's indexer scores ``1/attn_tp`` of the query rows; the ids are all-gathered; the sparse
-  core stays upstream's.
-- ``tokens``: the indexer split above, plus the sparse core token-parallel over all heads.
+  core stays upstream's. Only when forced (``--nsa-token-parallel indexer``): the shared cost model does not
+  price it yet, so ``auto`` never picks it.
+- ``tokens``: the indexer split above (its rows = the rank's token rows), plus the sparse core
+  token-parallel over all heads. ``auto`` picks it where :func:`nsa_tp.token_parallel.choose_strategy`
+  predicts it faster from costs measured on this card.
 """
 
 from __future__ import annotations
@@ -36,18 +43,27 @@ from typing import Any
 import torch
 import torch.distributed as dist
 
-from nsa_tp import ops
-from nsa_tp.attention.token_parallel import DEFAULT_COSTS, TokenParallelCosts, TokenSplit, plan_token_split
-from nsa_tp.attention.token_parallel_core import token_parallel_attention
 from nsa_tp.integrations.sglang._log import log_once, logger
 from nsa_tp.integrations.sglang._switch import ops_backend, plugin_enabled
 from nsa_tp.ops.kv_format import D_LATENT, D_QK
-from nsa_tp.parallel.collectives import all_gather_stack
+from nsa_tp.parallel.layout import resolve_layout
+from nsa_tp.token_parallel import (
+    DEFAULT_COSTS,
+    TokenParallelCosts,
+    TokenSplit,
+    causal_key_counts,
+    choose_strategy,
+    gather_topk_rows,
+    plan_index_split,
+    plan_token_split,
+    tokens_sparse_mla,
+)
+from nsa_tp.token_parallel.policy import token_costs
 
 __all__ = [
     "ENV_MODE", "ENV_COSTS", "MODES", "FLAG", "PLAN_ATTR", "HOOKS",
     "token_parallel_mode", "add_cli_flag", "load_costs", "choose_extend_strategy",
-    "ExtendPlan", "plan_extend", "plan_for", "extend_rows", "run_tokens_sparse_core",
+    "ExtendPlan", "plan_extend", "plan_for", "extend_rows",
     "around_get_topk_ragged", "make_backend_class", "register_backend", "hook_targets",
 ]
 
@@ -117,10 +133,11 @@ def load_costs(card: str | None) -> tuple[TokenParallelCosts | None, str]:
 
 def choose_extend_strategy(mode: str, world: int, prefix_lens: list[int], extend_lens: list[int],
                            heads_per_rank: int, costs: TokenParallelCosts | None) -> tuple[str, str]:
-    """Pure: the strategy for one extend batch and the reason (``heads`` | ``indexer`` | ``tokens``).
+    """Pure: the strategy for one extend batch (``heads`` | ``indexer`` | ``tokens``) and the reason.
 
-    ``auto`` picks the cheapest of the three by the predicted per-rank time from ``costs`` and switches away
-    from ``heads`` only for a predicted gain above ``costs.margin``; ``costs=None`` keeps ``heads``.
+    ``auto`` asks the shared policy (:func:`nsa_tp.token_parallel.choose_strategy`: heads or tokens, switching
+    only for a predicted gain above ``costs.margin``); ``costs=None`` (nothing measured on this card) keeps
+    ``heads``.
     """
     if mode not in MODES:
         raise ValueError(f"mode: expected one of {MODES}, got {mode!r}")
@@ -137,32 +154,10 @@ def choose_extend_strategy(mode: str, world: int, prefix_lens: list[int], extend
         return "indexer", "forced (indexer)"
     if costs is None:
         return "heads", "auto without measured costs for this card"
-    times = predict_extend_ms(world, prefix_lens, extend_lens, heads_per_rank, costs)
-    best = min(times, key=times.get)
-    if best != "heads" and times[best] < times["heads"] * (1 - costs.margin):
-        return best, "auto: predicted " + ", ".join(f"{k} {v:.3f} ms" for k, v in times.items())
-    return "heads", "auto: no strategy predicted faster by more than the margin"
-
-
-def predict_extend_ms(world: int, prefix_lens: list[int], extend_lens: list[int], heads_per_rank: int,
-                      costs: TokenParallelCosts) -> dict[str, float]:
-    """Predicted per-rank time (ms) of one layer's indexer + sparse core + collectives, per strategy."""
-    keys = sum(e * p + e * (e + 1) / 2 for p, e in zip(prefix_lens, extend_lens, strict=True))  # causal (row, key)
-    T = sum(extend_lens)
-    idx_all = keys * costs.indexer_ns_per_row_key / 1e6
-    sparse_own = T * costs.sparse_ns(heads_per_rank) / 1e6
-    sparse_all_heads = T / world * costs.sparse_ns(heads_per_rank * world) / 1e6
-
-    def xfer(bytes_per_rank: float) -> float:
-        return costs.a2a_latency_us / 1e3 + bytes_per_rank / (costs.a2a_gbytes_per_s * 1e9) * 1e3
-
-    gather = xfer(T * 2048 * 4 * (world - 1) / world)  # int32 top-k rows from the other ranks
-    a2a = xfer(T * heads_per_rank * (D_QK + D_LATENT) * 2 * (world - 1) / world)  # q there, o back, bf16
-    return {
-        "heads": idx_all + sparse_own,
-        "indexer": idx_all / world + gather + sparse_own,
-        "tokens": idx_all / world + gather + sparse_all_heads + a2a,
-    }
+    layout = resolve_layout(world, num_attention_heads=heads_per_rank * world)
+    keys = sum(e * p + e * (e + 1) // 2 for p, e in zip(prefix_lens, extend_lens, strict=True))  # causal
+    strategy = choose_strategy(layout, num_real, keys / num_real, "auto", costs=costs)
+    return strategy, f"auto ({costs.card}, {costs.date}): {num_real} rows, {keys / num_real:.0f} keys a row"
 
 
 @dataclasses.dataclass(frozen=True)
@@ -225,10 +220,12 @@ def plan_extend(forward_batch: Any, rank: int, world: int, heads_per_rank: int, 
     strategy, reason = choose_extend_strategy(mode, world, prefix, extend, heads_per_rank, costs)
     if strategy == "heads":
         return ExtendPlan("heads", reason, (sum(extend),) + (0,) * (world - 1), rank)
-    unit = costs or DEFAULT_COSTS  # only to weigh rows against each other for the split, not to choose
-    per_token = [unit.indexer_ns_per_row_key * (p + i + 1) + unit.sparse_ns(heads_per_rank * world)
-                 for p, e in zip(prefix, extend, strict=True) for i in range(e)]
-    split = plan_token_split(len(per_token), world, costs=per_token)
+    keys = causal_key_counts([p + e for p, e in zip(prefix, extend, strict=True)], prefix)
+    if strategy == "indexer":
+        split = plan_index_split(keys, world)
+    else:  # rows weighed by indexer + all-heads sparse work (the costs only weigh rows here, not choose)
+        split = plan_token_split(len(keys), world, costs=token_costs(keys, costs or DEFAULT_COSTS,
+                                                                     heads_per_rank * world))
     return ExtendPlan(strategy, reason, split.splits, rank)
 
 
@@ -266,32 +263,6 @@ def _attn_tp_group() -> Any:
 # ------------------------------------------------------------------------------------------------ executors
 
 
-def run_tokens_sparse_core(q_all: torch.Tensor, kv: torch.Tensor, indices: torch.Tensor, sm_scale: float,
-                           d_v: int, plan: ExtendPlan, group: Any) -> torch.Tensor:
-    """The ``tokens`` sparse core: ``q_all [T, h, 576]`` (this rank's heads) -> ``o [T, h, d_v]`` bf16.
-
-    ``kv [N, 1, 576|656]`` and ``indices [T, K]`` int32 (-1 = none; every row, replicated in the group) are
-    what upstream's FlashMLA call gets. Rows ``>= plan.num_real`` (DP padding) come back 0.
-    """
-    def select_topk(rows: range) -> torch.Tensor:
-        return indices[rows.start : rows.stop]
-
-    def attend(q_tok: torch.Tensor, topk: torch.Tensor, rows: range) -> torch.Tensor:
-        out, _, _ = ops.sparse_mla_fwd(q_tok, kv, topk.unsqueeze(1), sm_scale, d_v, backend=ops_backend())
-        return out
-
-    return token_parallel_attention(q_all, plan.split(q_all.shape[0]), group, select_topk, attend, d_v=d_v)
-
-
-def _gather_rows(own: torch.Tensor, plan: ExtendPlan, group: Any) -> torch.Tensor:
-    """Every rank's ``[splits[r], K]`` rows -> ``[num_real, K]`` in rank order (one equal-size all-gather)."""
-    width = max(plan.splits)
-    padded = own.new_full((width, own.shape[1]), -1)
-    padded[: own.shape[0]] = own
-    stacked = all_gather_stack(padded, group)  # [W, width, K]
-    return torch.cat([stacked[r, :n] for r, n in enumerate(plan.splits)])
-
-
 def around_get_topk_ragged(original: Callable[..., torch.Tensor], indexer: Any, enable_dual_stream: bool,
                            forward_batch: Any, layer_id: int, q_fp8: torch.Tensor, weights: torch.Tensor,
                            metadata: Any, topk_result: torch.Tensor | None = None, **extra: Any) -> torch.Tensor:
@@ -313,7 +284,7 @@ def around_get_topk_ragged(original: Callable[..., torch.Tensor], indexer: Any, 
         own = torch.full((0, indexer.index_topk), -1, dtype=torch.int32, device=q_fp8.device)
     log_once("tp-indexer", "token-parallel indexer active: Indexer._get_topk_ragged scores %d of %d rows "
              "on this rank, then all-gathers the top-k ids", len(rows), plan.num_real)
-    full = _gather_rows(own, plan, _attn_tp_group())
+    full = gather_topk_rows(own, _attn_tp_group(), plan.split(plan.num_real))  # [num_real, K] on every rank
     if topk_result is None:
         topk_result = full.new_full((q_fp8.shape[0], full.shape[1]), -1)
     topk_result[: plan.num_real] = full
@@ -400,8 +371,7 @@ def make_backend_class() -> type:
             log_once("tp-sparse", "token-parallel sparse core active: _forward_flashmla_sparse -> "
                      "nsa_tp token_parallel_attention (%d heads per rank -> all heads of 1/%d of the rows)",
                      q_all.shape[1], len(plan.splits))
-            return run_tokens_sparse_core(q_all, kv_cache, page_table_1.to(torch.int32), sm_scale, v_head_dim,
-                                          plan, _attn_tp_group())
+            return _tokens(q_all, kv_cache, page_table_1, sm_scale, v_head_dim, plan)
 
         def _forward_flashmla_kv(self, q_all: Any, kv_cache: Any, v_head_dim: int, sm_scale: float, layer: Any,
                                  metadata: Any, page_table_1: Any, **extra: Any) -> Any:
@@ -414,11 +384,20 @@ def make_backend_class() -> type:
                                                     page_table_1, **extra)
             log_once("tp-kv", "token-parallel sparse core active: _forward_flashmla_kv (extend) -> nsa_tp "
                      "token_parallel_attention over the paged pool (%d heads per rank)", q.shape[1])
-            out = run_tokens_sparse_core(q, flat, page_table_1.to(torch.int32), sm_scale, v_head_dim, plan,
-                                         _attn_tp_group())
+            out = _tokens(q, flat, page_table_1, sm_scale, v_head_dim, plan)
             return out.unsqueeze(1)  # [T, h, 512] -> [T, 1, h, 512], upstream's shape
 
     return NsaTpTokenParallelBackend
+
+
+def _tokens(q: torch.Tensor, kv: torch.Tensor, page_table_1: torch.Tensor, sm_scale: float, d_v: int,
+            plan: ExtendPlan) -> torch.Tensor:
+    """The shared ``tokens`` core on upstream's FlashMLA inputs: ``q [T, h, 576]``, flat ``kv [N, 1, D]``,
+    ``page_table_1 [T, K]`` (every row, replicated) -> ``o [T, h, d_v]``, DP padding rows 0."""
+    rows = plan.rows
+    topk = page_table_1[rows.start : rows.stop].to(torch.int32)  # this rank's rows only
+    return tokens_sparse_mla(q, kv, topk, sm_scale, _attn_tp_group(), plan.split(q.shape[0]), d_v=d_v,
+                             backend=ops_backend())
 
 
 def _tokens_unsupported(plan: ExtendPlan | None, q: torch.Tensor, kv: torch.Tensor, v_head_dim: int,
