@@ -1,8 +1,11 @@
-"""`nsa-tp bench`: time every kernel tier at chosen shapes, next to the card's own measured ceilings.
+"""`nsa-tp bench`: time every tier of every op against upstream's kernel in the same run, on this card.
 
-Prints one line per case and writes ``<out>/kernels_<card>_<date>.json`` (card, date, exact command,
-versions, ceilings, rows) plus PNG plots when matplotlib is installed (``--plot-from FILE.json`` redraws
-them on another machine). Needs a CUDA GPU and Triton; FlashMLA is timed when ``flash_mla`` imports.
+Per case (op x shape): one row per tier that loads here (Triton, FlashMLA, DeepGEMM, sgl-kernel; the
+reference with ``--quick``), the time of upstream's kernel on the same inputs and the ratio, and the tier
+``auto`` picks. Writes ``<out>/kernels_<card>_<date>.json`` (card, date, exact command, versions, ceilings,
+rows), ``<out>/tuning_<card-slug>.json`` (the tuning table this run implies: copy it to
+``python/nsa_tp/ops/measured/`` to make ``auto`` use it, or point ``NSA_TP_TUNING_FILE`` at it) and PNG plots
+when matplotlib is installed (``--plot-from FILE.json`` redraws them on another machine).
 """
 
 from __future__ import annotations
@@ -26,6 +29,14 @@ def _ints(text: str) -> list[int]:
         raise argparse.ArgumentTypeError(f"expected comma-separated integers, got {text!r}") from None
 
 
+def _pairs(text: str) -> list[tuple[int, int]]:
+    try:
+        return [(int(a), int(b)) for a, b in (x.lower().split("x") for x in text.split(",") if x)]
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected ROWSxWIDTH pairs like 4096x32768,1024x131072, got {text!r}") \
+            from None
+
+
 def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--out", default="benchmark/results", help="folder for the JSON and PNG files")
     p.add_argument("--heads", type=_ints, default=[16, 32, 64, 128], help="sparse MLA heads per rank")
@@ -34,8 +45,10 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--topk", type=int, default=2048)
     p.add_argument("--logits-keys", type=_ints, default=[4096, 8192, 16384, 32768, 65536],
                    help="key counts N for the fp8 MQA logits sweep (causal over the last T tokens)")
-    p.add_argument("--decode-batches", type=_ints, default=[1, 64])
-    p.add_argument("--decode-heads", type=int, default=16)
+    p.add_argument("--decode-batches", type=_ints, default=[1, 64, 4096],
+                   help="rows per decode-kernel call (SGLang runs fp8 prefill through it: one row per token)")
+    p.add_argument("--topk-cases", type=_pairs, default=[(4096, 8192), (4096, 32768), (1024, 131072)],
+                   help="top-k cases as ROWSxWIDTH,... (causal rows)")
     p.add_argument("--context", type=int, default=32768, help="decode context per request")
     p.add_argument("--sweep", action="store_true", help="also sweep the kernels' launch configs")
     p.add_argument("--quick", action="store_true", help="small shapes (a smoke run, includes the reference tier)")
@@ -53,7 +66,7 @@ def _versions() -> dict[str, str | None]:
     import torch
 
     out: dict[str, str | None] = {"torch": torch.__version__, "cuda": torch.version.cuda}
-    for name in ("triton", "flash_mla"):
+    for name in ("triton", "flash_mla", "deep_gemm", "sgl_kernel"):
         try:
             mod = __import__(name)
             out[name] = getattr(mod, "__version__", "installed")
@@ -67,14 +80,41 @@ def _fmt(x: float | None, spec: str) -> str:
 
 
 def _print_table(rows: list[dict[str, Any]]) -> None:
-    print(f"{'op':<22} {'tier':<12} {'shape':<44} {'ms':>9} {'TF/s use':>9} {'TF/s exe':>9} {'GB/s':>8} "
-          f"{'ceil%':>6}  note")
+    print(f"{'op':<22} {'tier':<13} {'shape':<40} {'ms':>9} {'upstr ms':>9} {'x upstr':>7} {'TF/s':>7} "
+          f"{'GB/s':>7} {'ceil%':>6}  note")
     for r in rows:
         shape = " ".join(f"{k}={v}" for k, v in r["shape"].items())
         frac = None if r["frac_ceiling"] is None else 100 * r["frac_ceiling"]
-        print(f"{r['op']:<22} {r['tier']:<12} {shape:<44} {_fmt(r['ms'], '.4f'):>9} "
-              f"{_fmt(r['useful_tflops'], '.1f'):>9} {_fmt(r['executed_tflops'], '.1f'):>9} "
-              f"{_fmt(r['gbps'], '.0f'):>8} {_fmt(frac, '.1f'):>6}  {r['note']}")
+        print(f"{r['op']:<22} {r['tier']:<13} {shape:<40} {_fmt(r['ms'], '.4f'):>9} "
+              f"{_fmt(r.get('upstream_ms'), '.4f'):>9} {_fmt(r.get('vs_upstream'), '.2f'):>7} "
+              f"{_fmt(r['useful_tflops'], '.1f'):>7} {_fmt(r['gbps'], '.0f'):>7} {_fmt(frac, '.1f'):>6}  "
+              f"{r['note'][:90]}")
+
+
+def auto_check(rows: list[dict[str, Any]], table: dict[str, Any]) -> list[dict[str, Any]]:
+    """Per case: the tier ``table`` makes ``auto`` run, its time over the fastest tier's, and upstream's.
+
+    The evidence for "auto is never more than the margin slower than the fastest tier" in the results JSON.
+    """
+    from nsa_tp.ops import tuning
+
+    cases: dict[tuple[str, str], list[dict[str, Any]]] = {}
+    for r in rows:
+        if r.get("class") and r["ms"] is not None:
+            cases.setdefault((r["op"], json.dumps(r["shape"], sort_keys=True)), []).append(r)
+    out = []
+    for (op, shape), rs in cases.items():
+        times = {r["tier"]: r["ms"] for r in rs}
+        order = tuning.order_from_times(op, table.get(op, {}).get(rs[0]["class"], times))
+        chosen = next((t for t in order if t in times), min(times, key=times.get))
+        best = min(times, key=times.get)
+        up = tuning.UPSTREAM.get(op)
+        out.append({"op": op, "shape": json.loads(shape), "class": rs[0]["class"], "auto": chosen,
+                    "auto_ms": times[chosen], "fastest": best, "fastest_ms": times[best],
+                    "auto_over_fastest": times[chosen] / times[best],
+                    "upstream_ms": times.get(up), "auto_vs_upstream": (times[up] / times[chosen]) if up in times
+                    else None})
+    return out
 
 
 def main(args: argparse.Namespace) -> int:
@@ -106,12 +146,14 @@ def main(args: argparse.Namespace) -> int:
     now = datetime.datetime.now(datetime.timezone.utc)
     T, N, K = args.tokens, args.kv_slots, args.topk
     heads, keys, batches, ctx = args.heads, args.logits_keys, args.decode_batches, args.context
+    topk_cases = args.topk_cases
     if args.quick:
         T, N, K, heads, keys, batches, ctx = 256, 4096, 512, [16, 64], [4096], [1, 4], 4096
+        topk_cases = [(256, 4096)]
 
     if args.warm_only:
         # Same divisibility-by-16 pattern as the full shapes, so Triton's on-disk cache hits in the timed run.
-        T, N, keys, ctx = 256, 4096, [4096], 2048
+        T, N, keys, ctx, topk_cases = 256, 4096, [4096], 2048, [(256, 4096)]
         ceilings = Ceilings(1.0, 1.0, 1.0, ("warm-up run: nothing measured",))
         kernels.median_ms = lambda fn, **_kw: (fn(), 1.0)[1]  # run once (compiles); a dummy 1 ms, never written
     else:
@@ -121,9 +163,12 @@ def main(args: argparse.Namespace) -> int:
     sections = [
         ("sparse_mla_fwd", lambda: kernels.sparse_mla_rows(T, N, K, heads, ["bf16", "fp8"], ceilings, device,
                                                            with_reference=args.quick)),
-        ("sparse_mla_decode", lambda: kernels.decode_rows(batches, args.decode_heads, ctx, K, ceilings, device)),
-        ("fp8_mqa_logits", lambda: kernels.logits_rows(T, keys, 64, 128, ceilings, device)),
-        ("fp8_paged_mqa_logits", lambda: kernels.paged_logits_rows(batches, 64, ctx, ceilings, device)),
+        ("sparse_mla_decode", lambda: kernels.decode_rows(batches, heads, ctx, K, ceilings, device)),
+        ("fp8_mqa_logits", lambda: kernels.logits_rows(T, keys, 64, 128, ceilings, device,
+                                                       with_reference=args.quick)),
+        ("fp8_paged_mqa_logits", lambda: kernels.paged_logits_rows([b for b in batches if b <= 64], 64, ctx,
+                                                                   ceilings, device)),
+        ("topk", lambda: kernels.topk_rows(topk_cases, 2048 if not args.quick else K, ceilings, device)),
     ]
     if args.sweep:
         sections.append(("sweep", lambda: kernels.sweep_rows(ceilings, device, T, N, K)))
@@ -158,8 +203,25 @@ def main(args: argparse.Namespace) -> int:
         for r in failed:
             print(f"warm-up: {r.op} {r.tier} {r.shape}: {r.note}")
         return 1 if failed else 0
+    from nsa_tp.ops import tuning
+
+    table = tuning.table_from_rows(results["rows"])
+    results["auto_check"] = auto_check(results["rows"], table)
+    with open(path, "w") as f:
+        json.dump(results, f, indent=1)
+    tuning_path = os.path.join(args.out, f"tuning_{tuning.card_slug(card)}.json")
+    with open(tuning_path, "w") as f:
+        json.dump({"card": card, "date": results["date"][:10],
+                   "sources": [{"file": os.path.basename(path), "command": results["command"]}],
+                   "note": "sums of per-case medians (ms) per op and shape class, from nsa-tp bench",
+                   "times": table}, f, indent=1)
     _print_table(results["rows"])
+    worst = max(results["auto_check"], key=lambda c: c["auto_over_fastest"], default=None)
+    if worst is not None:
+        print(f"auto with this run's table: worst case {worst['auto_over_fastest']:.3f}x the fastest tier "
+              f"({worst['op']} {worst['shape']}: {worst['auto']} vs {worst['fastest']})")
     print(f"wrote {path}")
+    print(f"wrote {tuning_path}")
     for png in plot_results(results, args.out, stem):
         print(f"wrote {png}")
     return 0

@@ -142,9 +142,9 @@ def case_strategies(case: RunCase) -> str:
             continue  # an idle attention DP group runs no core
         rs = [case.requests[i] for i in reqs]
         keys = [r.prefix_len + i + 1 for r in rs for i in range(r.new_len)]
-        pre = choose_strategy(lay, len(keys), sum(keys) / len(keys), mode)
+        pre = choose_strategy(lay, len(keys), sum(keys) / len(keys), mode, max_keys=max(keys))
         ctx = [r.prefix_len + r.new_len + 1 for r in rs]
-        dec = choose_strategy(lay, len(rs), sum(ctx) / len(ctx), mode, is_decode=True)
+        dec = choose_strategy(lay, len(rs), sum(ctx) / len(ctx), mode, max_keys=max(ctx), is_decode=True)
         if f"{pre}/{dec}" not in seen:
             seen.append(f"{pre}/{dec}")
     return ",".join(seen) or "-"

@@ -14,14 +14,27 @@ from nsa_tp.parallel import resolve_layout
 from nsa_tp.parallel.collectives import a2a_bytes_per_rank, fp8_pack_rows, fp8_row_bytes, fp8_unpack_rows
 from nsa_tp.token_parallel.core import shard_page_table
 from nsa_tp.token_parallel.merge import local_topk, merge_topk
-from nsa_tp.token_parallel.plan import causal_mean_keys, plan_key_shards, plan_token_split
+from nsa_tp.token_parallel.plan import (
+    TokenSplit,
+    causal_key_counts,
+    causal_mean_keys,
+    plan_index_split,
+    plan_key_shards,
+    plan_token_split,
+    transient_buffers,
+    transient_peak_bytes,
+)
 from nsa_tp.token_parallel.policy import (
     DEFAULT_COSTS,
+    BatchShape,
     TokenParallelCosts,
+    choose,
     choose_strategy,
     choose_token_parallel,
     crossover_decode_context,
     crossover_tokens,
+    describe_grid,
+    predict,
     predict_ms,
     token_costs,
 )
@@ -165,17 +178,163 @@ def test_policy_modes_and_trivial_groups():
 def test_auto_policy_follows_the_cost_model():
     tp8 = resolve_layout(8, sm_major=9)
     # Long prefill at TP8: 16 heads padded to 64 plus a replicated indexer -> token-parallel pays.
-    assert choose_strategy(tp8, 32768, causal_mean_keys(0, 32768), costs=_TOY) == "tokens"
-    # A handful of tokens: the all-to-all's fixed cost dominates.
+    assert choose_strategy(tp8, 32768, causal_mean_keys(0, 32768), max_keys=32768, costs=_TOY) == "tokens"
+    # A handful of tokens: the collectives' fixed cost dominates.
     assert choose_strategy(tp8, 2, 2.0, costs=_TOY) == "heads"
     for lay in (resolve_layout(2, sm_major=9), resolve_layout(4, sm_major=9), tp8):
         t = crossover_tokens(lay, costs=_TOY)
         if t is None:
             continue
-        assert choose_strategy(lay, t, causal_mean_keys(0, t), costs=_TOY) == "tokens"
-        assert t == 1 or choose_strategy(lay, t - 1, causal_mean_keys(0, t - 1), costs=_TOY) == "heads"
+        assert choose_strategy(lay, t, causal_mean_keys(0, t), max_keys=t, costs=_TOY) != "heads"
+        assert t == 1 or choose_strategy(lay, t - 1, causal_mean_keys(0, t - 1), max_keys=t - 1,
+                                         costs=_TOY) == "heads"
     # Padding makes TP8 pay earlier than TP2, whose 64 heads need no padding on Hopper.
     assert crossover_tokens(tp8, costs=_TOY) < (crossover_tokens(resolve_layout(2, sm_major=9), costs=_TOY) or 10**9)
+
+
+def _fresh(T: int, W: int, *, H: int = 128) -> BatchShape:
+    return BatchShape(T, causal_mean_keys(0, T), T, H, W)
+
+
+def test_predict_by_hand():
+    """One shape, every part computed here from the documented formulas (toy costs, TP4, 8192 fresh tokens)."""
+    T, W, h, K = 8192, 4, 32, 2048
+    shape = _fresh(T, W)
+    mean = (T + 1) / 2
+    frac = 3 / 4
+    heads, idx, tok = (predict(shape, s, _TOY) for s in ("heads", "indexer", "tokens"))
+    assert heads["indexer"] == pytest.approx(0.02 * T * mean / 1e6)
+    assert heads["sparse"] == pytest.approx(T * 473.6 / 1e6)  # 32 heads cost the 64-head entry (padding)
+    share = 0.02 * (T * mean / W + T) / 1e6  # a quarter of the row-keys plus at most one (the longest) row
+    assert idx["indexer"] == pytest.approx(share) and tok["indexer"] == pytest.approx(share)
+    assert idx["all_gather"] == pytest.approx(30e-3 + T * K * 4 * frac / 300e9 * 1e3)
+    assert idx["sparse"] == pytest.approx(heads["sparse"])
+    assert tok["sparse"] == pytest.approx((T / W + 1) * 947.2 / 1e6)
+    assert tok["all_to_all"] == pytest.approx(2 * 30e-3 + T * h * (576 + 512) * 2 * frac / 300e9 * 1e3)
+    for parts in (heads, idx, tok):
+        assert parts["total"] == pytest.approx(sum(v for k, v in parts.items() if k != "total"))
+    # an explicit gather bandwidth replaces the all-to-all's
+    slow = dataclasses.replace(_TOY, gather_latency_us=100.0, gather_gbytes_per_s=10.0)
+    assert predict(shape, "indexer", slow)["all_gather"] == pytest.approx(0.1 + T * K * 4 * frac / 10e9 * 1e3)
+
+
+_GRID_T = [0, 1, 7, 64, 512, 2048, 8192, 32768, 131072]
+
+
+@pytest.mark.parametrize("W", [1, 2, 4, 8])
+@pytest.mark.parametrize("costs", [_TOY, DEFAULT_COSTS], ids=["toy", "default"])
+def test_choice_over_a_grid(W, costs):
+    """The choice is the cheapest allowed strategy, leaves heads only past the margin, and never picks a
+    strategy that does not apply (indexer on decode, keys on prefill, tokens on decode with < W requests)."""
+    for T in _GRID_T:
+        for decode in (False, True):
+            for mean, mx in ([(causal_mean_keys(0, T), T), (4096.0, 8192)] if not decode else [(1000.0, 1000),
+                                                                                              (65536.0, 65536)]):
+                if T == 0:
+                    mean, mx = 0.0, 0
+                shape = BatchShape(T, mean, mx, 128, W, decode)
+                got = choose(shape, costs)
+                assert choose(shape, costs) == got  # pure: same input, same answer
+                if W == 1 or T == 0:
+                    assert got == "heads"
+                    continue
+                allowed = (["keys"] if T < W else ["tokens"]) if decode else ["indexer", "tokens"]
+                assert got in ["heads", *allowed], (shape, got)
+                totals = {s: predict(shape, s, costs)["total"] for s in ["heads", *allowed]}
+                best = min(allowed, key=totals.__getitem__)
+                if got == "heads":
+                    assert totals[best] >= totals["heads"] * (1 - costs.margin), (shape, totals)
+                else:
+                    assert got == best and totals[got] < totals["heads"] * (1 - costs.margin), (shape, totals)
+                # forced modes
+                assert choose(shape, costs, "off") == "heads" == choose(shape, costs, "heads")
+                assert choose(shape, costs, "on") == allowed[-1]
+                assert choose(shape, costs, "indexer") == ("heads" if decode else "indexer")
+
+
+@pytest.mark.parametrize("W", [2, 4, 8])
+def test_fresh_prompts_once_split_stay_split(W):
+    """Longer fresh prompts never go back to heads: the gain grows with T, the collectives' fixed cost does not."""
+    left = False
+    for T in [2**k for k in range(4, 18)]:
+        got = choose(_fresh(T, W), DEFAULT_COSTS)
+        left = left or got != "heads"
+        assert not (left and got == "heads"), (W, T)
+    assert left
+
+
+def test_policy_docstring_table():
+    """The table in nsa_tp.token_parallel.policy's docstring is what the policy decides today."""
+    from nsa_tp.token_parallel import policy
+
+    doc = policy.__doc__
+    lines = doc[doc.index("W     T=1K"):].splitlines()
+    rows = [ln.split() for ln in lines[2:5]]
+    assert rows == describe_grid(tokens=(1024, 2048, 4096, 8192, 32768, 131072))
+    assert {c for r in rows for c in r[1:]} == {"heads", "indexer", "tokens"}  # the table shows all three
+
+
+def test_batch_shape_checks():
+    with pytest.raises(ValueError, match="max_keys"):
+        BatchShape(4, 10.0, 5, 128, 2)
+    with pytest.raises(ValueError, match="num_heads"):
+        BatchShape(4, 10.0, 10, 128, 3)
+    with pytest.raises(ValueError, match="mean_keys"):
+        BatchShape(4, float("nan"), 10, 128, 2)
+    with pytest.raises(ValueError, match="strategy"):
+        predict(BatchShape(4, 1.0, 1, 128, 2), "rows", _TOY)
+    with pytest.raises(ValueError, match="extend"):
+        predict(BatchShape(4, 1.0, 1, 128, 2, is_decode=True), "indexer", _TOY)
+    with pytest.raises(ValueError, match="mode"):
+        choose(BatchShape(4, 1.0, 1, 128, 2), _TOY, "keys")
+
+
+# ---------------------------------------------------------------------------------------------- transient memory
+
+
+def test_transient_buffers_by_hand():
+    split = TokenSplit((5, 3, 0, 1), 11)  # 9 real rows, 2 DP padding rows, an empty rank, a one-row rank
+    h, K = 4, 16
+    assert transient_buffers("heads", split, 0, h, K) == {} == transient_buffers("keys", split, 0, h, K)
+    t0 = transient_buffers("tokens", split, 0, h, K)
+    assert t0 == {"q_recv": 4 * 5 * h * 576 * 2, "q_tokens": 5 * 16 * 576 * 2, "o_core": 5 * 16 * 512 * 2,
+                  "o_send": 4 * 5 * h * 512 * 2, "out": 11 * h * 512 * 2}
+    assert transient_peak_bytes("tokens", split, 0, h, K) == 2 * 5 * 16 * 576 * 2
+    assert transient_buffers("tokens", split, 2, h, K) == {"out": 11 * h * 512 * 2}  # no rows: nothing moves in
+    t3 = transient_buffers("tokens", split, 3, h, K)  # one row: the regrouped views need no copy
+    assert set(t3) == {"q_recv", "o_core", "out"}
+    assert transient_peak_bytes("tokens", split, 3, h, K) == t3["q_recv"] + t3["o_core"]
+    i1 = transient_buffers("indexer", split, 1, h, K)
+    assert i1 == {"ids_block": 5 * K * 4, "ids_gathered": 4 * 5 * K * 4, "out": 11 * K * 4}
+    assert transient_peak_bytes("indexer", split, 1, h, K) == 5 * 5 * K * 4
+    assert transient_buffers("tokens", TokenSplit((9,), 9), 0, h, K) == {}  # one rank: no exchange
+    with pytest.raises(ValueError, match="rank"):
+        transient_buffers("tokens", split, 4, h, K)
+    with pytest.raises(ValueError, match="strategy"):
+        transient_buffers("rows", split, 0, h, K)
+
+
+def test_transient_peak_at_128k_tp8_is_below_flashmla_padding():
+    """transient_peak_bytes' docstring: tokens' peak at 128K/TP8 (13 GB) is below the 64-head padded q and
+    output FlashMLA allocates under heads (18.3 GB)."""
+    T, W = 131072, 8
+    keys = [i + 1 for i in range(T)]
+    split = plan_token_split(T, W, costs=token_costs(keys))
+    assert split.splits[0] == max(split.splits) and 0.3 * T < split.splits[0] < 0.36 * T
+    peak = max(transient_peak_bytes("tokens", split, r, 128 // W) for r in range(W))
+    assert peak == 2 * split.splits[0] * 128 * 576 * 2 and 12e9 < peak < 14e9
+    assert peak < T * 64 * (576 + 512) * 2
+
+
+def test_index_split_balances_keys():
+    keys = causal_key_counts([300, 90], [0, 40])  # a fresh 300-token prompt, then 50 new behind 40 cached
+    assert keys[:3] == [1, 2, 3] and keys[300:302] == [41, 42] and len(keys) == 350
+    s = plan_index_split(keys, 4, num_rows=352)
+    assert s.num_real == 350 and s.num_rows == 352
+    shares = [sum(keys[r.start : r.stop]) for r in (s.rows(i) for i in range(4))]
+    assert max(shares) - sum(keys) / 4 <= max(keys)  # off by at most one row
+    with pytest.raises(ValueError, match="prefix_lens"):
+        causal_key_counts([3], [4])
 
 
 def test_auto_policy_decode_key_sharding_has_a_context_crossover():
@@ -194,9 +353,9 @@ def test_predicted_parts_are_consistent():
     tp4 = resolve_layout(4, sm_major=9)
     T, ctx = 32768, causal_mean_keys(0, 32768)
     heads = predict_ms(tp4, T, ctx, "heads", costs=_TOY)
-    toks = predict_ms(tp4, T, ctx, "tokens", costs=_TOY)
-    assert toks["indexer"] == pytest.approx(heads["indexer"] / 4)  # the indexer divided by attn_tp
-    assert heads["sparse"] == pytest.approx(toks["sparse"] * 2)  # 32 heads padded to 64 vs 128 real / 4 tokens
+    toks = predict_ms(tp4, T, ctx, "tokens", costs=_TOY)  # max_keys defaults to the mean: one row's worth
+    assert toks["indexer"] == pytest.approx(heads["indexer"] / 4, rel=1e-3)  # the indexer divided by attn_tp
+    assert heads["sparse"] == pytest.approx(toks["sparse"] * 2, rel=1e-3)  # 32 heads padded to 64 vs 128 / 4
     assert heads["total"] == pytest.approx(sum(v for k, v in heads.items() if k != "total"))
     assert toks["all_to_all"] > 0
 

@@ -12,6 +12,8 @@ import functools
 
 import pytest
 import torch
+from torch.utils._python_dispatch import TorchDispatchMode
+from torch.utils._pytree import tree_leaves
 
 from nsa_tp import ops
 from nsa_tp.attention.backend import NSABackend
@@ -26,7 +28,7 @@ from nsa_tp.parallel.layout import resolve_layout
 from nsa_tp.token_parallel import gather_topk_rows, tokens_sparse_mla
 from nsa_tp.token_parallel.backend import TokenParallelBackend, build_token_parallel_metadata
 from nsa_tp.token_parallel.core import Unabsorbed, key_sharded_decode_topk, token_parallel_attention
-from nsa_tp.token_parallel.plan import TokenSplit, plan_index_split, plan_token_split
+from nsa_tp.token_parallel.plan import TokenSplit, plan_index_split, plan_token_split, transient_buffers
 from nsa_tp.token_parallel.policy import token_costs
 
 D_QK, D_V, IDX_HEADS, IDX_DIM = 576, 512, 4, 128
@@ -163,6 +165,63 @@ def _same_up_to_ties(want: torch.Tensor, got: torch.Tensor, logits: torch.Tensor
     return ""
 
 
+# ------------------------------------------------------------------------------------------ transient memory
+
+
+class _AllocTrace(TorchDispatchMode):
+    """Records the bytes of every new storage an op creates (outputs aliasing no input), unless paused."""
+
+    def __init__(self):
+        super().__init__()
+        self.allocs: list[tuple[str, int]] = []
+        self.paused = False
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):  # noqa: ANN001
+        out = func(*args, **(kwargs or {}))
+        if not self.paused:
+            seen = {t.untyped_storage().data_ptr() for t in tree_leaves((args, kwargs))
+                    if isinstance(t, torch.Tensor) and t.numel()}
+            for t in tree_leaves(out):
+                if isinstance(t, torch.Tensor) and t.numel() and t.untyped_storage().data_ptr() not in seen:
+                    seen.add(t.untyped_storage().data_ptr())
+                    self.allocs.append((str(func), t.untyped_storage().nbytes()))
+        return out
+
+    def hidden(self, fn):  # noqa: ANN001, ANN201 - run fn untraced (the indexer / sparse core of every strategy)
+        def run(*a):
+            self.paused = True
+            try:
+                return fn(*a)
+            finally:
+                self.paused = False
+        return run
+
+
+def _traced_exchanges(b: dict, split: TokenSplit, r: int, W: int, group) -> dict:
+    """Allocations of the tokens exchange (around an untraced indexer and sparse core) and of the ids gather,
+    next to what transient_buffers plans for them."""
+    h = HEADS // W
+    q_mine = b["q"][:, r * h : (r + 1) * h].contiguous()
+    select, attend = functools.partial(_prefill_select, b), functools.partial(_prefill_attend, b)
+    core_bytes = []
+
+    def attend_recorded(q, topk, rows):  # noqa: ANN001, ANN202
+        o = attend(q, topk, rows)
+        core_bytes.append(o.untyped_storage().nbytes())  # o_core: the sparse core's output, between the exchanges
+        return o
+
+    with _AllocTrace() as tr:
+        token_parallel_attention(q_mine, split, group, tr.hidden(select), tr.hidden(attend_recorded))
+    tokens = sorted([n for _, n in tr.allocs] + core_bytes)
+    local = select(split.rows(r))
+    with _AllocTrace() as tr:
+        gather_topk_rows(local, group, split)
+    ids = sorted(n for _, n in tr.allocs)
+    plan = {s: sorted(transient_buffers(s, split, r, h, K).values()) for s in ("tokens", "indexer")}
+    return dict(tokens=tokens, indexer=ids, plan=plan,
+                ops=sorted({name for name, _ in tr.allocs}))
+
+
 # ------------------------------------------------------------------------------------------ the backend, end to end
 
 L_HIDDEN, L_QLORA, L_TOPK = 64, 32, 16
@@ -280,6 +339,20 @@ def _layer_cases(r: int, W: int, group) -> dict:
             un_tp = tp_be.forward(q_un[:, mine].contiguous(), x, ql, cos, sin, st.indexer, *caches["un"], tpm, group,
                                   unabsorbed=un_all)
             res[f"layer_{kv}_{name}_unabsorbed"] = dict(vs_pure=_rel(un_tp, un_pure), shape=tuple(un_tp.shape))
+            if name == "prefill":  # the indexer split: this rank's index rows, ids all-gathered, core by heads
+                c_idx, c_idx_un = (st.latent.clone(), st.index_k.clone()), (st.latent.clone(), st.index_k.clone())
+                tpm_i = build_token_parallel_metadata(builder(h), layout, r, seq_lens=seq, page_table=table,
+                                                      num_padded=q.shape[0], mode="indexer", **kw)
+                out_i = tp_be.forward(q[:, mine].contiguous(), x, ql, cos, sin, st.indexer, *c_idx, tpm_i, group)
+                un_i = tp_be.forward(q_un[:, mine].contiguous(), x, ql, cos, sin, st.indexer, *c_idx_un, tpm_i,
+                                     group, unabsorbed=un_all)
+                res[f"layer_{kv}_prefill_indexer"] = dict(
+                    strategy=tpm_i.strategy, vs_pure=_rel(out_i, out_pure), vs_ref=_rel(out_i, out_ref),
+                    pad_zero=bool((out_i[len(x) - pad :] == 0).all()), shape=tuple(out_i.shape),
+                    cache_same=torch.equal(c_idx[1], caches["ref"][1]), unabsorbed_vs_pure=_rel(un_i, un_pure),
+                    index_rows=list(tpm_i.split.splits), local_rows=tpm_i.meta.index.q_rows.stop
+                    - tpm_i.meta.index.q_rows.start,
+                )
             res[f"layer_{kv}_{name}"] = dict(
                 strategy=tpm.strategy, vs_pure=_rel(out_tp, out_pure), vs_ref=_rel(out_tp, out_ref),
                 pad_zero=bool((out_tp[len(x) - pad :] == 0).all()), shape=tuple(out_tp.shape),
@@ -353,6 +426,8 @@ def _rank_main(ctx: RankContext, with_layer: bool = True) -> dict:
     index_split = plan_index_split(counts, W, num_rows=b["rows"])
     gathered = gather_topk_rows(select(index_split.rows(r)), group, index_split)
     res["host_gather_index_split"] = torch.equal(gathered, topk_all)
+    for name, split in {**splits, "index": index_split}.items():
+        res[f"alloc_{name}"] = _traced_exchanges(b, split, r, W, group)
     tp8 = token_parallel_attention(q_mine, splits["even"], group, select, attend, fp8_q=True)
     res["prefill_fp8_q"] = _rel(tp8, pure)
 
@@ -461,6 +536,31 @@ def test_prefill_token_parallel_equals_pure_tp_and_reference(world):
             assert got["vs_pure"] < 1e-2 and got["pad_zero"], (r, chunks, got)
             assert got["shape"] == (sum(n for _, n in PREFILL_REQS) + 3, HEADS // world, 128), got
         assert res["tiny"] < 1e-2, (r, res["tiny"])
+
+
+@pytest.mark.parametrize("world", WORLDS)
+def test_exchange_allocations_match_the_planned_transient_buffers(world):
+    """Every buffer the tokens exchange and the ids gather really allocate (traced at the dispatcher), and no
+    other, is one transient_buffers planned: the stated memory bound is about the real allocations."""
+    for r, res in enumerate(_run(world)):
+        for name in ("even", "balanced", "one_rank", "index"):
+            got = res[f"alloc_{name}"]
+            assert got["tokens"] == got["plan"]["tokens"], (r, name, got)
+            assert got["indexer"] == got["plan"]["indexer"], (r, name, got)
+            assert got["indexer"], (r, name)  # the gather always allocates (a trace that saw nothing is broken)
+
+
+@pytest.mark.parametrize("world", WORLDS)
+def test_layer_indexer_split_equals_pure_tp(world):
+    """The indexer strategy through the backend: this rank scores only its rows, the layer output is pure TP's."""
+    for r, res in enumerate(_run(world)):
+        for kv in ("bfloat16", "fp8_e4m3"):
+            got = res[f"layer_{kv}_prefill_indexer"]
+            assert got["strategy"] == "indexer", (r, kv, got)
+            assert got["vs_pure"] < 1e-2 and got["vs_ref"] < 1e-2 and got["unabsorbed_vs_pure"] < 1e-2, (r, kv, got)
+            assert got["pad_zero"] and got["cache_same"], (r, kv, got)
+            assert got["shape"] == (sum(L_EXTEND) + 2, HEADS // world, D_V), (r, kv, got)
+            assert sum(got["index_rows"]) == sum(L_EXTEND) and got["local_rows"] == got["index_rows"][r], got
 
 
 @pytest.mark.parametrize("world", WORLDS)

@@ -3,7 +3,9 @@
 Through the issue-6 runner: a ragged batch with cached prefixes, then decode steps, under TP2, TP4 and
 DP2 x TP2 (partial DP attention: padded rows, one group decoding a single request). ``token_parallel_on``
 forces the split at these CPU sizes, so every strategy runs: tokens (prefill; decode with >= attn_tp
-requests) and keys (decode with fewer requests than attn_tp ranks).
+requests) and keys (decode with fewer requests than attn_tp ranks); ``token_parallel_indexer`` forces the
+indexer split on the extend batch (each rank scores its share of the rows, the ids all-gathered). Each is
+compared with the single-rank layer and with the ``heads`` core (pure TP) at the same layout.
 """
 
 from __future__ import annotations
@@ -19,9 +21,9 @@ REQS = (Request(0, 90), Request(70, 23), Request(5, 40))
 TOL = 1e-2  # bf16 tolerance, per request
 
 
-def _case(tp: int, dp: int = 1, dpa: bool = False, **kw) -> RunCase:
+def _case(tp: int, dp: int = 1, dpa: bool = False, core: str = "token_parallel_on", **kw) -> RunCase:
     return RunCase(tp=tp, dp=dp, enable_dp_attention=dpa, cfg=CFG, requests=REQS, decode_steps=2, seed=5,
-                   core="token_parallel_on", **kw)
+                   core=core, **kw)
 
 
 @pytest.fixture(scope="module")
@@ -36,15 +38,23 @@ def _check(case: RunCase, results, reference) -> None:
 
 
 def test_layer_token_parallel_two_ranks(reference):
-    cases = [_case(2, name="TP2 tokens"), _case(2, name="TP2 tokens fp8", kv_cache_dtype="fp8_e4m3")]
+    cases = [_case(2, name="TP2 tokens"), _case(2, name="TP2 tokens fp8", kv_cache_dtype="fp8_e4m3"),
+             _case(2, name="TP2 indexer", core="token_parallel_indexer"), _case(2, name="TP2 heads", core="heads")]
     lay = cases[0].layout()
     assert choose_strategy(lay, 3, 100, "on", is_decode=True) == "tokens"  # 3 decode requests >= 2 ranks
-    for case, res in zip(cases, run_layouts(cases, 2), strict=True):
+    results = run_layouts(cases, 2)
+    for case, res in zip(cases, results, strict=True):
         _check(case, res, reference)
+    heads = results[3][0]
+    for i in (0, 2):  # tokens and indexer against pure TP at the same layout
+        err = compare_results(heads, results[i][0])
+        assert err["max"] < TOL, (cases[i].name, err)
 
 
 def test_layer_token_parallel_four_ranks(reference):
-    cases = [_case(4, name="TP4 keys-decode"), _case(4, 2, True, name="DP2xTP2")]
+    cases = [_case(4, name="TP4 keys-decode"), _case(4, 2, True, name="DP2xTP2"),
+             _case(4, name="TP4 indexer", core="token_parallel_indexer"),
+             _case(4, 2, True, name="DP2xTP2 indexer", core="token_parallel_indexer")]
     assert choose_strategy(cases[0].layout(), 3, 100, "on", is_decode=True) == "keys"  # 3 < 4 ranks
     for case, res in zip(cases, run_layouts(cases, 4), strict=True):
         _check(case, res, reference)

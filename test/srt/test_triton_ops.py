@@ -17,7 +17,7 @@ import torch
 import nsa_tp.ops as ops
 from nsa_tp.ops import reference
 from nsa_tp.ops.kv_format import pack_fp8_kv
-from nsa_tp.ops.registry import BackendUnavailableError, explain, get_tier
+from nsa_tp.ops.registry import BackendUnavailableError, get_tier
 
 NEG_INF = float("-inf")
 
@@ -246,17 +246,6 @@ def test_fp8_paged_mqa_logits(B, H, poisoned):
     assert rel_err(got, want) < 1e-3
 
 
-@pytest.mark.gpu
-def test_auto_ranks_triton_from_the_measured_table():
-    q = torch.randn(8, 16, 576, device="cuda", dtype=torch.bfloat16)
-    kv = torch.randn(300, 1, 576, device="cuda", dtype=torch.bfloat16)
-    idx = torch.randint(0, 300, (8, 1, 64), device="cuda", dtype=torch.int32)
-    assert explain("sparse_mla_fwd", q, kv, idx, 0.1)["triton"] == "ok"
-    from nsa_tp.ops.triton import _MEASURED_FASTER, _fwd_rank
-
-    assert (_fwd_rank(q, kv, idx, 0.1) < 0) == _MEASURED_FASTER[16]  # vs FlashMLA's rank 0, as measured
-
-
 # ----------------------------------------------------------------------------- CPU: reasons and plumbing
 
 
@@ -282,28 +271,6 @@ def test_supports_reasons_on_cpu_tensors():
     q8 = torch.zeros(2, 4, 128).to(torch.float8_e4m3fn)
     assert "not on CUDA" in TIER.ops["fp8_mqa_logits"].supports(q8, None, None, None, None)
     assert "not CUDA" in TIER.ops["plan_sparse_mla_decode"].supports(1, 16, 2048, kv_dtype="bfloat16", device="cpu")
-
-
-def test_rank_follows_the_measured_table():
-    from nsa_tp.ops.triton import _MEASURED_FASTER, _fwd_rank
-
-    for heads, faster in _MEASURED_FASTER.items():
-        q = torch.zeros(1, heads, 576, dtype=torch.bfloat16)
-        assert (_fwd_rank(q) < 0) == faster, heads  # FlashMLA ranks 0
-    # An unmeasured count takes the verdict of the nearest measured count above it with the same padding.
-    assert (_fwd_rank(torch.zeros(1, 8, 576)) < 0) == _MEASURED_FASTER[16]
-    assert (_fwd_rank(torch.zeros(1, 48, 576)) < 0) == _MEASURED_FASTER[64]
-    assert (_fwd_rank(torch.zeros(1, 100, 576)) < 0) == _MEASURED_FASTER[128]
-    assert _fwd_rank(torch.zeros(1, 200, 576)) > 0  # nothing measured there: FlashMLA first
-
-
-def test_decode_rank_follows_its_own_table():
-    from nsa_tp.ops.triton import _MEASURED_DECODE_FASTER, _decode_rank, _plan_rank
-
-    for heads, faster in _MEASURED_DECODE_FASTER.items():
-        assert (_plan_rank(1, heads) < 0) == faster
-        assert (_decode_rank(torch.zeros(1, heads, 576)) < 0) == faster
-    assert _plan_rank(64, 128) > 0 and _decode_rank(torch.zeros(1, 64, 576)) > 0  # unmeasured: FlashMLA
 
 
 def test_bench_without_gpu_or_from_json(tmp_path, capsys):

@@ -112,11 +112,3 @@ def test_supports_reasons_on_cpu():
     supports = triton_tier.TIER.ops["topk_transform_ragged"].supports
     assert "not on CUDA" in supports(torch.zeros(2, 8), 4)
     assert "not on CUDA" in triton_tier.TIER.ops["topk_transform_paged"].supports(torch.zeros(2, 8), 4)
-
-
-def test_rank_prefers_triton_only_over_measured_widths():
-    rank = triton_tier.TIER.ops["topk_transform_ragged"].rank
-    lo, hi = triton_tier._TOPK_FASTER_WIDTHS
-    assert rank(torch.zeros(1, hi), 2048) < 1e9 < rank(torch.zeros(1, hi + 1), 2048)
-    if lo > 1:
-        assert rank(torch.zeros(1, lo - 1), 2048) > 1e9

@@ -1,23 +1,41 @@
-"""Benchmark cases for the kernel tiers: input builders, per-tier runners, and one result row per case.
+"""Benchmark cases for every tier of every op, next to upstream's kernel, in the same run.
 
-Each row: the op, the tier, the shape, the median time, useful TFLOP/s (the work the contract asks for),
-executed TFLOP/s (what the tier actually computes, e.g. FlashMLA's heads padded to 64), GB/s over the
-bytes that must move, and the fraction of the matching ceiling measured in the same run.
+Each case (one op at one shape) is timed on every tier that can run it, through the public op with the
+tier forced (``backend=<tier>``: what a user gets, checks included), plus one ``auto`` row saying which tier
+``auto`` picked. Each row carries the shape class (:func:`nsa_tp.ops.tuning.shape_class`) so a run turns into
+the card's tuning table (:func:`nsa_tp.ops.tuning.table_from_rows`), and the time of upstream's kernel on
+the same inputs (FlashMLA, DeepGEMM, sgl-kernel: :data:`nsa_tp.ops.tuning.UPSTREAM`) with the ratio.
+
+Rows also give useful TFLOP/s (the work the contract asks for), GB/s over the bytes that must move, and the
+fraction of the matching ceiling measured in the same run. The raw FlashMLA kernel with q pre-padded (no
+pad/trim copies) is one extra row per sparse-prefill case, the anchor DESIGN.md quotes.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import functools
 import importlib
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from typing import Any
 
 import torch
 
+from nsa_tp import ops
 from nsa_tp.bench.timing import Ceilings, median_ms
+from nsa_tp.ops import registry, tuning
 from nsa_tp.ops.kv_format import D_LATENT, D_QK, FP8_BYTES_PER_TOKEN, pack_fp8_kv
 
-__all__ = ["Row", "BenchCase", "sparse_mla_rows", "decode_rows", "logits_rows", "paged_logits_rows", "sweep_rows"]
+__all__ = [
+    "Row",
+    "sparse_mla_rows",
+    "decode_rows",
+    "logits_rows",
+    "paged_logits_rows",
+    "topk_rows",
+    "sweep_rows",
+    "available_tiers",
+]
 
 _BF16_ROW = 2 * D_QK  # bytes of one bf16 latent row
 
@@ -25,78 +43,112 @@ _BF16_ROW = 2 * D_QK  # bytes of one bf16 latent row
 @dataclasses.dataclass
 class Row:
     op: str
-    tier: str
+    tier: str  # a tier name, "auto", or a label for an extra (e.g. "flashmla-raw")
     shape: dict[str, Any]
     ms: float | None
     useful_tflops: float | None = None
-    executed_tflops: float | None = None
     gbps: float | None = None
     frac_ceiling: float | None = None  # of the matmul (compute-bound ops) or copy (memory-bound ops) ceiling
     note: str = ""
+    cls: str | None = None  # shape class (tier rows only: these make the tuning table)
+    upstream_ms: float | None = None  # upstream's kernel on the same inputs, same run
+    vs_upstream: float | None = None  # upstream_ms / ms: > 1 means faster than upstream
 
     def to_dict(self) -> dict[str, Any]:
-        return dataclasses.asdict(self)
+        d = dataclasses.asdict(self)
+        d["class"] = d.pop("cls")
+        return d
 
 
-@dataclasses.dataclass(frozen=True)
-class BenchCase:
-    name: str
-    fn: Callable[[], object]
+def available_tiers(op: str, include_reference: bool) -> list[str]:
+    """Tiers that load here and implement ``op`` (the reference only when asked: it is slow at real sizes)."""
+    out = []
+    for name in registry.tier_names():
+        if name == "reference" and not include_reference:
+            continue
+        try:
+            tier = registry.get_tier(name)
+        except registry.BackendUnavailableError:
+            continue
+        if op in tier.ops:
+            out.append(name)
+    return out
 
 
-def _flash_mla() -> Any | None:
+def _timed(fn: Callable[[], object]) -> tuple[float | None, str]:
+    """Median ms of ``fn()``, or None and the reason it could not run."""
     try:
-        return importlib.import_module("flash_mla")
-    except Exception:  # noqa: BLE001 - absent or broken: the anchor is then reported as missing
-        return None
-
-
-def _timed(fn: Callable[..., object], *args: Any, **kwargs: Any) -> tuple[float | None, str]:
-    """Median ms of ``fn(*args, **kwargs)``, or None and the reason it could not run."""
-    try:
-        fn(*args, **kwargs)  # compile / first-call work stays out of the timing
+        fn()  # compile / first-call work stays out of the timing
         torch.cuda.synchronize()
-        return median_ms(lambda: fn(*args, **kwargs)), ""
+        return median_ms(fn), ""
     except Exception as e:  # noqa: BLE001 - a tier that cannot run this shape is a row with the reason
-        return None, f"{type(e).__name__}: {str(e).splitlines()[0][:200]}"
+        return None, f"{type(e).__name__}: {str(e).splitlines()[0][:200] if str(e) else ''}"
 
 
-def _tflops(flops: float, ms: float | None) -> float | None:
-    return None if ms is None else flops / (ms * 1e-3) / 1e12
-
-
-def _gbps(nbytes: float, ms: float | None) -> float | None:
-    return None if ms is None else nbytes / (ms * 1e-3) / 1e9
+def _rate(amount: float, ms: float | None, unit: float) -> float | None:
+    return None if ms is None else amount / (ms * 1e-3) / unit
 
 
 def _frac(value: float | None, ceiling: float | None) -> float | None:
     return None if value is None or not ceiling else value / ceiling
 
 
-def _mla_accuracy(q: torch.Tensor, kv: torch.Tensor, idx: torch.Tensor, sm_scale: float, cfg: Any = None,
-                  rows: int = 128) -> str:
-    """``||out - ref|| / ||ref||`` (and the same for lse) on the first ``rows`` tokens, for the notes."""
-    from nsa_tp.ops import reference
-    from nsa_tp.ops.triton.sparse_mla import sparse_mla_fwd_split
+def _case_rows(
+    op: str,
+    shape: dict[str, Any],
+    tiers: Sequence[str],
+    args: tuple[Any, ...],
+    kwargs: dict[str, Any],
+    useful_flops: float,
+    moved_bytes: float,
+    ceiling: float | None,
+    compute_bound: bool,
+    call: Callable[[str], Callable[[], object]] | None = None,
+) -> list[Row]:
+    """One row per tier, then one ``auto`` row; every row carries upstream's time on the same inputs.
 
-    q, idx = q[:rows], idx[:rows]
-    out, _, lse = sparse_mla_fwd_split(q, kv, idx, sm_scale, 1, cfg)
-    r_out, _, r_lse = reference.sparse_mla_fwd(q, kv, idx, sm_scale)
-
-    def rel(a: torch.Tensor, b: torch.Tensor) -> float:
-        return float((a.double() - b.double()).norm() / b.double().norm())
-
-    return f"rel err vs reference: out {rel(out, r_out):.1e}, lse {rel(lse, r_lse):.1e}"
-
-
-def _flashmla_tier() -> Any | None:
-    """Our FlashMLA tier (head padding, legacy SM90 kernels), or None where it cannot run."""
-    from nsa_tp.ops.registry import BackendUnavailableError, get_tier
-
+    Each tier runs ``dispatch(op, tier, *args, **kwargs)`` (what the public op does with ``backend=tier``)
+    unless ``call(tier)`` builds the thunk (decode: the plan decides the tier). ``auto`` is what
+    :func:`nsa_tp.ops.registry.auto_tier` picks for these inputs with the tuning table loaded in this run.
+    """
+    cls = tuning.shape_class(op, *args, **kwargs)
+    rows: list[Row] = []
+    for tier in tiers:
+        try:
+            if call is not None:
+                thunk = call(tier)
+            else:
+                reason = registry.get_tier(tier).ops[op].supports(*args, **kwargs)
+                if reason:
+                    rows.append(Row(op, tier, shape, None, note=f"unsupported: {reason}"[:300], cls=cls))
+                    continue
+                thunk = functools.partial(registry.dispatch, op, tier, *args, **kwargs)
+        except Exception as e:  # noqa: BLE001 - e.g. a plan the tier cannot build: a row with the reason
+            rows.append(Row(op, tier, shape, None, note=f"{type(e).__name__}: {e}"[:300], cls=cls))
+            continue
+        ms, note = _timed(thunk)
+        tf = _rate(useful_flops, ms, 1e12) if useful_flops else None
+        gb = _rate(moved_bytes, ms, 1e9)
+        rows.append(Row(op, tier, shape, ms, tf, gb, _frac(tf if compute_bound else gb, ceiling), note, cls))
+        del thunk
+    up = tuning.UPSTREAM.get(op)
+    up_ms = next((r.ms for r in rows if r.tier == up), None)
+    for r in rows:
+        r.upstream_ms = up_ms
+        r.vs_upstream = None if up_ms is None or r.ms is None else up_ms / r.ms
     try:
-        return get_tier("flashmla")
-    except BackendUnavailableError:
-        return None
+        if op == "sparse_mla_decode":  # the plan picks the tier
+            B, H, K = args[0].shape[0], args[0].shape[1], args[2].shape[-1]
+            chosen = registry.auto_tier("plan_sparse_mla_decode", B, H, K, kv_dtype=args[1].dtype,
+                                        device=args[0].device)
+        else:
+            chosen = registry.auto_tier(op, *args, **kwargs)
+    except registry.BackendUnavailableError as e:
+        chosen = f"none ({e})"
+    ms = next((r.ms for r in rows if r.tier == chosen), None)
+    rows.append(Row(op, "auto", shape, ms, note=f"auto runs {chosen} (the tuning table loaded for this run)",
+                    upstream_ms=up_ms, vs_upstream=None if up_ms is None or ms is None else up_ms / ms))
+    return rows
 
 
 def _random_kv(n: int, fp8: bool, device: torch.device, gen: torch.Generator) -> torch.Tensor:
@@ -110,92 +162,73 @@ def _random_kv(n: int, fp8: bool, device: torch.device, gen: torch.Generator) ->
     return out
 
 
+def _flash_mla() -> Any | None:
+    try:
+        return importlib.import_module("flash_mla")
+    except Exception:  # noqa: BLE001 - absent or broken: the raw-kernel row is then left out
+        return None
+
+
 def sparse_mla_rows(
     T: int, N: int, K: int, heads: list[int], kv_formats: list[str], ceilings: Ceilings, device: torch.device,
     with_reference: bool = False,
 ) -> list[Row]:
-    """Prefill: Triton at the native head count; FlashMLA's kernel at the head count padded to 64."""
-    from nsa_tp.ops import reference
-    from nsa_tp.ops.triton.sparse_mla import sparse_mla_fwd
-
+    """Sparse prefill over a flat KV: every tier at the native head count (FlashMLA's tier pads to 64)."""
     gen = torch.Generator(device=device).manual_seed(1)
     fm = _flash_mla()
-    fmt_tier = _flashmla_tier()
+    tiers = available_tiers("sparse_mla_fwd", with_reference)
     rows: list[Row] = []
     sm_scale = D_QK**-0.5
     idx = torch.randint(0, N, (T, 1, K), device=device, dtype=torch.int32, generator=gen)
     for fmt in kv_formats:
-        fp8 = fmt == "fp8"
-        kv = _random_kv(N, fp8, device, gen)
-        row_bytes = FP8_BYTES_PER_TOKEN if fp8 else _BF16_ROW
+        kv = _random_kv(N, fmt == "fp8", device, gen)
+        row_bytes = FP8_BYTES_PER_TOKEN if fmt == "fp8" else _BF16_ROW
         for H in heads:
             q = torch.randn(T, H, D_QK, device=device, dtype=torch.bfloat16, generator=gen)
             useful = 2.0 * T * H * K * (D_QK + D_LATENT)
             moved = T * K * row_bytes + T * H * (2 * D_QK + 2 * D_LATENT + 8)  # gathered rows (mostly L2) + q/out
             shape = {"T": T, "H": H, "N": N, "K": K, "kv": fmt}
-            ms, note = _timed(sparse_mla_fwd, q, kv, idx, sm_scale)
-            rows.append(Row("sparse_mla_fwd", "triton", shape, ms, _tflops(useful, ms),
-                            _tflops(useful, ms), _gbps(moved, ms),
-                            _frac(_tflops(useful, ms), ceilings.bf16_tflops), note))
-            if fp8:
-                rows[-1].note = (rows[-1].note + " " + _mla_accuracy(q, kv, idx, sm_scale)).strip()
-            if fm is not None and not fp8:
+            rows += _case_rows("sparse_mla_fwd", shape, tiers, (q, kv, idx, sm_scale), {}, useful, moved,
+                               ceilings.bf16_tflops, True)
+            if fm is not None and fmt == "bf16":
                 hp = 64 * -(-H // 64)
                 qp = q if hp == H else torch.cat([q, q.new_zeros(T, hp - H, D_QK)], dim=1)
                 # The 576-dim V3.2 kernels (SM90 too) are the wheel's legacy set.
-                ms_f, note_f = _timed(fm.flash_mla_sparse_fwd, qp, kv, idx, sm_scale, D_LATENT, use_legacy=True)
-                executed = 2.0 * T * hp * K * (D_QK + D_LATENT)
-                rows.append(Row("sparse_mla_fwd", f"flashmla@{hp}", shape, ms_f, _tflops(useful, ms_f),
-                                _tflops(executed, ms_f), _gbps(moved, ms_f),
-                                _frac(_tflops(executed, ms_f), ceilings.bf16_tflops),
-                                (note_f + " " if note_f else "") + "kernel only, q pre-padded"))
-            if fmt_tier is not None and not fp8:
-                ms_t, note_t = _timed(fmt_tier.ops["sparse_mla_fwd"].fn, q, kv, idx, sm_scale)
-                rows.append(Row("sparse_mla_fwd", "flashmla-tier", shape, ms_t, _tflops(useful, ms_t), None,
-                                _gbps(moved, ms_t), None,
-                                (note_t + " " if note_t else "") + "our FlashMLA tier: pad heads, run, trim"))
-            if with_reference:
-                ms_r, note_r = _timed(reference.sparse_mla_fwd, q, kv, idx, sm_scale)
-                rows.append(Row("sparse_mla_fwd", "reference", shape, ms_r,
-                                _tflops(useful, ms_r), note=note_r))
+                ms, note = _timed(functools.partial(fm.flash_mla_sparse_fwd, qp, kv, idx, sm_scale, D_LATENT,
+                                                    use_legacy=True))
+                rows.append(Row("sparse_mla_fwd", "flashmla-raw", shape, ms, _rate(useful, ms, 1e12),
+                                note=(note + " " if note else "") + f"FlashMLA kernel alone, q pre-padded to {hp}"))
             del q
         del kv
     return rows
 
 
-def decode_rows(batches: list[int], H: int, ctx: int, K: int, ceilings: Ceilings, device: torch.device) -> list[Row]:
-    """Decode over an fp8 paged cache: ``ctx`` tokens per request, top-``K`` slots inside each request."""
-    from nsa_tp.ops.triton.sparse_mla_decode import plan_sparse_mla_decode, sparse_mla_decode
-
+def decode_rows(batches: list[int], heads: list[int], ctx: int, K: int, ceilings: Ceilings,
+                device: torch.device, with_reference: bool = False) -> list[Row]:
+    """Sparse MLA over the fp8 paged cache, one query row per request: decode proper (small B), and SGLang's
+    fp8 prefill, which runs this same kernel with one "request" per prompt token (large B)."""
     gen = torch.Generator(device=device).manual_seed(2)
+    tiers = available_tiers("sparse_mla_decode", with_reference)
     rows: list[Row] = []
     sm_scale = D_QK**-0.5
-    pages_per_req = -(-ctx // 64)
+    pages = -(-ctx // 64)
+    cache = _random_kv(pages * 64, True, device, gen).view(pages, 64, 1, FP8_BYTES_PER_TOKEN)
     for B in batches:
-        cache = _random_kv(B * pages_per_req * 64, True, device, gen).view(B * pages_per_req, 64, 1,
-                                                                           FP8_BYTES_PER_TOKEN)
-        base = torch.arange(B, device=device, dtype=torch.int32)[:, None, None] * (pages_per_req * 64)
-        idx = (torch.randint(0, ctx, (B, 1, K), device=device, dtype=torch.int32, generator=gen) + base).contiguous()
-        q = torch.randn(B, H, D_QK, device=device, dtype=torch.bfloat16, generator=gen)
-        moved = B * K * FP8_BYTES_PER_TOKEN + B * H * (2 * D_QK + 2 * D_LATENT + 4) + B * K * 4
-        shape = {"B": B, "H": H, "ctx": ctx, "K": K, "kv": "fp8"}
-        plan = plan_sparse_mla_decode(B, H, K, kv_dtype="fp8_e4m3", device=device)
-        ms, note = _timed(sparse_mla_decode, q, cache, idx, sm_scale, plan=plan)
-        rows.append(Row("sparse_mla_decode", "triton", shape, ms, gbps=_gbps(moved, ms),
-                        frac_ceiling=_frac(_gbps(moved, ms), ceilings.copy_gbps),
-                        note=f"{plan.data.num_splits} top-k splits; {note}".strip("; ")))
-        fmt_tier = _flashmla_tier()
-        if fmt_tier is not None:
-            try:
-                fplan = fmt_tier.ops["plan_sparse_mla_decode"].fn(B, H, K, kv_dtype="fp8_e4m3", device=device)
-                ms_f, note_f = _timed(fmt_tier.ops["sparse_mla_decode"].fn, q, cache, idx, sm_scale, plan=fplan)
-            except Exception as e:  # noqa: BLE001
-                ms_f, note_f = None, f"{type(e).__name__}: {e}"[:200]
-            hp = 64 * -(-H // 64)
-            rows.append(Row("sparse_mla_decode", "flashmla-tier", shape, ms_f, gbps=_gbps(moved, ms_f),
-                            frac_ceiling=_frac(_gbps(moved, ms_f), ceilings.copy_gbps),
-                            note=(note_f + " " if note_f else "") + f"our FlashMLA tier, heads padded to {hp}"))
-        del cache
+        idx = torch.randint(0, ctx, (B, 1, K), device=device, dtype=torch.int32, generator=gen)
+        for H in heads:
+            q = torch.randn(B, H, D_QK, device=device, dtype=torch.bfloat16, generator=gen)
+            moved = B * K * FP8_BYTES_PER_TOKEN + B * H * (2 * D_QK + 2 * D_LATENT + 4) + B * K * 4
+            useful = 2.0 * B * H * K * (D_QK + D_LATENT)
+            shape = {"B": B, "H": H, "ctx": ctx, "K": K, "kv": "fp8"}
+
+            def call(tier: str, q=q, idx=idx, B=B, H=H, cache=cache) -> Callable[[], object]:
+                plan = ops.plan_sparse_mla_decode(B, H, K, kv_dtype="fp8_e4m3", device=device, backend=tier)
+                return functools.partial(ops.sparse_mla_decode, q, cache, idx, sm_scale, plan=plan)
+
+            rows += _case_rows("sparse_mla_decode", shape, tiers, (q, cache, idx, sm_scale), {}, useful, moved,
+                               ceilings.copy_gbps, False, call=call)
+            del q
+    del cache
     return rows
 
 
@@ -211,29 +244,26 @@ def _logits_inputs(T: int, N: int, H: int, D: int, device: torch.device, gen: to
 
 
 def logits_rows(T: int, keys: list[int], H: int, D: int, ceilings: Ceilings, device: torch.device,
-                config: Any = None, tier_label: str = "triton") -> list[Row]:
-    from nsa_tp.ops.triton.mqa_logits import fp8_mqa_logits
-
+                with_reference: bool = False) -> list[Row]:
     gen = torch.Generator(device=device).manual_seed(3)
+    tiers = available_tiers("fp8_mqa_logits", with_reference)
     rows: list[Row] = []
     for N in keys:
         q, kv, w, ks, ke = _logits_inputs(T, N, H, D, device, gen)
         useful = 2.0 * H * D * float((ke - ks).clamp(min=0).sum())
-        ms, note = _timed(fp8_mqa_logits, q, kv, w, ks, ke, config=config)
         moved = T * N * 4 + N * (D + 4) + T * H * (D + 4)
-        tf = _tflops(useful, ms)
-        rows.append(Row("fp8_mqa_logits", tier_label, {"T": T, "N": N, "H": H, "D": D, "mask": "causal"}, ms, tf, None,
-                        _gbps(moved, ms),
-                        _frac(tf, ceilings.fp8_tflops),
-                        note + (f" config={config}" if config else "")))
+        rows += _case_rows("fp8_mqa_logits", {"T": T, "N": N, "H": H, "D": D, "mask": "causal"}, tiers,
+                           (q, kv, w, ks, ke), {}, useful, moved, ceilings.fp8_tflops, True)
         del q, kv
     return rows
 
 
-def paged_logits_rows(batches: list[int], H: int, ctx: int, ceilings: Ceilings, device: torch.device) -> list[Row]:
-    from nsa_tp.ops.triton.paged_mqa_logits import PAGE_BYTES, fp8_paged_mqa_logits
+def paged_logits_rows(batches: list[int], H: int, ctx: int, ceilings: Ceilings, device: torch.device,
+                      with_reference: bool = False) -> list[Row]:
+    from nsa_tp.ops.index_cache import INDEX_PAGE_BYTES as PAGE_BYTES
 
     gen = torch.Generator(device=device).manual_seed(4)
+    tiers = available_tiers("fp8_paged_mqa_logits", with_reference)
     rows: list[Row] = []
     pages = -(-ctx // 64)
     for B in batches:
@@ -245,26 +275,54 @@ def paged_logits_rows(batches: list[int], H: int, ctx: int, ceilings: Ceilings, 
         seq_lens = torch.full((B,), ctx, dtype=torch.int32, device=device)
         q = torch.randn(B, H, 128, device=device, generator=gen).to(torch.float8_e4m3fn)
         w = torch.randn(B, H, device=device, generator=gen)
-        ms, note = _timed(fp8_paged_mqa_logits, q, cache, w, seq_lens, page_table, ctx)
-        moved = B * ctx * (132 + 4) + B * H * 132
-        useful = 2.0 * B * ctx * H * 128
-        rows.append(Row("fp8_paged_mqa_logits", "triton", {"B": B, "H": H, "ctx": ctx}, ms,
-                        _tflops(useful, ms), None,
-                        _gbps(moved, ms),
-                        _frac(_gbps(moved, ms), ceilings.copy_gbps), note))
+        rows += _case_rows("fp8_paged_mqa_logits", {"B": B, "H": H, "ctx": ctx}, tiers,
+                           (q, cache, w, seq_lens, page_table, ctx), {}, 2.0 * B * ctx * H * 128,
+                           B * ctx * (132 + 4) + B * H * 132, ceilings.copy_gbps, False)
         del cache
     return rows
 
 
+def topk_rows(cases: list[tuple[int, int]], K: int, ceilings: Ceilings, device: torch.device,
+              with_reference: bool = True, paged_batch: int = 64, paged_ctx: int = 32768) -> list[Row]:
+    """Top-``K`` over ``R x W`` float32 logits of a causal prefill (row r of the last R tokens of a W-token
+    context scores ``W - R + r + 1`` keys), ragged; and one paged decode case (``paged_batch`` requests of
+    ``paged_ctx`` tokens). Bytes moved: the candidates read once plus the ids written."""
+    gen = torch.Generator(device=device).manual_seed(6)
+    rows: list[Row] = []
+    for R, W in cases:
+        logits = torch.randn(R, W, device=device, generator=gen)
+        lengths = (torch.arange(R, device=device, dtype=torch.int32) + (W - R + 1)).clamp(1, W)
+        starts = torch.zeros(R, device=device, dtype=torch.int32)
+        moved = 4.0 * float(lengths.sum()) + 4.0 * R * K
+        rows += _case_rows(
+            "topk_transform_ragged", {"R": R, "W": W, "K": K, "rows": "causal"},
+            available_tiers("topk_transform_ragged", with_reference), (logits, K),
+            {"row_starts": starts, "lengths": lengths, "offset_override": None, "check_values": False},
+            0.0, moved, ceilings.copy_gbps, False,
+        )
+        del logits
+    B, W = paged_batch, paged_ctx
+    logits = torch.randn(B, W, device=device, generator=gen)
+    pages = -(-W // 64)
+    page_table = torch.randperm(B * pages, device=device, generator=gen).to(torch.int32).view(B, pages)
+    lengths = torch.full((B,), W, device=device, dtype=torch.int32)
+    rows += _case_rows(
+        "topk_transform_paged", {"R": B, "W": W, "K": K, "rows": "decode"},
+        available_tiers("topk_transform_paged", with_reference), (logits, K),
+        {"lengths": lengths, "page_table": page_table, "row_to_req": None, "row_starts": None, "page_size": 64,
+         "check_values": False},
+        0.0, 4.0 * B * W + 4.0 * B * K, ceilings.copy_gbps, False,
+    )
+    return rows
+
+
 def sweep_rows(ceilings: Ceilings, device: torch.device, T: int, N: int, K: int) -> list[Row]:
-    """Launch-config sweep for the sparse-MLA and logits kernels (how the defaults were chosen)."""
-    from nsa_tp.ops.triton.mqa_logits import MQALogitsConfig
+    """Launch-config sweep for our sparse-MLA and logits kernels (how the Triton defaults were chosen)."""
     from nsa_tp.ops.triton.sparse_mla import SparseMLAConfig, sparse_mla_fwd_split
 
     gen = torch.Generator(device=device).manual_seed(5)
     rows: list[Row] = []
     idx = torch.randint(0, N, (T, 1, K), device=device, dtype=torch.int32, generator=gen)
-    # Alternatives to default_config (the defaults themselves are the main rows): (H, kv, config).
     grid = [
         (16, "bf16", (16, 32, 4, 3)), (16, "bf16", (16, 16, 4, 2)), (16, "bf16", (16, 64, 8, 2)),
         (32, "bf16", (32, 32, 4, 2)), (32, "bf16", (64, 64, 8, 2)),
@@ -277,15 +335,8 @@ def sweep_rows(ceilings: Ceilings, device: torch.device, T: int, N: int, K: int)
         q = torch.randn(T, H, D_QK, device=device, dtype=torch.bfloat16, generator=gen)
         useful = 2.0 * T * H * K * (D_QK + D_LATENT)
         cfg = SparseMLAConfig(*c)
-        ms, note = _timed(sparse_mla_fwd_split, q, kvs[fmt], idx, D_QK**-0.5, 1, cfg)
-        if fmt == "fp8" and ms is not None:
-            note = (note + " " + _mla_accuracy(q, kvs[fmt], idx, D_QK**-0.5, cfg)).strip()
-        tf = _tflops(useful, ms)
+        ms, note = _timed(functools.partial(sparse_mla_fwd_split, q, kvs[fmt], idx, D_QK**-0.5, 1, cfg))
+        tf = _rate(useful, ms, 1e12)
         rows.append(Row("sweep:sparse_mla_fwd", "triton", {"T": T, "H": H, "N": N, "K": K, "kv": fmt, "config": c},
-                        ms, tf, tf, None, _frac(tf, ceilings.bf16_tflops), note))
-    del kvs
-    for c in [(256, 128, 8, 3), (128, 64, 8, 3), (128, 128, 4, 3)]:
-        rows += logits_rows(4096, [65536], 64, 128, ceilings, device, config=MQALogitsConfig(*c),
-                            tier_label="triton")
-        rows[-1].op = "sweep:fp8_mqa_logits"
+                        ms, tf, None, _frac(tf, ceilings.bf16_tflops), note))
     return rows

@@ -39,7 +39,8 @@ if TYPE_CHECKING:
 
 __all__ = [
     "LayerBatch", "CoreLayer", "CoreInputs", "AttentionCore", "HeadsCore", "TokenParallelCore",
-    "ForcedTokenParallelCore", "CORE_MODES", "ATTENTION_CORES", "register_attention_core", "make_core",
+    "ForcedTokenParallelCore", "IndexerSplitCore", "CORE_MODES", "ATTENTION_CORES", "register_attention_core",
+    "make_core",
 ]
 
 
@@ -180,13 +181,23 @@ class ForcedTokenParallelCore(TokenParallelCore):
     mode = "on"
 
 
-# Core name -> the --nsa-token-parallel mode it runs under (None: the layout's flag).
-CORE_MODES: dict[str, str | None] = {"heads": "off", "token_parallel": None, "token_parallel_on": "on"}
+class IndexerSplitCore(TokenParallelCore):
+    """:class:`TokenParallelCore` forcing the ``indexer`` strategy on extend batches (decode: pure TP)."""
+
+    name = "token_parallel_indexer"
+    mode = "indexer"
+
+
+# Core name -> the --nsa-token-parallel mode (or forced strategy) it runs under (None: the layout's flag).
+CORE_MODES: dict[str, str | None] = {
+    "heads": "off", "token_parallel": None, "token_parallel_on": "on", "token_parallel_indexer": "indexer",
+}
 
 ATTENTION_CORES: dict[str, Callable[[CoreLayer], AttentionCore]] = {
     HeadsCore.name: HeadsCore,
     TokenParallelCore.name: TokenParallelCore,
     ForcedTokenParallelCore.name: ForcedTokenParallelCore,
+    IndexerSplitCore.name: IndexerSplitCore,
 }
 
 

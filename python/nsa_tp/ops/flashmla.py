@@ -410,16 +410,13 @@ def sparse_mla_decode(
     return trim_heads(out, real_h), _empty_rows_to_contract(trim_heads(lse, real_h))
 
 
-# Under "auto" FlashMLA runs first whenever it supports the inputs (issue 4: the vendor kernels are the
-# default); the other tiers rank after it.
-_FIRST = 0.0
-
+# Where it runs under "auto": nsa_tp.ops.tuning (first, unless another tier measured faster on this card).
 TIER = Tier(
     name="flashmla",
     available=_available,
     ops={
-        "sparse_mla_fwd": OpImpl(sparse_mla_fwd, supports=_fwd_supports, rank=lambda *a, **k: _FIRST),
-        "plan_sparse_mla_decode": OpImpl(plan_sparse_mla_decode, supports=_plan_supports, rank=lambda *a, **k: _FIRST),
-        "sparse_mla_decode": OpImpl(sparse_mla_decode, supports=_decode_supports, rank=lambda *a, **k: _FIRST),
+        "sparse_mla_fwd": OpImpl(sparse_mla_fwd, supports=_fwd_supports),
+        "plan_sparse_mla_decode": OpImpl(plan_sparse_mla_decode, supports=_plan_supports),
+        "sparse_mla_decode": OpImpl(sparse_mla_decode, supports=_decode_supports),
     },
 )

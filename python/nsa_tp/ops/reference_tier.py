@@ -5,14 +5,6 @@ from nsa_tp.ops.registry import OpImpl, Tier
 
 __all__ = ["TIER"]
 
-# Slowest tier: ranked last under "auto" so any faster tier that supports the inputs wins.
-_LAST = 1e9
-
-
-def _last(*_args: object, **_kwargs: object) -> float:
-    return _LAST
-
-
 def _own_plan_only(*_args: object, plan: object = None, **_kwargs: object) -> str | None:
     # A plan from another tier must run on that tier; the public op routes it there, this is the backstop.
     tier = getattr(plan, "tier", "reference")
@@ -23,12 +15,12 @@ TIER = Tier(
     name="reference",
     available=lambda: None,
     ops={
-        "sparse_mla_fwd": OpImpl(reference.sparse_mla_fwd, rank=_last),
-        "fp8_mqa_logits": OpImpl(reference.fp8_mqa_logits, rank=_last),
-        "fp8_paged_mqa_logits": OpImpl(reference.fp8_paged_mqa_logits, rank=_last),
-        "plan_sparse_mla_decode": OpImpl(reference.plan_sparse_mla_decode, rank=_last),
-        "sparse_mla_decode": OpImpl(reference.sparse_mla_decode, supports=_own_plan_only, rank=_last),
-        "topk_transform_ragged": OpImpl(topk.topk_transform_ragged, rank=_last),
-        "topk_transform_paged": OpImpl(topk.topk_transform_paged, rank=_last),
+        "sparse_mla_fwd": OpImpl(reference.sparse_mla_fwd),
+        "fp8_mqa_logits": OpImpl(reference.fp8_mqa_logits),
+        "fp8_paged_mqa_logits": OpImpl(reference.fp8_paged_mqa_logits),
+        "plan_sparse_mla_decode": OpImpl(reference.plan_sparse_mla_decode),
+        "sparse_mla_decode": OpImpl(reference.sparse_mla_decode, supports=_own_plan_only),
+        "topk_transform_ragged": OpImpl(topk.topk_transform_ragged),
+        "topk_transform_paged": OpImpl(topk.topk_transform_paged),
     },
 )

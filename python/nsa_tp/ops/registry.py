@@ -1,13 +1,13 @@
-"""Tier registry and dispatcher: ``backend="auto" | "reference" | "triton" | "flashmla"``.
+"""Tier registry and dispatcher: ``backend="auto"`` or a tier's name.
 
 A *tier* is a module that defines ``TIER = Tier(...)``: a name, a cached ``available()`` probe (returns the
 reason it cannot run here, or None) and, per op, an implementation plus a ``supports(*args, **kwargs)``
 check returning a reason string or None. Adding a tier is adding a file and one line to ``_TIER_MODULES``.
 
-``auto`` walks the op's preference order (``Tier.rank`` per op, lower first, which tiers may compute from
-the inputs, e.g. from measured crossovers) and takes the first tier that is available and supports the
-inputs. A forced tier that cannot run raises :class:`BackendUnavailableError` with the reason; nothing
-falls back silently.
+``auto`` tries tiers in the order :func:`nsa_tp.ops.tuning.tier_order` gives for the call (measured on this
+card for the call's shape class; upstream's kernel first where the card was never measured) and runs the
+first that is available and supports the inputs. A forced tier that cannot run raises
+:class:`BackendUnavailableError` with the reason; nothing falls back silently.
 """
 
 from __future__ import annotations
@@ -18,10 +18,14 @@ import importlib
 from collections.abc import Callable, Mapping
 from typing import Any
 
-__all__ = ["Tier", "OpImpl", "BackendUnavailableError", "dispatch", "get_tier", "tier_names", "explain"]
+__all__ = [
+    "Tier", "OpImpl", "BackendUnavailableError", "dispatch", "get_tier", "tier_names", "explain", "auto_tier",
+]
 
-# Import paths of every tier; the order is only the tie-break for equal ranks.
+# Import paths of every tier (the order ``auto`` uses is nsa_tp.ops.tuning's, not this one).
 _TIER_MODULES: dict[str, str] = {
+    "deep_gemm": "nsa_tp.ops.deepgemm",
+    "sgl_kernel": "nsa_tp.ops.sglkernel",
     "flashmla": "nsa_tp.ops.flashmla",
     "triton": "nsa_tp.ops.triton",
     "reference": "nsa_tp.ops.reference_tier",
@@ -36,16 +40,10 @@ def _no_reason(*_args: Any, **_kwargs: Any) -> str | None:
     return None
 
 
-def _default_rank(*_args: Any, **_kwargs: Any) -> float:
-    return 0.0
-
-
 @dataclasses.dataclass(frozen=True)
 class OpImpl:
     fn: Callable[..., Any]
     supports: Callable[..., str | None] = _no_reason
-    # Lower runs first under "auto"; may look at the inputs (measured crossovers live in the tier).
-    rank: Callable[..., float] = _default_rank
 
 
 @dataclasses.dataclass(frozen=True)
@@ -95,20 +93,23 @@ def explain(op: str, *args: Any, **kwargs: Any) -> dict[str, str]:
     return result
 
 
+def auto_tier(op: str, *args: Any, **kwargs: Any) -> str:
+    """The tier ``backend="auto"`` runs for these inputs (see module docstring)."""
+    from nsa_tp.ops.tuning import tier_order
+
+    for name in tier_order(op, *args, **kwargs):
+        tier = _load(name) if name in _TIER_MODULES else f"unknown tier {name!r}"
+        if isinstance(tier, str) or op not in tier.ops:
+            continue
+        if tier.ops[op].supports(*args, **kwargs) is None:
+            return name
+    raise BackendUnavailableError(f"{op}: no tier supports these inputs: {explain(op, *args, **kwargs)}")
+
+
 def dispatch(op: str, backend: str, *args: Any, **kwargs: Any) -> Any:
     """Run ``op`` on the chosen tier (see module docstring for the rules)."""
     if backend == "auto":
-        candidates: list[tuple[float, int, OpImpl]] = []
-        for order, name in enumerate(_TIER_MODULES):
-            tier = _load(name)
-            if isinstance(tier, str) or op not in tier.ops:
-                continue
-            impl = tier.ops[op]
-            if impl.supports(*args, **kwargs) is None:
-                candidates.append((impl.rank(*args, **kwargs), order, impl))
-        if not candidates:
-            raise BackendUnavailableError(f"{op}: no tier supports these inputs: {explain(op, *args, **kwargs)}")
-        return min(candidates, key=lambda c: c[:2])[2].fn(*args, **kwargs)
+        backend = auto_tier(op, *args, **kwargs)
     tier = get_tier(backend)
     if op not in tier.ops:
         raise BackendUnavailableError(f"backend={backend!r} does not implement {op}")

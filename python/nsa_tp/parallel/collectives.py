@@ -202,6 +202,7 @@ def tokens_to_heads(
     *,
     fp8: bool = False,
     async_op: bool = False,
+    out: torch.Tensor | None = None,
 ) -> torch.Tensor | PendingAllToAll:
     """Inverse of :func:`heads_to_tokens`: ``y [splits[r], H, D]`` -> ``[T, H/W, D]`` (this rank's heads).
 
@@ -209,9 +210,11 @@ def tokens_to_heads(
         y: ``[splits[r], H, D]`` bfloat16 / float16 / float32, all heads of this rank's tokens; ``H``
             divisible by the group size, the same ``H``, ``D`` and dtype on every rank.
         group, splits, fp8, async_op: as in :func:`heads_to_tokens` (``T = sum(splits)``).
+        out: optional contiguous ``[T, H/W, D]`` buffer of ``y.dtype`` to receive into (no receive buffer is
+            allocated unless ``fp8``, whose bytes are unpacked into it).
 
     Returns:
-        ``[T, H/W, D]`` in ``y.dtype``: every token, heads ``[r*H/W, (r+1)*H/W)``.
+        ``[T, H/W, D]`` in ``y.dtype`` (``out`` when given): every token, heads ``[r*H/W, (r+1)*H/W)``.
     """
     check_tensor(y, "y", ndim=3, dtype=_WIRE_DTYPES)
     rank, world = group_rank_world(group)
@@ -221,19 +224,27 @@ def tokens_to_heads(
     s = check_splits(splits, None, world)
     if t != s[rank]:
         raise ValueError(f"y: expected {s[rank]} rows (splits[{rank}]), got shape {tuple(y.shape)}")
+    h, T = H // world, sum(s)
+    if out is not None:
+        check_tensor(out, "out", shape=(T, h, d), dtype=y.dtype, device=y.device)
+        if not out.is_contiguous():
+            raise ValueError("out: expected a contiguous buffer (the exchange writes its rows in place)")
     if world == 1:
-        return PendingAllToAll(None, lambda: y) if async_op else y
-    h = H // world
+        res = y if out is None else out.copy_(y)
+        return PendingAllToAll(None, lambda: res) if async_op else res
     # [t, W*h, D] -> [t, W, h, D] -> [W, t, h, D]: block j (rank j's heads) goes to rank j.
     blocks = y.view(t, world, h, d).transpose(0, 1)
     send = fp8_pack_rows(blocks) if fp8 else blocks.contiguous()
     send = send.reshape(world * t, h, send.shape[-1])
-    T = sum(s)
-    recv = send.new_empty((T, h, send.shape[-1]))  # rows arrive in token order: rank j's tokens at offsets[j]
+    # rows arrive in token order: rank j's tokens at offsets[j]
+    recv = out if out is not None and not fp8 else send.new_empty((T, h, send.shape[-1]))
     work = _exchange(send, recv, list(s), [t] * world, group, async_op)
 
     def finish() -> torch.Tensor:
-        return fp8_unpack_rows(recv, d, y.dtype) if fp8 else recv
+        if not fp8:
+            return recv
+        got = fp8_unpack_rows(recv, d, y.dtype)
+        return got if out is None else out.copy_(got)
 
     if async_op:
         return PendingAllToAll(work, finish)

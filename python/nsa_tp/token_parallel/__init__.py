@@ -26,7 +26,8 @@ Modules:
 
 What a host engine (SGLang) calls, once per batch then once per layer:
 
-1. :func:`choose_strategy` (which split), then :func:`plan_token_split` / :func:`plan_index_split` (which rows
+1. :func:`choose` (a pure function of :class:`BatchShape` and :class:`TokenParallelCosts`; or
+   :func:`choose_strategy` from a resolved layout), then :func:`plan_token_split` / :func:`plan_index_split` (which rows
    this rank's indexer scores: ``split.rows(rank)``);
 2. its own indexer on those rows -> ``topk [t_r, K]`` int32;
 3. ``tokens``: :func:`tokens_sparse_mla` ``(q [T, H_local, 576], kv [N, 1, 576|656], topk, sm_scale, group,
@@ -45,7 +46,15 @@ from nsa_tp.token_parallel.plan import (
     plan_key_shards,
     plan_token_split,
 )
-from nsa_tp.token_parallel.policy import DEFAULT_COSTS, STRATEGIES, TokenParallelCosts, choose_strategy
+from nsa_tp.token_parallel.policy import (
+    DEFAULT_COSTS,
+    STRATEGIES,
+    BatchShape,
+    TokenParallelCosts,
+    choose,
+    choose_strategy,
+    predict,
+)
 
 __all__ = [
     "tokens_sparse_mla",
@@ -55,6 +64,9 @@ __all__ = [
     "plan_index_split",
     "plan_key_shards",
     "causal_key_counts",
+    "BatchShape",
+    "choose",
+    "predict",
     "choose_strategy",
     "TokenParallelCosts",
     "DEFAULT_COSTS",

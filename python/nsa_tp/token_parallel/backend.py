@@ -4,6 +4,10 @@ metadata once, and execute it per layer with the same inputs and output as
 :class:`~nsa_tp.attention.backend.NSABackend` (this rank's heads ``[T_pad, h, 512]``).
 
 - ``"heads"``: exactly :class:`NSABackend` (pure TP).
+- ``"indexer"``, prefill: the batch metadata's indexer covers only this rank's rows (as for ``"tokens"``, but
+  split by the indexer's work alone, :func:`~nsa_tp.token_parallel.plan.plan_index_split`); the top-k rows
+  are all-gathered (:func:`~nsa_tp.token_parallel.core.gather_topk_rows`) and the sparse core runs this
+  rank's heads over every row, as pure TP.
 - ``"tokens"``, prefill: the batch metadata's indexer covers only this rank's rows (the ``index_rows`` hook
   of :meth:`ForwardMetadataBuilder.prefill`, so its logits chunk plan — and its logits memory — is per
   rank); queries go heads -> tokens, the sparse core runs all heads on the flattened latent cache, the
@@ -38,11 +42,12 @@ from nsa_tp.parallel.layout import ParallelLayout
 from nsa_tp.token_parallel.core import (
     KeyShardBatch,
     Unabsorbed,
+    gather_topk_rows,
     key_sharded_decode_topk,
     shard_page_table,
     token_parallel_attention,
 )
-from nsa_tp.token_parallel.plan import TokenSplit, plan_token_split
+from nsa_tp.token_parallel.plan import TokenSplit, plan_index_split, plan_token_split
 from nsa_tp.token_parallel.policy import DEFAULT_COSTS, TokenParallelCosts, choose_strategy, token_costs
 
 __all__ = ["TokenParallelMetadata", "build_token_parallel_metadata", "TokenParallelBackend"]
@@ -52,9 +57,9 @@ __all__ = ["TokenParallelMetadata", "build_token_parallel_metadata", "TokenParal
 class TokenParallelMetadata:
     """One batch's metadata for one rank of an attention TP group (built once per batch)."""
 
-    strategy: str  # "heads" | "tokens" | "keys"
+    strategy: str  # "heads" | "indexer" | "tokens" | "keys"
     meta: ForwardMetadata  # the batch metadata; prefill "tokens": its index covers this rank's rows only
-    split: TokenSplit | None  # "tokens": which rows (tokens or requests) each rank owns
+    split: TokenSplit | None  # "tokens": which rows (tokens or requests) each rank owns; "indexer": index rows
     local_index: DecodeIndexBatch | None  # decode "tokens": the index batch of this rank's requests
     local_plan: DecodePlan | None  # decode "tokens": sparse decode plan for (this rank's requests, all heads)
     num_heads_total: int  # H of the layer (heads_per_rank * attn_tp_size)
@@ -87,7 +92,8 @@ def build_token_parallel_metadata(
         page_table: ``[B, max_pages]`` int32.
         prefix_lens: ``[B]`` cached tokens per request for a prefill; ``None`` for a decode step.
         num_padded: q rows including DP padding (default: the real rows).
-        mode: ``"auto" | "on" | "off"``, default the layout's ``--nsa-token-parallel``.
+        mode: ``"auto" | "on" | "off"`` or a strategy name to force (``"heads" | "indexer" | "tokens"``),
+            default the layout's ``--nsa-token-parallel``.
         costs: the measured parts the ``auto`` policy compares.
 
     Every rank of the group gets the same strategy and split (same host data, a pure policy).
@@ -104,7 +110,8 @@ def build_token_parallel_metadata(
     else:
         pre = [int(p) for p in prefix_lens]
         keys = [p + i + 1 for p, s in zip(pre, seq, strict=True) for i in range(s - p)]
-    strategy = choose_strategy(layout, len(keys), _mean(keys), mode, is_decode=is_decode, costs=costs)
+    strategy = choose_strategy(layout, len(keys), _mean(keys), mode, max_keys=max(keys, default=0),
+                               is_decode=is_decode, costs=costs)
     if strategy == "heads":
         meta = (builder.decode(seq, page_table, num_padded=num_padded) if is_decode
                 else builder.prefill(seq, pre, page_table, num_padded=num_padded))
@@ -114,6 +121,11 @@ def build_token_parallel_metadata(
         shard = shard_page_table(meta.index.page_table, meta.index.seq_lens, attn_tp_rank, W)
         return TokenParallelMetadata(strategy, meta, None, None, None, H, shard)
     rows_total = len(keys) if num_padded is None else num_padded
+    if strategy == "indexer":  # prefill only (choose_strategy never picks it for decode)
+        split = plan_index_split(keys, W, num_rows=rows_total)
+        rows = split.rows(attn_tp_rank)
+        meta = builder.prefill(seq, pre, page_table, num_padded=num_padded, index_rows=slice(rows.start, rows.stop))
+        return TokenParallelMetadata(strategy, meta, split, None, None, H)
     split = plan_token_split(len(keys), W, num_rows=rows_total, costs=token_costs(keys, costs, H))
     rows = split.rows(attn_tp_rank)
     if not is_decode:
@@ -187,6 +199,8 @@ class TokenParallelBackend:
         check_tensor(q_latent, "q_latent", shape=(meta.num_padded, meta.num_heads, None), dtype=dtypes)
         if indexer.topk != meta.topk:
             raise ValueError(f"indexer: top-k {indexer.topk} differs from the metadata's {meta.topk}")
+        if tpm.strategy == "indexer":
+            return self._indexer(q_latent, x, q_lora, cos, sin, indexer, latent_cache, index_k_cache, tpm, group)
         if tpm.strategy == "keys":
             return self._keys(q_latent, x, q_lora, cos, sin, indexer, latent_cache, index_k_cache, tpm, group)
         if meta.is_decode:
@@ -228,6 +242,14 @@ class TokenParallelBackend:
 
         return token_parallel_attention(q_latent, tpm.split, group, select, attend, d_v=self.d_v, fp8_q=self.fp8_q,
                                         unabsorbed=unabsorbed)
+
+    def _indexer(self, q_latent, x, q_lora, cos, sin, indexer, latent_cache, index_k_cache,
+                 tpm: TokenParallelMetadata, group) -> torch.Tensor:
+        # meta.index covers this rank's rows; forward also stores every new token's index key
+        local = indexer.forward(x, q_lora, cos, sin, index_k_cache, tpm.meta.index)  # [t_r, K]
+        topk = gather_topk_rows(local, group, tpm.split)  # [T_pad, K], -1 on DP padding rows
+        flat = latent_cache.view(-1, 1, latent_cache.shape[-1])  # [pages, 64, 1, D] -> [slots, 1, D]
+        return ops.sparse_mla_fwd(q_latent, flat, topk.unsqueeze(1), self.sm_scale, self.d_v, backend=self.backend)[0]
 
     def _keys(self, q_latent, x, q_lora, cos, sin, indexer, latent_cache, index_k_cache,
               tpm: TokenParallelMetadata, group) -> torch.Tensor:

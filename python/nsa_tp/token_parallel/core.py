@@ -146,19 +146,21 @@ def token_parallel_attention(
     if topk.shape[0] != len(rows):
         raise ValueError(f"select_topk(rows): expected {len(rows)} rows, got shape {tuple(topk.shape)}")
     q_tok = pending.wait()
+    del pending  # its receive buffer: freed once regrouped (transient_buffers counts on it)
     if unabsorbed is not None:
         q_tok = unabsorbed.absorb(q_tok)  # [t_r, H, 192] -> [t_r, H, 576]
     core = _Core(attend, world * h, d_v, unabsorbed)
+    dim, dtype = core.out_shape()
+    out = q.new_empty((num_rows, h, dim), dtype=dtype)  # the result; the exchange writes its real rows
+    out[real:] = 0  # DP padding rows: 0, as pure TP's all -1 top-k rows give
     if out_chunks == 1:
-        # [t_r, W*h, 512 (or 128)] -> [T, h, 512 (or 128)]
-        out = tokens_to_heads(core(q_tok, topk, rows), group, split.splits)
+        o_tok = core(q_tok, topk, rows)
+        del q_tok
+        # [t_r, W*h, 512 (or 128)] -> [T, h, 512 (or 128)], received in place
+        tokens_to_heads(o_tok, group, split.splits, out=out[:real])
     else:
-        out = _attend_pipelined(core, q_tok, topk, split, rank, group, h, out_chunks)
-    if num_rows == real:
-        return out
-    padded = out.new_zeros((num_rows, h, out.shape[-1]))
-    padded[:real] = out
-    return padded
+        _attend_pipelined(core, q_tok, topk, split, rank, group, out[:real], out_chunks)
+    return out
 
 
 def tokens_sparse_mla(
@@ -277,8 +279,9 @@ class _Core:
 
 
 def _attend_pipelined(core: _Core, q_tok: torch.Tensor, topk: torch.Tensor, split: TokenSplit, rank: int,
-                      group: dist.ProcessGroup | None, h: int, n: int) -> torch.Tensor:
-    """Core + output exchange in ``n`` slices per rank; slice ``c`` of every rank travels in exchange ``c``."""
+                      group: dist.ProcessGroup | None, out: torch.Tensor, n: int) -> None:
+    """Core + output exchange in ``n`` slices per rank; slice ``c`` of every rank travels in exchange ``c``;
+    the slices land in ``out [split.num_real, h, dim]``."""
     world = split.world
     # slices[j][c]: token count of rank j's slice c (every rank knows every rank's cut: same arithmetic)
     slices = [plan_token_split(split.splits[j], n).splits for j in range(world)]
@@ -290,8 +293,6 @@ def _attend_pipelined(core: _Core, q_tok: torch.Tensor, topk: torch.Tensor, spli
         part = core(q_tok[lo:hi], topk[lo:hi], range(first + lo, first + hi))
         pending.append(tokens_to_heads(part, group, [slices[j][c] for j in range(world)], async_op=True))
         lo = hi
-    dim, dtype = core.out_shape()
-    out = q_tok.new_empty((split.num_real, h, dim), dtype=dtype)
     offsets = split.offsets
     for c, p in enumerate(pending):
         got = p.wait()  # [sum_j slices[j][c], h, dim]: rank j's slice c, in rank order
@@ -301,7 +302,6 @@ def _attend_pipelined(core: _Core, q_tok: torch.Tensor, topk: torch.Tensor, spli
             dst = offsets[j] + sum(slices[j][:c])
             out[dst : dst + k] = got[src : src + k]
             src += k
-    return out
 
 
 @dataclasses.dataclass(frozen=True, eq=False)

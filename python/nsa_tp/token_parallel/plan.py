@@ -8,6 +8,7 @@ computes the same plan from the same host data, so no rank ever has to ask anoth
 - :func:`plan_index_split` — ``indexer``: the same kind of slices, balanced by the indexer's cost alone (a
   row's key count), because under ``indexer`` the sparse core stays split by heads.
 - :func:`plan_key_shards` — ``keys`` (decode with fewer requests than ranks): page-aligned key ranges.
+- :func:`transient_buffers` / :func:`transient_peak_bytes` — the memory each strategy's exchange allocates.
 """
 
 from __future__ import annotations
@@ -24,6 +25,8 @@ __all__ = [
     "plan_key_shards",
     "causal_mean_keys",
     "causal_key_counts",
+    "transient_buffers",
+    "transient_peak_bytes",
 ]
 
 
@@ -201,3 +204,76 @@ def plan_key_shards(seq_lens: Sequence[int], world: int, page_size: int = 64) ->
     return tuple(shards)
 
 
+
+
+# --------------------------------------------------------------------------------------------------
+# Transient memory of the exchanges
+# --------------------------------------------------------------------------------------------------
+
+
+def transient_buffers(strategy: str, split: TokenSplit, rank: int, heads_per_rank: int, topk: int = 2048, *,
+                      d_qk: int = 576, d_v: int = 512) -> dict[str, int]:
+    """Bytes of every buffer the strategy's exchange allocates on ``rank`` for one layer, by name.
+
+    What :func:`nsa_tp.token_parallel.core.tokens_sparse_mla` (``tokens``: bf16 queries, ``fp8_q=False``,
+    ``out_chunks=1``, absorbed) and :func:`~nsa_tp.token_parallel.core.gather_topk_rows` (``indexer``)
+    allocate, besides the indexer's and the sparse core's own work, which every strategy has (``heads``'s
+    indexer scores all rows and its core runs all rows: both allocate more than here). ``t`` = this rank's
+    rows, ``W`` ranks, ``h`` heads a rank, ``H = W*h``, ``K`` = top-k; ``o_core`` is the sparse core's output
+    on this rank's rows, listed because it is live between the two exchanges; ``out`` is the result (the
+    same ``[rows, h, 512]`` as ``heads`` returns). Zero-byte buffers are left out. A rank holding at most one
+    row needs no regrouping copy (its transposed view is already contiguous).
+
+    - ``tokens``: ``q_recv [W*t, h, 576]``, ``q_tokens [t, H, 576]`` (regrouped), ``o_core [t, H, 512]``,
+      ``o_send [W*t, h, 512]`` (regrouped) bf16, ``out [rows, h, 512]`` bf16.
+    - ``indexer``: ``ids_block [max_t, K]``, ``ids_gathered [W, max_t, K]``, ``out [rows, K]`` int32
+      (uneven splits travel padded to the largest, ``max_t``: all-gather takes equal blocks).
+    - ``heads`` (and ``keys``, whose candidates are the decode indexer's): nothing.
+    """
+    if not isinstance(split, TokenSplit):
+        raise ValueError(f"split: expected a TokenSplit, got {type(split).__name__}")
+    _check_count(heads_per_rank, "heads_per_rank", 1)
+    _check_count(topk, "topk", 1)
+    W, rows = split.world, split.num_rows
+    if isinstance(rank, bool) or not isinstance(rank, int) or not 0 <= rank < W:
+        raise ValueError(f"rank: expected 0 <= rank < {W}, got {rank!r}")
+    t = split.splits[rank]
+    H = W * heads_per_rank
+    bf16, i32 = 2, 4
+    if strategy in ("heads", "keys") or W == 1:
+        out: dict[str, int] = {}
+    elif strategy == "tokens":
+        regroup = t > 1  # [W, t, h, D] <-> [t, W, h, D] is a copy unless t <= 1
+        out = {
+            "q_recv": W * t * heads_per_rank * d_qk * bf16,
+            "q_tokens": t * H * d_qk * bf16 if regroup else 0,
+            "o_core": t * H * d_v * bf16,
+            "o_send": W * t * heads_per_rank * d_v * bf16 if regroup else 0,
+            "out": rows * heads_per_rank * d_v * bf16,
+        }
+    elif strategy == "indexer":
+        m = split.max_split
+        out = {"ids_block": m * topk * i32, "ids_gathered": W * m * topk * i32, "out": rows * topk * i32}
+    else:
+        raise ValueError(f"strategy: expected heads, indexer, tokens or keys, got {strategy!r}")
+    return {k: v for k, v in out.items() if v}
+
+
+def transient_peak_bytes(strategy: str, split: TokenSplit, rank: int, heads_per_rank: int, topk: int = 2048, *,
+                         d_qk: int = 576, d_v: int = 512) -> int:
+    """The most bytes of :func:`transient_buffers` (the result ``out`` excluded) live at one time on ``rank``.
+
+    ``tokens`` frees each buffer once the next phase has it, so the peak is the largest phase:
+    ``max(q_recv + q_tokens, q_tokens + o_core, o_core + o_send)`` = ``2 * t * H * 576 * 2`` bytes for
+    ``t >= 2``. A causal prompt balanced by cost gives the first rank the most rows (its rows score the
+    fewest keys): at ``T = 128K``, TP8 with :data:`~nsa_tp.token_parallel.policy.DEFAULT_COSTS` ``t`` is
+    about ``0.34 T`` and the peak 13 GB — still less than ``heads`` spends on FlashMLA's 64-head padding
+    there (q padded to ``[T, 64, 576]`` plus the ``[T, 64, 512]`` output: 18.3 GB).
+    ``indexer``: ``ids_block + ids_gathered`` = ``(W + 1) * max_t * K * 4`` (both live during the gather).
+    """
+    b = transient_buffers(strategy, split, rank, heads_per_rank, topk, d_qk=d_qk, d_v=d_v)
+    if strategy == "tokens":
+        q_recv, q_tok, o_core, o_send = (b.get(k, 0) for k in ("q_recv", "q_tokens", "o_core", "o_send"))
+        q_live = q_tok or q_recv  # t <= 1: the queries the core reads are the receive buffer itself
+        return max(q_recv + q_tok, q_live + o_core, o_core + o_send)
+    return sum(v for k, v in b.items() if k != "out")

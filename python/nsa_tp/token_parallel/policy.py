@@ -1,12 +1,41 @@
 """How an attention TP group splits a batch's sparse attention: the cost model and the per-batch choice.
 
-What is split over the group, per batch (:func:`choose_strategy`):
+The choice is a pure function (:func:`choose`) of the batch's shape (:class:`BatchShape`: query rows, mean
+and max keys a row scores, the layer's heads, the group size) and per-op constants measured on a card
+(:class:`TokenParallelCosts`). Strategies (``W`` ranks, ``H`` heads, ``h = H / W`` a rank):
 
-- ``"heads"``  — pure TP (upstream): every rank scores every token, sparse core on its padded heads.
-- ``"tokens"`` — token-parallel: prefill, or decode with at least ``W`` requests (requests are tokens).
-- ``"keys"``   — decode with fewer than ``W`` tokens (batch 1): each rank scores a slice of every
-  request's context and keeps a local top-k; the candidates are gathered and merged into the exact
-  global top-k (:mod:`nsa_tp.token_parallel.merge`); the sparse core stays split by heads.
+===========  ======================================================  ===========================================
+strategy     per rank                                                extra traffic per rank
+===========  ======================================================  ===========================================
+``heads``    indexer on all ``T`` rows; sparse core on ``h`` heads    none
+             (padded by FlashMLA to 64 on Hopper) of all rows
+``indexer``  indexer on ``~T/W`` rows; sparse core as ``heads``       all-gather of ``T x K`` int32 top-k ids
+``tokens``   indexer and sparse core (all ``H`` heads, no padding)    all-to-all q ``T x h x 576`` and o
+             on ``~T/W`` rows                                         ``T x h x 512`` bf16, ``(W-1)/W`` off-rank
+``keys``     decode, fewer requests than ranks: the indexer's keys    all-gather of ``[B, K]`` candidates + merge
+             split, candidates merged; sparse core by heads
+===========  ======================================================  ===========================================
+
+When each wins, as :func:`choose` decides with :data:`DEFAULT_COSTS` (H200, measured 2026-11-27; a fresh
+causal prompt of ``T`` tokens, one request; :func:`describe_grid` computes it and
+``test_policy_docstring_table`` checks this copy):
+
+====  ========  ========  ========  ========  ========  ========
+W     T=1K      T=2K      T=4K      T=8K      T=32K     T=128K
+====  ========  ========  ========  ========  ========  ========
+2     heads     heads     indexer   indexer   indexer   indexer
+4     heads     indexer   tokens    tokens    tokens    tokens
+8     heads     tokens    tokens    tokens    tokens    tokens
+====  ========  ========  ========  ========  ========  ========
+
+Why: the indexer is replicated under ``heads`` and grows with ``T x keys`` (quadratic in a causal prompt),
+so splitting it pays from 1-2K tokens on (:func:`crossover_tokens`); the all-gather of ids is small (8 KiB a
+row). ``tokens`` also removes the head padding (4x the sparse FLOPs at TP8 on Hopper) but moves 2.2 KB per
+row and head (q out, o back); it beats ``indexer`` where the padding saved exceeds that traffic — at TP4
+and TP8, not at TP2 (64 heads a rank need no padding). Very small batches stay ``heads``: every collective
+has a fixed cost (~0.24 ms eager on NVLink). Decode: ``tokens`` for at least ``W`` requests, ``keys``
+below, each only where it beats the replicated decode indexer (with these costs: never at batch 1; at 16
+requests from 84K (TP8) to 156K (TP2) context).
 
 Everything here is pure host-side arithmetic (no tensors, no device queries), built once per batch.
 """
@@ -14,6 +43,7 @@ Everything here is pure host-side arithmetic (no tensors, no device queries), bu
 from __future__ import annotations
 
 import dataclasses
+import math
 from collections.abc import Sequence
 
 from nsa_tp.parallel.layout import TOKEN_PARALLEL_MODES, ParallelLayout
@@ -23,6 +53,11 @@ __all__ = [
     "TokenParallelCosts",
     "DEFAULT_COSTS",
     "STRATEGIES",
+    "PREFILL_STRATEGIES",
+    "FORCE_MODES",
+    "BatchShape",
+    "predict",
+    "choose",
     "token_costs",
     "predict_ms",
     "choose_strategy",
@@ -30,15 +65,19 @@ __all__ = [
     "crossover_tokens",
     "crossover_decode_context",
     "describe_policy",
+    "describe_grid",
 ]
 
-STRATEGIES = ("heads", "tokens", "keys")
+STRATEGIES = ("heads", "indexer", "tokens", "keys")
+PREFILL_STRATEGIES = ("heads", "indexer", "tokens")  # "keys" is decode-only
+FORCE_MODES = ("heads", "indexer", "tokens")  # a mode that names a strategy forces it (tests, benchmarks)
 D_QK = 576  # absorbed q: 512 latent + 64 rope (what heads_to_tokens sends)
 D_V = 512  # latent output (what tokens_to_heads sends back)
+ID_BYTES = 4  # an int32 top-k id (what gather_topk_rows sends)
 
 
 # --------------------------------------------------------------------------------------------------
-# Cost model and policy
+# Costs measured on a card
 # --------------------------------------------------------------------------------------------------
 
 
@@ -63,12 +102,30 @@ class TokenParallelCosts:
     decode_indexer_fixed_us: float  # launches and top-k floor of one decode indexer call
     gather_merge_us: float  # key-sharded decode: all-gather of [B, 2048] candidates + the merge top-k
     margin: float = 0.05  # switch only for a predicted gain above this fraction (measurement noise)
+    # all-gather of the top-k ids ("indexer"); None: the all-to-all's numbers (both move (W-1)/W of the
+    # gathered bytes through each rank's links, so the same latency and per-rank bandwidth apply)
+    gather_latency_us: float | None = None
+    gather_gbytes_per_s: float | None = None
 
     def __post_init__(self) -> None:
         table = tuple(sorted((int(h), float(ns)) for h, ns in self.sparse_ns_per_token))
         if not table or any(h < 1 or not ns > 0 for h, ns in table):
             raise ValueError(f"sparse_ns_per_token: expected ((heads >= 1, ns > 0), ...), got {table}")
         object.__setattr__(self, "sparse_ns_per_token", table)
+        for name in ("indexer_ns_per_row_key", "a2a_latency_us", "a2a_gbytes_per_s"):
+            v = getattr(self, name)
+            if isinstance(v, bool) or not isinstance(v, (int, float)) or v < 0 or (name.endswith("_s") and v == 0):
+                raise ValueError(f"{name}: expected a number >= 0 (> 0 for a bandwidth), got {v!r}")
+
+    @property
+    def gather_latency(self) -> float:
+        """µs of one all-gather's fixed cost."""
+        return self.a2a_latency_us if self.gather_latency_us is None else self.gather_latency_us
+
+    @property
+    def gather_bandwidth(self) -> float:
+        """GB/s one rank moves off-rank in an all-gather."""
+        return self.a2a_gbytes_per_s if self.gather_gbytes_per_s is None else self.gather_gbytes_per_s
 
     def sparse_ns(self, heads: int) -> float:
         """ns per token of the sparse core with ``heads`` heads: the measured entry for that head count,
@@ -87,7 +144,8 @@ class TokenParallelCosts:
     @classmethod
     def from_dict(cls, d: dict[str, object]) -> TokenParallelCosts:
         names = {f.name for f in dataclasses.fields(cls)}
-        missing = [f.name for f in dataclasses.fields(cls) if f.name not in d and f.name != "margin"]
+        missing = [f.name for f in dataclasses.fields(cls)
+                   if f.name not in d and f.default is dataclasses.MISSING]
         if missing:
             raise ValueError(f"costs: missing fields {missing}")
         return cls(**{k: v for k, v in d.items() if k in names})  # type: ignore[arg-type]
@@ -116,21 +174,171 @@ DEFAULT_COSTS = TokenParallelCosts(
 )
 
 
+
+# --------------------------------------------------------------------------------------------------
+# The batch shape and the pure choice
+# --------------------------------------------------------------------------------------------------
+
+
+@dataclasses.dataclass(frozen=True)
+class BatchShape:
+    """What the choice needs to know about one batch of one attention TP group (host data only).
+
+    ``num_tokens``: real query rows (decode: requests); ``mean_keys`` / ``max_keys``: keys a row scores, on
+    average and at most (``ke - ks``; decode: the request's length); ``num_heads``: the layer's ``H``;
+    ``world``: ranks in the attention TP group; ``is_decode``: a decode step (paged indexer).
+    """
+
+    num_tokens: int
+    mean_keys: float
+    max_keys: int
+    num_heads: int = 128
+    world: int = 1
+    is_decode: bool = False
+    topk: int = 2048
+
+    def __post_init__(self) -> None:
+        _check_count(self.num_tokens, "num_tokens")
+        m = self.mean_keys
+        if isinstance(m, bool) or not isinstance(m, (int, float)) or not m >= 0 or not math.isfinite(m):
+            raise ValueError(f"mean_keys (context_len): expected a number >= 0, got {m!r}")
+        _check_count(self.max_keys, "max_keys")
+        if self.num_tokens and self.max_keys < m - 1e-9:
+            raise ValueError(f"max_keys: expected >= mean_keys ({m}), got {self.max_keys}")
+        _check_count(self.world, "world", 1)
+        _check_count(self.num_heads, "num_heads", 1)
+        _check_count(self.topk, "topk", 1)
+        if self.num_heads % self.world:
+            raise ValueError(f"num_heads: {self.num_heads} heads do not split over {self.world} ranks")
+
+    @property
+    def heads_per_rank(self) -> int:
+        return self.num_heads // self.world
+
+    @classmethod
+    def of(cls, layout: ParallelLayout, num_tokens: int, mean_keys: float, max_keys: int | None = None, *,
+           is_decode: bool = False, topk: int = 2048) -> BatchShape:
+        """From a resolved layout; ``max_keys`` defaults to ``ceil(mean_keys)`` (rows of equal length)."""
+        if isinstance(mean_keys, bool) or not isinstance(mean_keys, (int, float)) or not mean_keys >= 0:
+            raise ValueError(f"context_len: expected a number >= 0, got {mean_keys!r}")
+        mk = math.ceil(mean_keys) if max_keys is None else max_keys
+        return cls(num_tokens, float(mean_keys), mk, layout.num_attention_heads, layout.attn_tp_size, is_decode,
+                   topk)
+
+
+def _collective_ms(off_rank_bytes: float, latency_us: float, gbytes_per_s: float) -> float:
+    return latency_us / 1e3 + off_rank_bytes / (gbytes_per_s * 1e9) * 1e3
+
+
+def predict(shape: BatchShape, strategy: str, costs: TokenParallelCosts = DEFAULT_COSTS) -> dict[str, float]:
+    """Predicted time (ms) of the busiest rank under ``strategy``: its parts and ``"total"``. Pure.
+
+    Prefill: the indexer costs ``indexer_ns_per_row_key`` per (row, key); split by rows it is the rank's
+    share ``T * mean / W`` plus at most one row (``max_keys``: the split plans cut between rows). The sparse
+    core costs ``sparse_ns(heads)`` per row. Collectives: latency + the bytes leaving a rank over the
+    measured per-rank bandwidth. Decode's sparse core is left out (memory-bound on the 2048 selected rows:
+    the same in every strategy).
+    """
+    if strategy not in STRATEGIES:
+        raise ValueError(f"strategy: expected one of {STRATEGIES}, got {strategy!r}")
+    W, T, h, H = shape.world, shape.num_tokens, shape.heads_per_rank, shape.num_heads
+    frac = (W - 1) / W  # the share of a regrouped or gathered tensor that crosses the wire
+    parts: dict[str, float] = {}
+    if shape.is_decode:
+        per_req = costs.decode_indexer_ns_per_key * shape.mean_keys / 1e6
+        fixed = costs.decode_indexer_fixed_us / 1e3
+        if strategy == "heads":
+            parts["indexer"] = fixed + T * per_req
+        elif strategy == "tokens":
+            parts["indexer"] = fixed + -(-T // W) * per_req
+            parts["all_to_all"] = sum(_collective_ms(T * h * d * 2 * frac, costs.a2a_latency_us, costs.a2a_gbytes_per_s)
+                                      for d in (D_QK, D_V))
+        elif strategy == "keys":
+            parts["indexer"] = fixed + T * per_req / W
+            parts["gather_merge"] = costs.gather_merge_us / 1e3
+        else:
+            raise ValueError("strategy 'indexer' is for extend (prefill) batches only")
+    else:
+        if strategy == "keys":
+            raise ValueError("strategy 'keys' is for decode only (is_decode=True)")
+        row_keys = T * shape.mean_keys
+        split_keys = row_keys / W + (shape.max_keys if T else 0)  # the busiest rank's share, one row over at most
+        if strategy == "heads":
+            parts["indexer"] = costs.indexer_ns_per_row_key * row_keys / 1e6
+            parts["sparse"] = T * costs.sparse_ns(h) / 1e6
+        elif strategy == "indexer":
+            parts["indexer"] = costs.indexer_ns_per_row_key * min(split_keys, row_keys) / 1e6
+            parts["all_gather"] = _collective_ms(T * shape.topk * ID_BYTES * frac, costs.gather_latency,
+                                                 costs.gather_bandwidth)
+            parts["sparse"] = T * costs.sparse_ns(h) / 1e6
+        else:
+            parts["indexer"] = costs.indexer_ns_per_row_key * min(split_keys, row_keys) / 1e6
+            parts["sparse"] = min(T / W + 1, T) * costs.sparse_ns(H) / 1e6  # all heads, no padding
+            parts["all_to_all"] = sum(_collective_ms(T * h * d * 2 * frac, costs.a2a_latency_us, costs.a2a_gbytes_per_s)
+                                      for d in (D_QK, D_V))
+    parts["total"] = sum(parts.values())
+    return parts
+
+
+def choose(shape: BatchShape, costs: TokenParallelCosts = DEFAULT_COSTS, mode: str = "auto") -> str:
+    """The strategy for this batch: ``"heads"``, ``"indexer"``, ``"tokens"`` or ``"keys"``. Pure.
+
+    ``mode``: ``"off"`` -> ``heads``; ``"on"`` -> the full split (``tokens``; decode with fewer requests than
+    ranks: ``keys``); ``"auto"`` -> the candidate with the least predicted time (:func:`predict`), leaving
+    ``heads`` only for a gain above ``costs.margin``; a strategy name forces it where it applies (``indexer``
+    on a decode batch runs ``heads``). A one-rank group or an empty batch is always ``heads``.
+    """
+    if mode not in TOKEN_PARALLEL_MODES + FORCE_MODES:
+        raise ValueError(f"mode: expected one of {TOKEN_PARALLEL_MODES + FORCE_MODES}, got {mode!r}")
+    W, T = shape.world, shape.num_tokens
+    if W == 1 or mode in ("off", "heads") or T == 0:
+        return "heads"
+    if shape.is_decode:
+        split = "keys" if T < W else "tokens"
+        if mode in ("on", "tokens"):
+            return split
+        if mode == "indexer":
+            return "heads"
+        candidates = (split,)
+    else:
+        if mode in ("on", "tokens"):
+            return "tokens"
+        if mode == "indexer":
+            return "indexer"
+        candidates = ("indexer", "tokens")
+    base = predict(shape, "heads", costs)["total"]
+    best = min(candidates, key=lambda s: (predict(shape, s, costs)["total"], candidates.index(s)))
+    return best if predict(shape, best, costs)["total"] < base * (1.0 - costs.margin) else "heads"
+
+
+def describe_grid(costs: TokenParallelCosts = DEFAULT_COSTS, worlds: Sequence[int] = (2, 4, 8),
+                  tokens: Sequence[int] = (1024, 2048, 4096, 8192, 32768, 131072),
+                  num_heads: int = 128) -> list[list[str]]:
+    """``auto``'s choice for a fresh causal prompt of each length, one row per group size (the docstring
+    table): ``[[W, choice(T0), choice(T1), ...], ...]``."""
+    rows = []
+    for w in worlds:
+        row = [str(w)]
+        for t in tokens:
+            row.append(choose(BatchShape(t, causal_mean_keys(0, t), t, num_heads, w), costs))
+        rows.append(row)
+    return rows
+
+
+# --------------------------------------------------------------------------------------------------
+# Layout-level helpers (the same choice, from a resolved layout)
+# --------------------------------------------------------------------------------------------------
+
+
 def token_costs(key_counts: Sequence[int], costs: TokenParallelCosts = DEFAULT_COSTS,
                 num_heads: int = 128) -> list[float]:
     """Predicted time (ns) of each token in token-parallel mode: its indexer row plus its sparse row.
 
     ``key_counts[t]`` is how many keys token ``t`` scores (``ke - ks``); a token with none costs nothing.
-    Feed to :func:`plan_token_split` to balance causal prefill.
+    Feed to :func:`nsa_tp.token_parallel.plan.plan_token_split` to balance causal prefill.
     """
     per_row = costs.sparse_ns(num_heads)
     return [costs.indexer_ns_per_row_key * k + (per_row if k > 0 else 0.0) for k in key_counts]
-
-
-def _a2a_ms(num_tokens: int, layout: ParallelLayout, d: int, costs: TokenParallelCosts) -> float:
-    w = layout.attn_tp_size
-    sent = num_tokens * layout.heads_per_rank * d * 2 * (w - 1) / w  # bf16 bytes leaving this rank
-    return costs.a2a_latency_us / 1e3 + sent / (costs.a2a_gbytes_per_s * 1e9) * 1e3
 
 
 def predict_ms(
@@ -139,44 +347,13 @@ def predict_ms(
     context_len: float,
     strategy: str,
     *,
+    max_keys: int | None = None,
     is_decode: bool = False,
     costs: TokenParallelCosts = DEFAULT_COSTS,
 ) -> dict[str, float]:
-    """Predicted per-rank time (ms) of the indexer, the sparse core and the collectives under ``strategy``.
-
-    ``context_len``: mean keys each query token scores (:func:`causal_mean_keys` for a prefill; the
-    request length for decode). Decode's sparse core is left out: its time is the same in every strategy
-    (memory-bound on the 2048 selected rows, whatever the head split). Returns the parts and ``"total"``.
-    """
-    if strategy not in STRATEGIES:
-        raise ValueError(f"strategy: expected one of {STRATEGIES}, got {strategy!r}")
-    w, T = layout.attn_tp_size, num_tokens
-    local = -(-T // w)  # the busiest rank of a balanced split
-    parts: dict[str, float] = {}
-    if is_decode:
-        per_req = costs.decode_indexer_ns_per_key * context_len / 1e6
-        fixed = costs.decode_indexer_fixed_us / 1e3
-        if strategy == "heads":
-            parts["indexer"] = fixed + T * per_req
-        elif strategy == "tokens":
-            parts["indexer"] = fixed + local * per_req
-            parts["all_to_all"] = _a2a_ms(T, layout, D_QK, costs) + _a2a_ms(T, layout, D_V, costs)
-        else:
-            parts["indexer"] = fixed + T * per_req / w
-            parts["gather_merge"] = costs.gather_merge_us / 1e3
-    else:
-        idx = costs.indexer_ns_per_row_key * context_len / 1e6  # ms per query row
-        if strategy == "heads":
-            parts["indexer"] = T * idx
-            parts["sparse"] = T * costs.sparse_ns(layout.heads_per_rank) / 1e6
-        elif strategy == "tokens":
-            parts["indexer"] = local * idx
-            parts["sparse"] = local * costs.sparse_ns(layout.num_attention_heads) / 1e6  # all heads, no padding
-            parts["all_to_all"] = _a2a_ms(T, layout, D_QK, costs) + _a2a_ms(T, layout, D_V, costs)
-        else:
-            raise ValueError("strategy 'keys' is for decode only (is_decode=True)")
-    parts["total"] = sum(parts.values())
-    return parts
+    """:func:`predict` for a batch of ``num_tokens`` rows scoring ``context_len`` keys on average
+    (:func:`~nsa_tp.token_parallel.plan.causal_mean_keys` for a prefill; the request length for decode)."""
+    return predict(BatchShape.of(layout, num_tokens, context_len, max_keys, is_decode=is_decode), strategy, costs)
 
 
 def choose_strategy(
@@ -185,37 +362,26 @@ def choose_strategy(
     context_len: float,
     mode: str | None = None,
     *,
+    max_keys: int | None = None,
     is_decode: bool = False,
     costs: TokenParallelCosts = DEFAULT_COSTS,
 ) -> str:
-    """``"heads"``, ``"tokens"`` or ``"keys"`` for this batch (see the module docstring). Pure.
+    """:func:`choose` from a resolved layout. Pure.
 
     Args:
-        layout: the resolved layout (its ``attn_tp_size``, head counts and FlashMLA padding).
-        num_tokens: real query tokens in the batch (decode: requests x tokens per request).
-        context_len: mean keys a query token scores (see :func:`predict_ms`).
-        mode: ``"auto"``, ``"on"`` or ``"off"``; ``None`` takes ``layout.token_parallel`` (the
-            ``--nsa-token-parallel`` flag). ``"on"`` forces the split whenever the group has more than one
-            rank and the batch is not empty; ``"auto"`` splits when the cost model predicts a gain larger
-            than ``costs.margin``.
+        layout: the resolved layout (its ``attn_tp_size`` and head count).
+        num_tokens: real query rows in the batch (decode: requests x tokens per request).
+        context_len: mean keys a row scores; ``max_keys``: the most any row scores (default: the mean).
+        mode: ``"auto" | "on" | "off"`` or a strategy name to force; ``None`` takes ``layout.token_parallel``
+            (the ``--nsa-token-parallel`` flag).
         is_decode: decode step (the indexer reads the paged index-K cache).
         costs: the measured parts (:data:`DEFAULT_COSTS`).
     """
     mode = layout.token_parallel if mode is None else mode
-    if mode not in TOKEN_PARALLEL_MODES:
-        raise ValueError(f"mode: expected one of {TOKEN_PARALLEL_MODES}, got {mode!r}")
-    _check_count(num_tokens, "num_tokens")
-    if isinstance(context_len, bool) or not isinstance(context_len, (int, float)) or context_len < 0:
-        raise ValueError(f"context_len: expected a number >= 0, got {context_len!r}")
-    w = layout.attn_tp_size
-    if w == 1 or mode == "off" or num_tokens == 0:
-        return "heads"
-    split = "keys" if is_decode and num_tokens < w else "tokens"
-    if mode == "on":
-        return split
-    base = predict_ms(layout, num_tokens, context_len, "heads", is_decode=is_decode, costs=costs)["total"]
-    alt = predict_ms(layout, num_tokens, context_len, split, is_decode=is_decode, costs=costs)["total"]
-    return split if alt < base * (1.0 - costs.margin) else "heads"
+    if mode not in TOKEN_PARALLEL_MODES + FORCE_MODES:
+        raise ValueError(f"mode: expected one of {TOKEN_PARALLEL_MODES + FORCE_MODES}, got {mode!r}")
+    shape = BatchShape.of(layout, num_tokens, context_len, max_keys, is_decode=is_decode)
+    return choose(shape, costs, mode)
 
 
 def choose_token_parallel(
@@ -227,7 +393,7 @@ def choose_token_parallel(
     is_decode: bool = False,
     costs: TokenParallelCosts = DEFAULT_COSTS,
 ) -> bool:
-    """True when this batch leaves pure TP (token-parallel or key-sharded decode); see :func:`choose_strategy`."""
+    """True when this batch leaves pure TP (any strategy but ``heads``); see :func:`choose_strategy`."""
     return choose_strategy(layout, num_tokens, context_len, mode, is_decode=is_decode, costs=costs) != "heads"
 
 
@@ -245,14 +411,15 @@ def _first_true(lo: int, hi: int, pred) -> int | None:  # noqa: ANN001 - a predi
 
 def crossover_tokens(layout: ParallelLayout, context_len: float | None = None, *,
                      costs: TokenParallelCosts = DEFAULT_COSTS, max_tokens: int = 1 << 20) -> int | None:
-    """Smallest prefill token count at which ``auto`` picks token-parallel (``None``: never up to max_tokens).
+    """Smallest prefill token count at which ``auto`` leaves pure TP (``None``: never up to max_tokens).
 
-    ``context_len=None`` means a fresh causal prompt of that many tokens (mean keys ``(T+1)/2``).
+    ``context_len=None`` means a fresh causal prompt of that many tokens (mean keys ``(T+1)/2``, max ``T``).
     The gain grows with the token count while the collectives' fixed cost does not, so the search is valid.
     """
     def pays(t: int) -> bool:
         ctx = causal_mean_keys(0, t) if context_len is None else context_len
-        return choose_strategy(layout, t, ctx, "auto", costs=costs) == "tokens"
+        mk = t if context_len is None else None
+        return choose_strategy(layout, t, ctx, "auto", max_keys=mk, costs=costs) != "heads"
 
     return _first_true(1, max_tokens, pays)
 
@@ -277,7 +444,13 @@ def describe_policy(layout: ParallelLayout, costs: TokenParallelCosts = DEFAULT_
     longest = 163840  # DeepSeek-V3.2's max_position_embeddings: no crossover past it matters
     t = crossover_tokens(layout, costs=costs, max_tokens=longest)
     c = crossover_decode_context(layout, costs=costs, max_context=longest)
-    pre = f"prefill token-parallel from {t} tokens (fresh prompt)" if t else "prefill stays pure TP"
+    if t:
+        at = choose_strategy(layout, t, causal_mean_keys(0, t), "auto", max_keys=t, costs=costs)
+        big = choose_strategy(layout, longest, causal_mean_keys(0, longest), "auto", max_keys=longest, costs=costs)
+        how = at if at == big else f"{at}, {big} at {longest}"
+        pre = f"prefill token-parallel ({how}) from {t} tokens (fresh prompt)"
+    else:
+        pre = "prefill stays pure TP"
     dec = (f"decode batch 1 key-sharded from {c} context tokens" if c
            else f"decode batch 1 stays pure TP up to {longest} context")
     return f"auto: {pre}; {dec} (cost model: {costs.card}, {costs.date})"

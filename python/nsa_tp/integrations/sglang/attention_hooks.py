@@ -1,5 +1,9 @@
 """AROUND hooks on the two functions of SGLang's DSA backend that call FlashMLA's sparse kernels.
 
+Each call takes nsa-tp's path only where :mod:`~nsa_tp.integrations.sglang.routing` says a tier measured
+faster than upstream's FlashMLA path for that shape class on this card; otherwise SGLang's own function runs.
+With ``NSA_TP_SGLANG_VERIFY=1`` both run and the error is logged (:mod:`~nsa_tp.integrations.sglang.verify`).
+
 Both exist under the same names in SGLang 0.5.17 and 0.5.23
 (``sglang.srt.layers.attention.dsa_backend.DeepseekSparseAttnBackend``):
 
@@ -15,8 +19,8 @@ Both exist under the same names in SGLang 0.5.17 and 0.5.23
   -> :func:`nsa_tp.ops.sparse_mla_decode`, any H, bf16 or fp8 cache as stored.
 
 Inputs outside our contract (another head dim, an attention sink, another cache format) go to upstream's
-own function unchanged, with one log line saying why. The first call that runs our path logs one line,
-so a server log proves the path ran.
+own function unchanged, with one log line saying why. The first call of each path and shape class logs
+which implementation runs and why (measured times, or why upstream was kept), so a server log proves it.
 """
 
 from __future__ import annotations
@@ -28,8 +32,9 @@ from typing import Any
 import torch
 
 from nsa_tp import ops
-from nsa_tp.integrations.sglang._log import first_time, log_once, logger
-from nsa_tp.integrations.sglang._switch import ops_backend, plugin_enabled
+from nsa_tp.integrations.sglang import routing, verify
+from nsa_tp.integrations.sglang._log import log_once
+from nsa_tp.integrations.sglang._switch import plugin_enabled
 from nsa_tp.ops.kv_format import D_LATENT, D_QK, FP8_BYTES_PER_TOKEN
 
 __all__ = [
@@ -116,14 +121,6 @@ def _capturing(device: torch.device) -> bool:
     return device.type == "cuda" and torch.cuda.is_current_stream_capturing()
 
 
-def _tiers(op: str, *args: Any) -> object:
-    """Which tiers would run ``op`` here, for the one-time log line; not probed under CUDA graph capture
-    (a tier's probe may query the device, which capture forbids)."""
-    if _capturing(args[0].device):
-        return "(not probed during CUDA graph capture)"
-    return ops.explain(op, *args)
-
-
 def _fallback(name: str, reason: str) -> None:
     log_once(f"fallback-{name}-{reason}", "%s: upstream FlashMLA path kept for these inputs: %s", name, reason)
 
@@ -157,21 +154,15 @@ def around_flashmla_sparse(
     if T == 0:  # an idle DP-attention rank: nothing to attend
         return q_all.new_zeros(0, H, v_head_dim)
     indices = _cut_at_topk_length(page_table_1.to(torch.int32), topk_length).unsqueeze(1)  # [T,K] -> [T,1,K]
-    backend_name = ops_backend()
-    if first_time("path-sparse-fwd"):  # explain() probes every tier: only on the first call
-        logger.info(
-            "sparse-MLA path active: DeepseekSparseAttnBackend._forward_flashmla_sparse -> nsa_tp.ops.sparse_mla_fwd "
-            "(H=%d heads on this rank, no padding; T=%d, K=%d, kv %s %s; backend=%s; tiers: %s)",
-            H,
-            T,
-            indices.shape[-1],
-            tuple(kv_cache.shape),
-            kv_cache.dtype,
-            backend_name,
-            _tiers("sparse_mla_fwd", q_all, kv_cache, indices, sm_scale, v_head_dim),
-        )
-    out, _max_logits, _lse = ops.sparse_mla_fwd(q_all, kv_cache, indices, sm_scale, v_head_dim, backend=backend_name)
-    return out
+    args = (q_all, kv_cache, indices, sm_scale, v_head_dim)
+
+    def upstream() -> torch.Tensor:
+        return original(backend, q_all, kv_cache, v_head_dim, page_table_1, sm_scale, topk_length=topk_length, **extra)
+
+    def ours(tier: str) -> torch.Tensor:
+        return ops.sparse_mla_fwd(*args, backend=tier)[0]
+
+    return _run("_forward_flashmla_sparse", "sparse_mla_fwd", args, H, upstream, ours)
 
 
 def around_flashmla_kv(
@@ -207,18 +198,43 @@ def around_flashmla_kv(
         return q.new_zeros(0, 1, H, v_head_dim)
     pages = kv_cache.view(-1, PAGE_SIZE, 1, kv_cache.shape[-1])  # [pages*64, 1, D] -> [pages, 64, 1, D]
     indices = page_table_1.to(torch.int32).unsqueeze(1)  # [B, K] -> [B, 1, K]
-    backend_name = ops_backend()
-    if first_time("path-decode"):
-        logger.info(
-            "sparse-MLA path active: DeepseekSparseAttnBackend._forward_flashmla_kv -> nsa_tp.ops.sparse_mla_decode "
-            "(H=%d heads on this rank, no padding; B=%d, K=%d, cache %s %s; backend=%s; tiers: %s)",
-            H,
-            B,
-            indices.shape[-1],
-            tuple(pages.shape),
-            pages.dtype,
-            backend_name,
-            _tiers("sparse_mla_decode", q, pages, indices, sm_scale, v_head_dim),
-        )
-    out, _lse = ops.sparse_mla_decode(q, pages, indices, sm_scale, v_head_dim, backend=backend_name)
-    return out.unsqueeze(1)  # [B, H, 512] -> [B, 1, H, 512]
+    args = (q, pages, indices, sm_scale, v_head_dim)
+
+    def upstream() -> torch.Tensor:
+        return original(backend, q_all, kv_cache, v_head_dim, sm_scale, layer, metadata, page_table_1, **extra)
+
+    def ours(tier: str) -> torch.Tensor:
+        out, _lse = ops.sparse_mla_decode(*args, backend=tier)
+        return out.unsqueeze(1)  # [B, H, 512] -> [B, 1, H, 512]
+
+    return _run("_forward_flashmla_kv", "sparse_mla_decode", args, H, upstream, ours)
+
+
+def _run(
+    method: str,
+    op: str,
+    args: tuple[Any, ...],
+    heads: int,
+    upstream: Callable[[], torch.Tensor],
+    ours: Callable[[str], torch.Tensor],
+) -> torch.Tensor:
+    """Route one hooked call (see module docstring); in verify mode run both and log the error."""
+    chosen = routing.route(op, *args)
+    path = f"{method} {chosen.cls}"
+    if chosen.tier is None:
+        what = f"upstream's FlashMLA path (pads {heads} heads to a multiple of 64)"
+    elif chosen.tier == "flashmla":
+        what = f"nsa-tp tier flashmla (pads {heads} heads to a multiple of 64)"
+    else:
+        what = f"nsa-tp tier {chosen.tier} ({heads} heads, no padding)"
+    log_once(f"route-{path}-{chosen.tier}", "%s runs %s: %s", path, what, chosen.why)
+    if verify.verify_enabled():
+        if _capturing(args[0].device):
+            verify.skipped_under_capture(path)
+        else:
+            other = chosen.tier or routing.alternative_tier(op, *args)
+            if other is not None:
+                return verify.compare(path, f"{other} vs upstream", lambda: ours(other), upstream,
+                                      returned="ours" if chosen.tier else "upstream")
+            log_once(f"verify-none-{path}", "verify %s: no nsa-tp tier can run these inputs here", path)
+    return upstream() if chosen.tier is None else ours(chosen.tier)

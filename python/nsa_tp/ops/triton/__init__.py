@@ -9,11 +9,9 @@
 ``available()`` gives the reason when Triton does not import or no CUDA device is visible (so CPU CI only
 sees the reason). The kernel modules are imported on first use, never at tier import time.
 
-``auto`` ranking (lower runs first; FlashMLA ranks 0, the reference 1e9): sparse MLA prefill and decode
-prefer this tier where it measured faster than FlashMLA on the same card in the same run (the tables
-below), FlashMLA elsewhere; the logits ops have no other GPU tier. fp8-cache prefill has no FlashMLA kernel,
-so it runs here whatever the rank. The top-k transforms are preferred over the widths where they measured
-faster than the reference's stable sort (table at ``_TOPK_FASTER_WIDTHS``).
+Where ``auto`` runs this tier is measured per card and shape class (:mod:`nsa_tp.ops.tuning`, tables in
+``nsa_tp/ops/measured/``): only where it beat upstream's kernel (FlashMLA, DeepGEMM, sgl-kernel) by the
+tuning margin on that card, or where no upstream kernel can run the inputs (fp8-cache sparse prefill).
 """
 
 from __future__ import annotations
@@ -29,19 +27,6 @@ from nsa_tp.ops.kv_format import D_LATENT, D_QK, FP8_BYTES_PER_TOKEN
 from nsa_tp.ops.registry import OpImpl, Tier
 
 __all__ = ["TIER", "available"]
-
-# Measured crossovers vs FlashMLA (rank 0), H100 80GB HBM3, 2026-11-27, Triton 3.6.0 vs sgl-flash-mla 1.0.0
-# (legacy SM90 kernels through our FlashMLA tier, which pads heads to 64), same run, median of CUDA events;
-# benchmark/results/kernels_nvidia-h100-80gb-hbm3_20261127.json, table in docs/kernels.md.
-# Prefill, bf16 KV, T=4096, N=32768, K=2048, heads per rank -> Triton faster?
-#   16: 2.137 ms vs 2.166 ms (tier) -> yes, by 1.3% (a tie within run-to-run noise; the kernel alone, q
-#       pre-padded, took 2.087 ms). 32: 4.12 vs 2.30 -> no. 64: 4.68 vs 2.16 -> no. 128: 9.16 vs 4.91 -> no.
-_MEASURED_FASTER: dict[int, bool] = {16: True, 32: False, 64: False, 128: False}
-# Decode, fp8 cache, 32K context, K=2048, 16 heads: batch 1 0.201 vs 0.298 ms, batch 64 0.165 vs 0.231 ms ->
-# yes. Other head counts were not measured: FlashMLA keeps them.
-_MEASURED_DECODE_FASTER: dict[int, bool] = {16: True}
-_PREFER, _DEFER = -1.0, 1.0  # FlashMLA ranks 0
-
 
 @functools.cache
 def available() -> str | None:
@@ -115,32 +100,11 @@ def _fwd_supports(q: Any, kv: Any, indices: Any, sm_scale: Any = None, d_v: int 
     return _mla_reason(q, kv, indices, d_v, paged=False)
 
 
-def _faster_than_flashmla(heads: int, table: dict[int, bool] = _MEASURED_FASTER) -> bool:
-    """The measured verdict for ``heads``, or for the nearest measured count above it that FlashMLA pads to
-    the same multiple of 64 (Triton's time only grows with the heads, FlashMLA's is flat within a multiple).
-    """
-    padded = 64 * -(-heads // 64)
-    above = [h for h in table if heads <= h <= padded]
-    return table[min(above)] if above else False
-
-
-def _fwd_rank(q: torch.Tensor, *_args: Any, **_kwargs: Any) -> float:
-    return _PREFER if _faster_than_flashmla(q.shape[1]) else _DEFER
-
-
 def _plan_supports(batch_size: Any, num_heads: Any, topk: Any, *, kv_dtype: Any, device: Any) -> str | None:
     dev = torch.device(device)
     if dev.type != "cuda":
         return f"device: not CUDA ({dev})"
     return None
-
-
-def _plan_rank(batch_size: int, num_heads: int, *_args: Any, **_kwargs: Any) -> float:
-    return _PREFER if _faster_than_flashmla(num_heads, _MEASURED_DECODE_FASTER) else _DEFER
-
-
-def _decode_rank(q: torch.Tensor, *_args: Any, **_kwargs: Any) -> float:
-    return _PREFER if _faster_than_flashmla(q.shape[1], _MEASURED_DECODE_FASTER) else _DEFER
 
 
 def _decode_supports(q: Any, kv_cache: Any, indices: Any, sm_scale: Any = None, d_v: int = D_LATENT, *,
@@ -177,15 +141,6 @@ def _paged_logits_supports(q: Any, index_k_cache: Any, weights: Any, seq_lens: A
     return None
 
 
-# Top-k transforms vs the reference tier's stable sort (rank 1e9), H100 80GB HBM3, 2026-11-27, Triton 3.6.0,
-# torch 2.11, K=2048, causal rows, same run, median of CUDA events; identical ids in every case;
-# benchmark/results/topk_triton_NVIDIA_H100_80GB_HBM3_20261127.json. Sort ms vs Triton ms:
-#   R=4096: W=2048 1.04 vs 1.27 (slower), W=8192 4.13 vs 1.46, W=32768 14.91 vs 2.71, W=131072 70.5 vs 9.21.
-#   R=64:   W=2048 0.76 vs 0.11, W=8192 0.89 vs 0.12, W=32768 0.90 vs 0.23, W=131072 1.27 vs 0.78.
-# Preferred over the widths where it was faster at both row counts; the reference keeps the rest.
-_TOPK_FASTER_WIDTHS = (8192, 131072)
-
-
 def _topk_supports(logits: Any, topk: Any, *args: Any, **kwargs: Any) -> str | None:
     reason = _device_reason(logits, "logits")
     if reason:
@@ -201,33 +156,24 @@ def _topk_supports(logits: Any, topk: Any, *args: Any, **kwargs: Any) -> str | N
     return None
 
 
-def _topk_rank(logits: torch.Tensor, *_args: Any, **_kwargs: Any) -> float:
-    lo, hi = _TOPK_FASTER_WIDTHS
-    return 0.0 if lo <= logits.shape[1] <= hi else 2e9  # the reference ranks 1e9
-
-
-def _first(*_args: Any, **_kwargs: Any) -> float:
-    return 0.0  # no other GPU tier implements the indexer logits
-
-
 TIER = Tier(
     name="triton",
     available=available,
     ops={
-        "sparse_mla_fwd": OpImpl(_lazy("sparse_mla", "sparse_mla_fwd"), supports=_fwd_supports, rank=_fwd_rank),
+        "sparse_mla_fwd": OpImpl(_lazy("sparse_mla", "sparse_mla_fwd"), supports=_fwd_supports),
         "plan_sparse_mla_decode": OpImpl(
-            _lazy("sparse_mla_decode", "plan_sparse_mla_decode"), supports=_plan_supports, rank=_plan_rank
+            _lazy("sparse_mla_decode", "plan_sparse_mla_decode"), supports=_plan_supports
         ),
         "sparse_mla_decode": OpImpl(
-            _lazy("sparse_mla_decode", "sparse_mla_decode"), supports=_decode_supports, rank=_decode_rank
+            _lazy("sparse_mla_decode", "sparse_mla_decode"), supports=_decode_supports
         ),
-        "fp8_mqa_logits": OpImpl(_lazy("mqa_logits", "fp8_mqa_logits"), supports=_logits_supports, rank=_first),
+        "fp8_mqa_logits": OpImpl(_lazy("mqa_logits", "fp8_mqa_logits"), supports=_logits_supports),
         "fp8_paged_mqa_logits": OpImpl(
-            _lazy("paged_mqa_logits", "fp8_paged_mqa_logits"), supports=_paged_logits_supports, rank=_first
+            _lazy("paged_mqa_logits", "fp8_paged_mqa_logits"), supports=_paged_logits_supports
         ),
         "topk_transform_ragged": OpImpl(
-            _lazy("topk", "topk_transform_ragged"), supports=_topk_supports, rank=_topk_rank
+            _lazy("topk", "topk_transform_ragged"), supports=_topk_supports
         ),
-        "topk_transform_paged": OpImpl(_lazy("topk", "topk_transform_paged"), supports=_topk_supports, rank=_topk_rank),
+        "topk_transform_paged": OpImpl(_lazy("topk", "topk_transform_paged"), supports=_topk_supports),
     },
 )
