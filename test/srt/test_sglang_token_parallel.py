@@ -77,21 +77,20 @@ def test_choice_forced_and_without_costs(mode, world, ext, want):
 
 
 @pytest.mark.parametrize(("world", "prefix", "ext"), [(8, [0], [32768]), (8, [0], [16]), (2, [30000, 0], [2048, 7]),
-                                                   (4, [0, 0, 0], [512, 8192, 3])])
+                                                   (4, [0, 0, 0], [512, 8192, 3]), (8, [131000], [1024])])
 def test_auto_is_the_shared_policy(world, prefix, ext):
-    from nsa_tp.parallel.layout import resolve_layout
-    from nsa_tp.token_parallel import choose_strategy
+    from nsa_tp.token_parallel import BatchShape, choose
 
-    h = 128 // world
-    got, why = tp.choose_extend_strategy("auto", world, prefix, ext, h, DEFAULT_COSTS)
-    keys = sum(e * p + e * (e + 1) // 2 for p, e in zip(prefix, ext, strict=True))
-    want = choose_strategy(resolve_layout(world, num_attention_heads=128), sum(ext), keys / sum(ext), "auto",
-                           costs=DEFAULT_COSTS)
-    assert got == want and got in ("heads", "tokens"), why  # auto never picks the unpriced indexer split
+    got, why = tp.choose_extend_strategy("auto", world, prefix, ext, 128 // world, DEFAULT_COSTS)
+    keys = [p + i + 1 for p, e in zip(prefix, ext, strict=True) for i in range(e)]
+    shape = BatchShape(num_tokens=len(keys), mean_keys=sum(keys) / len(keys), max_keys=max(keys), num_heads=128,
+                       world=world)
+    assert got == choose(shape, DEFAULT_COSTS, "auto"), why
+    assert "ms" in why  # the reason carries the predicted times (the server log shows why auto chose)
 
 
 def test_auto_switches_only_for_a_gain_above_the_margin():
-    assert tp.choose_extend_strategy("auto", 8, [0], [32768], 16, DEFAULT_COSTS)[0] == "tokens"
+    assert tp.choose_extend_strategy("auto", 8, [0], [32768], 16, DEFAULT_COSTS)[0] != "heads"
     assert tp.choose_extend_strategy("auto", 8, [0], [16], 16, DEFAULT_COSTS)[0] == "heads"  # latency-bound
     d = DEFAULT_COSTS.to_dict()
     d["margin"] = 0.99  # a 99% gain asked for: none predicted
@@ -298,25 +297,42 @@ def _rank_case(ctx, world: int) -> dict:
 
     os.environ[tp.ENV_MODE] = "on"
     os.environ["NSA_TP_SGLANG_BACKEND"] = "reference"
+    from sglang.srt.layers.attention.dsa_backend import DeepseekSparseAttnBackend
+
     from nsa_tp import ops
+    from nsa_tp.integrations.sglang import verify
     from nsa_tp.ops.kv_format import pack_fp8_kv
 
     group = torch.distributed.group.WORLD  # the launcher initialises the default group: all ranks
     tp._attn_tp_group = lambda: group  # SGLang's attention TP group is this gloo group here
     rank = ctx.rank
     h = HEADS // world
-    fb = _forward_batch("EXTEND")
-    T = fb.extend_num_tokens
+    T = sum(e for _, e in REQS)
     rows = T + PAD_ROWS
+    sm = D_QK**-0.5
     out: dict = {}
+
+    def heads_core(self, q_all, kv_cache, v_head_dim, page_table_1, sm_scale, topk_length=None, **extra):
+        """Upstream's FlashMLA core stand-in (CPU): this rank's heads, every row, the reference tier."""
+        return ops.sparse_mla_fwd(q_all, kv_cache, page_table_1.unsqueeze(1), sm_scale, v_head_dim,
+                                  backend="reference")[0]
+
+    def heads_kv(self, q_all, kv_cache, v_head_dim, sm_scale, layer, metadata, page_table_1, **extra):
+        q = q_all.reshape(-1, layer.tp_q_head_num, D_QK)
+        return heads_core(self, q, kv_cache.view(-1, 1, kv_cache.shape[-1]), v_head_dim, page_table_1,
+                          sm_scale).unsqueeze(1)
+
+    DeepseekSparseAttnBackend._forward_flashmla_sparse = heads_core  # this rank process only
+    DeepseekSparseAttnBackend._forward_flashmla_kv = heads_kv
 
     # --- sparse core: the registered backend subclass, as forward_extend calls it
     cls = tp.make_backend_class()
     backend = object.__new__(cls)  # the sparse-core methods read no construction state
     backend.num_q_heads = h
-    tp.plan_for(fb, group, h)
-    plan = getattr(fb, tp.PLAN_ATTR)
-    out["splits"] = plan.splits
+    backend.dsa_prefill_impl, backend.use_mha = "flashmla_sparse", False
+    fb = _forward_batch("EXTEND")
+    plan = backend._nsa_tp_plan_for(fb)
+    out["splits"], out["strategy"] = plan.splits, plan.strategy
     g = _gen(7)
     n_kv = 64 * 2
     q_all = torch.randn(rows, HEADS, D_QK, generator=g).bfloat16()
@@ -324,40 +340,65 @@ def _rank_case(ctx, world: int) -> dict:
     ids = torch.randint(-1, n_kv + 3, (rows, K), generator=g, dtype=torch.int32)  # -1 and >= N: "no token"
     ids[2] = -1  # a row with no valid index: out 0
     ids[T:] = -1  # DP padding rows: upstream pads their top-k with -1
+    own_only = torch.full_like(ids, -1)  # what a tokens batch's indexer leaves: this rank's rows only
+    own_only[plan.rows.start : plan.rows.stop] = ids[plan.rows.start : plan.rows.stop]
     q_local = q_all[:, rank * h : (rank + 1) * h].contiguous()
-    sm = D_QK**-0.5
+    layer = types.SimpleNamespace(tp_q_head_num=h)
     for name, cache in (("bf16", kv), ("fp8", pack_fp8_kv(kv))):
-        heads, _, _ = ops.sparse_mla_fwd(q_local, cache, ids.unsqueeze(1), sm, D_V, backend="reference")
+        heads = heads_core(None, q_local, cache, D_V, ids, sm)
         backend._nsa_tp_plan = plan
-        got = backend._forward_flashmla_sparse(q_local, cache, D_V, ids, sm, topk_length=None)
+        got = backend._forward_flashmla_sparse(q_local, cache, D_V, own_only, sm, topk_length=None)
         out[f"sparse_{name}"] = _rel(got, heads)
         out[f"sparse_{name}_pad_zero"] = bool((got[T:] == 0).all())
         out[f"sparse_{name}_empty_zero"] = bool((got[2] == 0).all())
-        layer = types.SimpleNamespace(tp_q_head_num=h)
-        got_kv = backend._forward_flashmla_kv(q_local, cache.view(-1, 64, 1, cache.shape[-1]), D_V, sm, layer,
-                                              None, ids)
+        pool = cache.view(-1, 64, 1, cache.shape[-1])
+        got_kv = backend._forward_flashmla_kv(q_local, pool, D_V, sm, layer, None, own_only)
         out[f"kv_{name}"] = _rel(got_kv.squeeze(1), heads)
         out[f"kv_{name}_shape"] = tuple(got_kv.shape)
+        # an input the tokens core does not take (an extra argument): upstream's core on the regathered table
+        fell = backend._forward_flashmla_sparse(q_local, cache, D_V, own_only, sm, topk_length=None, attn_sink=None)
+        out[f"fallback_{name}"] = _rel(fell, heads)
+    os.environ[verify.ENV_VERIFY] = "1"
+    backend._forward_flashmla_sparse(q_local, kv, D_V, own_only, sm)
+    os.environ[verify.ENV_VERIFY] = "0"
+    out["verify_sparse"] = verify.worst().get("token-parallel _forward_flashmla_sparse")
     backend._nsa_tp_plan = None
+    # a batch whose prefill runs an implementation nsa-tp does not route: tokens becomes indexer
+    other = object.__new__(cls)
+    other.num_q_heads, other.dsa_prefill_impl, other.use_mha = h, "tilelang", False
+    out["downgrade"] = other._nsa_tp_plan_for(_forward_batch("EXTEND")).strategy
 
     # --- indexer: Indexer._get_topk_ragged split over the group, real SGLang metadata
-    metadata = _indexer_metadata(fb)
     n_keys = int(fb.seq_lens.sum())
     k_fp8 = torch.randn(n_keys, IDX_DIM, generator=g).clamp(-448, 448).to(torch.float8_e4m3fn)
     k_scale = torch.rand(n_keys, generator=g) + 0.5
     q_fp8 = torch.randn(rows, IDX_HEADS, IDX_DIM, generator=g).to(torch.float8_e4m3fn)
     weights = torch.randn(rows, IDX_HEADS, 1, generator=g)
     indexer = types.SimpleNamespace(index_topk=K)
-    for chunk in (None, 3):
-        original = _upstream_topk_ragged(k_fp8, k_scale, chunk)
-        want = original(indexer, False, fb, 0, q_fp8, weights, metadata)
-        for prealloc in (False, True):  # True: the piecewise-graph split op's static padded buffer
-            buf = torch.full((rows, K), -7, dtype=torch.int32) if prealloc else None
-            got = tp.around_get_topk_ragged(original, indexer, False, fb, 0, q_fp8, weights, metadata, buf)
-            key = f"indexer_chunk{chunk}_prealloc{prealloc}"
-            same = got[:T].sort(dim=1).values.equal(want[:T].sort(dim=1).values)
-            out[key] = same and got.shape == (rows, K)
-            out[key + "_pad"] = bool((got[T:] == (-7 if prealloc else -1)).all())
+    fb_idx = _forward_batch("EXTEND")
+    os.environ[tp.ENV_MODE] = "indexer"
+    tp.plan_for(fb_idx, group, h)
+    for strategy, batch in (("tokens", fb), ("indexer", fb_idx)):
+        mine = getattr(batch, tp.PLAN_ATTR)
+        assert mine.strategy == strategy, mine
+        metadata = _indexer_metadata(batch)
+        for chunk in (None, 3):
+            original = _upstream_topk_ragged(k_fp8, k_scale, chunk)
+            want = original(indexer, False, batch, 0, q_fp8, weights, metadata)
+            for prealloc in (False, True):  # True: the piecewise-graph split op's static padded buffer
+                buf = torch.full((rows, K), -7, dtype=torch.int32) if prealloc else None
+                got = tp.around_get_topk_ragged(original, indexer, False, batch, 0, q_fp8, weights, metadata, buf)
+                key = f"indexer_{strategy}_chunk{chunk}_prealloc{prealloc}"
+                r = mine.rows if strategy == "tokens" else range(T)  # tokens: only this rank's rows are filled
+                same = got[r.start : r.stop].sort(dim=1).values.equal(want[r.start : r.stop].sort(dim=1).values)
+                others = torch.cat([got[: r.start], got[r.stop : T]])
+                out[key] = bool(same and got.shape == (rows, K) and (others == -1).all())
+                out[key + "_pad"] = bool((got[T:] == (-7 if prealloc else -1)).all())
+        os.environ[verify.ENV_VERIFY] = "1"
+        tp.around_get_topk_ragged(_upstream_topk_ragged(k_fp8, k_scale, None), indexer, False, batch, 0, q_fp8,
+                                  weights, metadata)
+        os.environ[verify.ENV_VERIFY] = "0"
+    out["verify_indexer"] = verify.worst().get("token-parallel Indexer._get_topk_ragged")
     return out
 
 
@@ -374,13 +415,20 @@ def test_tokens_and_indexer_equal_heads_path_gloo(world):
     assert len({r["splits"] for r in results}) == 1  # every rank planned the same split
     assert sum(results[0]["splits"]) == sum(e for _, e in REQS)
     for rank, r in enumerate(results):
+        assert r["strategy"] == "tokens" and r["downgrade"] == "indexer", r
         for name in ("bf16", "fp8"):
             # The same reference math on the same rows: only bf16 output rounding may differ (DESIGN: < 1e-2).
             assert r[f"sparse_{name}"] < 1e-2, (rank, name, r)
             assert r[f"kv_{name}"] < 1e-2, (rank, name, r)
+            assert r[f"fallback_{name}"] < 1e-2, (rank, name, r)
             assert r[f"sparse_{name}_pad_zero"] and r[f"sparse_{name}_empty_zero"], (rank, r)
             assert r[f"kv_{name}_shape"] == (sum(e for _, e in REQS) + PAD_ROWS, 1, HEADS // world, D_V)
-        for chunk in (None, 3):
-            for prealloc in (False, True):
-                key = f"indexer_chunk{chunk}_prealloc{prealloc}"
-                assert r[key] and r[key + "_pad"], (rank, key, r)
+        for strategy in ("tokens", "indexer"):
+            for chunk in (None, 3):
+                for prealloc in (False, True):
+                    key = f"indexer_{strategy}_chunk{chunk}_prealloc{prealloc}"
+                    assert r[key] and r[key + "_pad"], (rank, key, r)
+        calls, worst = r["verify_sparse"]
+        assert calls == 1 and worst < 1e-2, r["verify_sparse"]
+        calls, worst = r["verify_indexer"]
+        assert calls == 2 and worst == 0.0, r["verify_indexer"]

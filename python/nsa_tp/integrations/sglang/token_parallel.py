@@ -43,19 +43,21 @@ from typing import Any
 import torch
 import torch.distributed as dist
 
+from nsa_tp.integrations.sglang import verify
 from nsa_tp.integrations.sglang._log import log_once, logger
 from nsa_tp.integrations.sglang._switch import ops_backend, plugin_enabled
 from nsa_tp.ops.kv_format import D_LATENT, D_QK
-from nsa_tp.parallel.layout import resolve_layout
 from nsa_tp.token_parallel import (
     DEFAULT_COSTS,
+    BatchShape,
     TokenParallelCosts,
     TokenSplit,
     causal_key_counts,
-    choose_strategy,
+    choose,
     gather_topk_rows,
     plan_index_split,
     plan_token_split,
+    predict,
     tokens_sparse_mla,
 )
 from nsa_tp.token_parallel.policy import token_costs
@@ -135,29 +137,23 @@ def choose_extend_strategy(mode: str, world: int, prefix_lens: list[int], extend
                            heads_per_rank: int, costs: TokenParallelCosts | None) -> tuple[str, str]:
     """Pure: the strategy for one extend batch (``heads`` | ``indexer`` | ``tokens``) and the reason.
 
-    ``auto`` asks the shared policy (:func:`nsa_tp.token_parallel.choose_strategy`: heads or tokens, switching
-    only for a predicted gain above ``costs.margin``); ``costs=None`` (nothing measured on this card) keeps
-    ``heads``.
+    The shared policy decides (:func:`nsa_tp.token_parallel.choose` on a :class:`~nsa_tp.token_parallel.BatchShape`
+    of this batch): ``auto`` takes the least predicted time and leaves ``heads`` only for a gain above
+    ``costs.margin``; ``costs=None`` under ``auto`` (nothing measured on this card) keeps ``heads``.
     """
     if mode not in MODES:
         raise ValueError(f"mode: expected one of {MODES}, got {mode!r}")
-    num_real = sum(extend_lens)
-    if mode == "off":
-        return "heads", "switched off"
-    if world < 2:
-        return "heads", "attention TP group of 1"
-    if num_real == 0:
-        return "heads", "no real tokens"
-    if mode == "on":
-        return "tokens", "forced (on)"
-    if mode == "indexer":
-        return "indexer", "forced (indexer)"
-    if costs is None:
+    if mode == "auto" and costs is None:
         return "heads", "auto without measured costs for this card"
-    layout = resolve_layout(world, num_attention_heads=heads_per_rank * world)
-    keys = sum(e * p + e * (e + 1) // 2 for p, e in zip(prefix_lens, extend_lens, strict=True))  # causal
-    strategy = choose_strategy(layout, num_real, keys / num_real, "auto", costs=costs)
-    return strategy, f"auto ({costs.card}, {costs.date}): {num_real} rows, {keys / num_real:.0f} keys a row"
+    keys = causal_key_counts([p + e for p, e in zip(prefix_lens, extend_lens, strict=True)], prefix_lens)
+    T = len(keys)
+    shape = BatchShape(num_tokens=T, mean_keys=sum(keys) / T if T else 0.0, max_keys=max(keys, default=0),
+                       num_heads=heads_per_rank * world, world=world)
+    strategy = choose(shape, costs or DEFAULT_COSTS, mode)
+    if mode != "auto":
+        return strategy, f"{mode} (forced)" if strategy != "heads" else f"{mode}: nothing to split"
+    times = ", ".join(f"{s} {predict(shape, s, costs)['total']:.3f} ms" for s in ("heads", "indexer", "tokens"))
+    return strategy, f"auto ({costs.card} {costs.date}): {T} rows, {shape.mean_keys:.0f} keys a row; {times}"
 
 
 @dataclasses.dataclass(frozen=True)
@@ -229,12 +225,20 @@ def plan_extend(forward_batch: Any, rank: int, world: int, heads_per_rank: int, 
     return ExtendPlan(strategy, reason, split.splits, rank)
 
 
-def plan_for(forward_batch: Any, group: Any, heads_per_rank: int) -> ExtendPlan:
-    """The batch's plan, built on the first call (first layer) and cached on the batch object."""
+def plan_for(forward_batch: Any, group: Any, heads_per_rank: int, core_is_ours: str | None = None) -> ExtendPlan:
+    """The batch's plan, built on the first call (first layer) and cached on the batch object.
+
+    ``core_is_ours``: None when this batch's sparse core will reach the ``tokens`` path, else why not (an
+    upstream prefill implementation we do not route, dense MHA for short prompts): a ``tokens`` plan then
+    becomes ``indexer`` (the indexer split still applies; the ids are gathered for upstream's core).
+    """
     plan = getattr(forward_batch, PLAN_ATTR, None)
     if plan is None:
         rank, world = _rank_world(group)
         plan = plan_extend(forward_batch, rank, world, heads_per_rank, card=_card())
+        if plan.strategy == "tokens" and core_is_ours is not None:
+            plan = dataclasses.replace(plan, strategy="indexer", reason=f"{plan.reason}; tokens -> indexer: "
+                                       f"{core_is_ours}")
         setattr(forward_batch, PLAN_ATTR, plan)
         if plan.strategy != "heads" or world > 1:
             log_once(f"tp-plan-{plan.strategy}-{plan.reason}", "token-parallel extend: strategy=%s (%s), "
@@ -269,8 +273,12 @@ def around_get_topk_ragged(original: Callable[..., torch.Tensor], indexer: Any, 
     """``Indexer._get_topk_ragged`` with the query rows split over the attention TP group.
 
     Upstream's own function runs on this rank's rows only (its chunked path's per-row metadata, cut to the
-    rank's rows by :class:`_RowWindow`); the ``[rows, K]`` results are all-gathered so every rank holds the
-    whole ``[T, K]`` top-k, as upstream. The index-K cache store happened before this call, on every rank.
+    rank's rows by :class:`_RowWindow`; the index-K cache store happened before this call, on every rank).
+    ``indexer``: the ``[rows, K]`` results are all-gathered (:func:`nsa_tp.token_parallel.gather_topk_rows`),
+    so every rank holds the whole ``[T, K]`` top-k, as upstream. ``tokens``: nothing is gathered — the rank's
+    own rows are filled and the others left -1, because the sparse core reads only its own rows (SGLang's
+    transforms between here and the core work row by row). Returns ``[rows of q, K]`` int32 (into
+    ``topk_result`` when given: the piecewise-graph split op's static buffer).
     """
     plan = getattr(forward_batch, PLAN_ATTR, None)
     if plan is None or plan.strategy == "heads" or extra or not plugin_enabled():
@@ -280,15 +288,31 @@ def around_get_topk_ragged(original: Callable[..., torch.Tensor], indexer: Any, 
     if len(rows):
         own = original(indexer, False, forward_batch, layer_id, q_fp8[rows.start : rows.stop],
                        weights[rows.start : rows.stop], _RowWindow(metadata, rows))[: len(rows)]
-    else:  # upstream's function asserts at least one row; this rank only joins the gather
+    else:  # upstream's function asserts at least one row; this rank only joins the collectives
         own = torch.full((0, indexer.index_topk), -1, dtype=torch.int32, device=q_fp8.device)
-    log_once("tp-indexer", "token-parallel indexer active: Indexer._get_topk_ragged scores %d of %d rows "
-             "on this rank, then all-gathers the top-k ids", len(rows), plan.num_real)
-    full = gather_topk_rows(own, _attn_tp_group(), plan.split(plan.num_real))  # [num_real, K] on every rank
+    log_once(f"tp-indexer-{plan.strategy}", "token-parallel indexer active (%s): Indexer._get_topk_ragged scores "
+             "%d of %d rows on this rank%s", plan.strategy, len(rows), plan.num_real,
+             ", then all-gathers the top-k ids" if plan.strategy == "indexer" else "")
     if topk_result is None:
-        topk_result = full.new_full((q_fp8.shape[0], full.shape[1]), -1)
-    topk_result[: plan.num_real] = full
+        topk_result = own.new_full((q_fp8.shape[0], own.shape[1]), -1)
+    if plan.strategy == "indexer":
+        topk_result[: plan.num_real] = gather_topk_rows(own, _attn_tp_group(), plan.split(plan.num_real))
+    else:
+        topk_result[: plan.num_real] = -1
+        topk_result[rows.start : rows.stop] = own
+    if verify.verify_enabled() and not _capturing(q_fp8):
+        full = topk_result[: plan.num_real]
+        if plan.strategy == "tokens":
+            full = gather_topk_rows(own, _attn_tp_group(), plan.split(plan.num_real))
+        ref = original(indexer, False, forward_batch, layer_id, q_fp8, weights, metadata)[: plan.num_real]
+        differ = (full.sort(dim=1).values != ref.sort(dim=1).values).any(dim=1).float().mean().item()
+        verify.record("token-parallel Indexer._get_topk_ragged", f"{plan.strategy}, rows with another top-k set",
+                      differ)
     return topk_result
+
+
+def _capturing(x: torch.Tensor) -> bool:
+    return x.device.type == "cuda" and torch.cuda.is_current_stream_capturing()
 
 
 class _RowWindow:
@@ -342,6 +366,10 @@ class _CutOffsets:
         return getattr(self._a, name)
 
 
+# The upstream prefill implementations whose sparse core reaches the overrides below.
+ROUTED_IMPLS = ("flashmla_sparse", "flashmla_kv")
+
+
 def make_backend_class() -> type:
     """``DeepseekSparseAttnBackend`` with the ``tokens`` sparse core (imports SGLang; model processes only)."""
     from sglang.srt.layers.attention.dsa_backend import DeepseekSparseAttnBackend
@@ -349,13 +377,22 @@ def make_backend_class() -> type:
     class NsaTpTokenParallelBackend(DeepseekSparseAttnBackend):
         """Upstream's DSA backend; on a ``tokens`` extend batch the FlashMLA sparse core runs token-parallel."""
 
+        def _nsa_tp_plan_for(self, forward_batch: Any) -> ExtendPlan:
+            impl = getattr(self, "dsa_prefill_impl", None)
+            why = None
+            if getattr(self, "use_mha", False):
+                why = "dense MHA prefill for this batch (short prompts)"
+            elif impl not in ROUTED_IMPLS:
+                why = f"prefill implementation {impl!r} is not one nsa-tp routes ({', '.join(ROUTED_IMPLS)})"
+            return plan_for(forward_batch, _attn_tp_group(), self.num_q_heads, core_is_ours=why)
+
         def init_forward_metadata(self, forward_batch: Any) -> None:
-            super().init_forward_metadata(forward_batch)
-            plan_for(forward_batch, _attn_tp_group(), self.num_q_heads)  # once per batch, before any layer
+            super().init_forward_metadata(forward_batch)  # decides dsa_prefill_impl / use_mha for this batch
+            self._nsa_tp_plan_for(forward_batch)  # once per batch, before any layer's indexer
 
         def forward_extend(self, q: Any, k: Any, v: Any, layer: Any, forward_batch: Any, *args: Any,
                            **kwargs: Any) -> Any:
-            self._nsa_tp_plan = plan_for(forward_batch, _attn_tp_group(), layer.tp_q_head_num)
+            self._nsa_tp_plan = self._nsa_tp_plan_for(forward_batch)
             try:
                 return super().forward_extend(q, k, v, layer, forward_batch, *args, **kwargs)
             finally:
@@ -364,30 +401,65 @@ def make_backend_class() -> type:
         def _forward_flashmla_sparse(self, q_all: Any, kv_cache: Any, v_head_dim: int, page_table_1: Any,
                                      sm_scale: float, topk_length: Any = None, **extra: Any) -> Any:
             plan = getattr(self, "_nsa_tp_plan", None)
+
+            def upstream(table: Any) -> Any:
+                return super(NsaTpTokenParallelBackend, self)._forward_flashmla_sparse(
+                    q_all, kv_cache, v_head_dim, table, sm_scale, topk_length=topk_length, **extra)
+
+            if plan is None or plan.strategy != "tokens":
+                return upstream(page_table_1)
             why = _tokens_unsupported(plan, q_all, kv_cache, v_head_dim, page_table_1, extra)
-            if why is not None:
-                return super()._forward_flashmla_sparse(q_all, kv_cache, v_head_dim, page_table_1, sm_scale,
-                                                        topk_length=topk_length, **extra)
+            if why is not None:  # the indexer filled only this rank's rows: rebuild the whole table first
+                log_once(f"tp-sparse-fallback-{why}", "token-parallel sparse core not used (%s): upstream's core "
+                         "on the gathered top-k", why)
+                return upstream(_whole_table(page_table_1, plan))
             log_once("tp-sparse", "token-parallel sparse core active: _forward_flashmla_sparse -> "
-                     "nsa_tp token_parallel_attention (%d heads per rank -> all heads of 1/%d of the rows)",
-                     q_all.shape[1], len(plan.splits))
-            return _tokens(q_all, kv_cache, page_table_1, sm_scale, v_head_dim, plan)
+                     "nsa_tp.token_parallel.tokens_sparse_mla (%d heads per rank -> all heads of 1/%d of the "
+                     "rows)", q_all.shape[1], len(plan.splits))
+            out = _tokens(q_all, kv_cache, page_table_1, sm_scale, v_head_dim, plan)
+            if verify.verify_enabled() and not _capturing(q_all):
+                ref = upstream(_whole_table(page_table_1, plan))
+                verify.record("token-parallel _forward_flashmla_sparse", f"T={q_all.shape[0]} h={q_all.shape[1]}",
+                              verify.relative_error(out[: plan.num_real], ref[: plan.num_real]))
+            return out
 
         def _forward_flashmla_kv(self, q_all: Any, kv_cache: Any, v_head_dim: int, sm_scale: float, layer: Any,
                                  metadata: Any, page_table_1: Any, **extra: Any) -> Any:
             plan = getattr(self, "_nsa_tp_plan", None)
-            q = q_all.reshape(-1, layer.tp_q_head_num, q_all.shape[-1])
+
+            def upstream(table: Any) -> Any:
+                return super(NsaTpTokenParallelBackend, self)._forward_flashmla_kv(
+                    q_all, kv_cache, v_head_dim, sm_scale, layer, metadata, table, **extra)
+
+            if plan is None or plan.strategy != "tokens":
+                return upstream(page_table_1)
+            q = q_all.reshape(-1, layer.tp_q_head_num, q_all.shape[-1])  # [T, h*576] or [T, 1, h, 576] -> [T, h, 576]
             flat = kv_cache.view(-1, 1, kv_cache.shape[-1])  # the pool [pages*64, 1, D]: slots are global
             why = _tokens_unsupported(plan, q, flat, v_head_dim, page_table_1, extra)
             if why is not None:
-                return super()._forward_flashmla_kv(q_all, kv_cache, v_head_dim, sm_scale, layer, metadata,
-                                                    page_table_1, **extra)
-            log_once("tp-kv", "token-parallel sparse core active: _forward_flashmla_kv (extend) -> nsa_tp "
-                     "token_parallel_attention over the paged pool (%d heads per rank)", q.shape[1])
-            out = _tokens(q, flat, page_table_1, sm_scale, v_head_dim, plan)
-            return out.unsqueeze(1)  # [T, h, 512] -> [T, 1, h, 512], upstream's shape
+                log_once(f"tp-kv-fallback-{why}", "token-parallel sparse core not used (%s): upstream's core on "
+                         "the gathered top-k", why)
+                return upstream(_whole_table(page_table_1, plan))
+            log_once("tp-kv", "token-parallel sparse core active: _forward_flashmla_kv (extend) -> "
+                     "nsa_tp.token_parallel.tokens_sparse_mla over the paged pool (%d heads per rank)", q.shape[1])
+            out = _tokens(q, flat, page_table_1, sm_scale, v_head_dim, plan).unsqueeze(1)  # -> [T, 1, h, 512]
+            if verify.verify_enabled() and not _capturing(q):
+                ref = upstream(_whole_table(page_table_1, plan))
+                verify.record("token-parallel _forward_flashmla_kv", f"T={q.shape[0]} h={q.shape[1]}",
+                              verify.relative_error(out[: plan.num_real], ref[: plan.num_real]))
+            return out
 
     return NsaTpTokenParallelBackend
+
+
+def _whole_table(page_table_1: torch.Tensor, plan: ExtendPlan) -> torch.Tensor:
+    """A ``tokens`` batch's ``[rows, K]`` table with every rank's rows (each rank computed only its own):
+    one all-gather of the row blocks, for an upstream core that needs them all (fallback, verify)."""
+    rows = plan.rows
+    own = page_table_1[rows.start : rows.stop].to(torch.int32)
+    full = page_table_1.clone()
+    full[: plan.num_real] = gather_topk_rows(own, _attn_tp_group(), plan.split(plan.num_real)).to(full.dtype)
+    return full
 
 
 def _tokens(q: torch.Tensor, kv: torch.Tensor, page_table_1: torch.Tensor, sm_scale: float, d_v: int,
