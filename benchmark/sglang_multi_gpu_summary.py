@@ -20,8 +20,11 @@ from pathlib import Path
 
 STRATEGY = re.compile(r"token-parallel extend: strategy=(\w+)")
 ACTIVE = re.compile(r"token-parallel (sparse core|indexer) active")
-# verify mode's line (the lead's NSA_TP_SGLANG_VERIFY): any nsa-tp line naming verify with a relative error
-VERIFY = re.compile(r"verify.*?(?:worst|max|rel(?:ative)?[ _]err(?:or)?)[^0-9\-]*([0-9.]+(?:e-?\d+)?)", re.I)
+# verify mode's lines (nsa_tp.integrations.sglang.verify.record): "verify <path>: call N rel err E (...), worst so
+# far W"; the worst of a server is the largest W (or E) over its lines; "inf" is a NaN or a shape mismatch
+NUM = r"(inf|[0-9.]+(?:e[-+]?\d+)?)"
+VERIFY = re.compile(r"verify .*?(?:worst so far|rel err) " + NUM, re.I)
+VERIFY_WORST = re.compile(r"worst so far " + NUM, re.I)
 
 
 def read_log(path: Path) -> dict:
@@ -35,7 +38,7 @@ def read_log(path: Path) -> dict:
             out["strategies"][m.group(1)] = out["strategies"].get(m.group(1), 0) + 1
         if (m := ACTIVE.search(line)) and m.group(1) not in out["paths_active"]:
             out["paths_active"].append(m.group(1))
-        if "[nsa-tp" in line and (m := VERIFY.search(line)):
+        if "[nsa-tp" in line and (m := VERIFY_WORST.search(line) or VERIFY.search(line)):
             err = float(m.group(1))
             out["verify_lines"] += 1
             out["verify_worst"] = err if out["verify_worst"] is None else max(out["verify_worst"], err)

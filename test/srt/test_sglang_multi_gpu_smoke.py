@@ -108,9 +108,13 @@ def test_summary_ratios_strategies_and_verify(tmp_path):
                "[t] [nsa-tp pid=1] token-parallel extend: strategy=tokens (forced (on)), attn_tp=4, rows ...\n"
                "[t] [nsa-tp pid=1] token-parallel sparse core active: _forward_flashmla_sparse -> ...\n")
     _write_run(tmp_path, "1layer", "verify", "tp4", {32768: 3.0}, [1, 3],
-               "[t] [nsa-tp pid=1] verify _forward_flashmla_sparse: worst rel err 3.1e-03 over 12 calls\n"
-               "[t] [nsa-tp pid=2] verify _get_topk_ragged: worst rel err 0.0004\n"
-               "[t] upstream line mentioning verify worst 9.9 is not ours\n")
+               "[t] [nsa-tp pid=1] verify token-parallel _forward_flashmla_sparse: call 1 rel err 1.00e-03 (T=9 h=4)"
+               ", worst so far 1.00e-03\n"
+               "[t] [nsa-tp pid=1] verify token-parallel _forward_flashmla_sparse: call 4 rel err 2.00e-03 (T=9 h=4)"
+               ", worst so far 3.10e-03\n"
+               "[t] [nsa-tp pid=2] verify token-parallel Indexer._get_topk_ragged: call 1 rel err 0.00e+00 (tokens, "
+               "rows with another top-k set), worst so far 0.00e+00\n"
+               "[t] upstream line mentioning verify worst so far 9.9 is not ours\n")
     out = tmp_path / "s.json"
     assert summary.main([str(tmp_path), "--gpus", "4", "--out", str(out), "--card", "NVIDIA H200"]) == 0
     s = json.loads(out.read_text())
@@ -122,5 +126,5 @@ def test_summary_ratios_strategies_and_verify(tmp_path):
     runs = {r["state"]: r for r in s["runs"]}
     assert runs["tokens"]["log"]["strategies"] == {"tokens": 1}
     assert runs["tokens"]["log"]["paths_active"] == ["sparse core"]
-    assert runs["verify"]["log"]["verify_worst"] == pytest.approx(3.1e-3) and runs["verify"]["log"]["verify_lines"] == 2
+    assert runs["verify"]["log"]["verify_worst"] == pytest.approx(3.1e-3) and runs["verify"]["log"]["verify_lines"] == 3
     assert runs["cp"]["log"]["cp_active"] and not runs["off"]["log"]["cp_active"]

@@ -177,6 +177,9 @@ def test_plan_is_built_once_per_batch(monkeypatch):
     first = tp.plan_for(fb, None, 8)
     assert tp.plan_for(fb, None, 8) is first and len(calls) == 1
     assert first.strategy == "heads"  # one rank (no group): nothing to split
+    fb.extend_seq_lens_cpu = [5]  # a runner refilled the same object for the next batch: planned again
+    again = tp.plan_for(fb, None, 8)
+    assert again is not first and again.key[2] == (5,) and len(calls) == 2
 
 
 # --------------------------------------------------------------------------------- registration, version
@@ -432,3 +435,21 @@ def test_tokens_and_indexer_equal_heads_path_gloo(world):
         assert calls == 1 and worst < 1e-2, r["verify_sparse"]
         calls, worst = r["verify_indexer"]
         assert calls == 2 and worst == 0.0, r["verify_indexer"]
+
+
+def test_indexer_hook_ignores_a_stale_plan():
+    """A plan cached for an earlier batch on a refilled ForwardBatch object never splits this batch's rows."""
+    mode = types.SimpleNamespace(is_extend_without_speculative=lambda: True)
+    fb = types.SimpleNamespace(forward_mode=mode, extend_seq_lens_cpu=[4], extend_prefix_lens_cpu=[0])
+    stale = tp.ExtendPlan("tokens", "test", (2, 2), 0, tp.batch_key(fb))
+    fb.extend_seq_lens_cpu = [6]
+    setattr(fb, tp.PLAN_ATTR, stale)
+    calls = []
+
+    def original(*args):
+        calls.append(args)
+        return "upstream"
+
+    q, w = torch.zeros(6, 4, 128), torch.zeros(6, 4, 1)
+    assert tp.around_get_topk_ragged(original, "indexer", True, fb, 3, q, w, "meta") == "upstream"
+    assert calls[0][4] is q and calls[0][6] == "meta" and calls[0][1] is True  # upstream's own call, untouched

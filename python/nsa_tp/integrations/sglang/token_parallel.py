@@ -167,6 +167,7 @@ class ExtendPlan:
     reason: str
     splits: tuple[int, ...]
     rank: int
+    key: tuple = ()  # batch_key() of the batch it was built for
 
     @property
     def num_real(self) -> int:
@@ -194,6 +195,14 @@ def extend_rows(forward_batch: Any) -> tuple[list[int], list[int]] | None:
     return [int(p) for p in prefix], [int(e) for e in extend]
 
 
+def batch_key(forward_batch: Any) -> tuple:
+    """What a plan depends on, from host data: a plan cached on a ``ForwardBatch`` object is reused only while
+    the object still describes the same rows (a runner may refill one object for the next batch)."""
+    mode = getattr(forward_batch, "forward_mode", None)
+    return (mode, tuple(getattr(forward_batch, "extend_prefix_lens_cpu", None) or ()),
+            tuple(getattr(forward_batch, "extend_seq_lens_cpu", None) or ()))
+
+
 def plan_extend(forward_batch: Any, rank: int, world: int, heads_per_rank: int, *, mode: str | None = None,
                 costs: TokenParallelCosts | None = None, card: str | None = None) -> ExtendPlan:
     """The :class:`ExtendPlan` for this batch on ``rank`` of an attention TP group of ``world`` ranks.
@@ -205,24 +214,25 @@ def plan_extend(forward_batch: Any, rank: int, world: int, heads_per_rank: int, 
     mode = token_parallel_mode() if mode is None else mode
     if not plugin_enabled():
         mode = "off"
+    key = batch_key(forward_batch)
     rows = extend_rows(forward_batch)
     if rows is None:
-        return ExtendPlan("heads", "not a plain extend batch", (0,) * world, rank)
+        return ExtendPlan("heads", "not a plain extend batch", (0,) * world, rank, key)
     prefix, extend = rows
     if mode == "auto" and costs is None:
         costs, why = load_costs(card)
         if costs is None:
-            return ExtendPlan("heads", f"auto: {why}", (sum(extend),) + (0,) * (world - 1), rank)
+            return ExtendPlan("heads", f"auto: {why}", (sum(extend),) + (0,) * (world - 1), rank, key)
     strategy, reason = choose_extend_strategy(mode, world, prefix, extend, heads_per_rank, costs)
     if strategy == "heads":
-        return ExtendPlan("heads", reason, (sum(extend),) + (0,) * (world - 1), rank)
+        return ExtendPlan("heads", reason, (sum(extend),) + (0,) * (world - 1), rank, key)
     keys = causal_key_counts([p + e for p, e in zip(prefix, extend, strict=True)], prefix)
     if strategy == "indexer":
         split = plan_index_split(keys, world)
     else:  # rows weighed by indexer + all-heads sparse work (the costs only weigh rows here, not choose)
         split = plan_token_split(len(keys), world, costs=token_costs(keys, costs or DEFAULT_COSTS,
                                                                      heads_per_rank * world))
-    return ExtendPlan(strategy, reason, split.splits, rank)
+    return ExtendPlan(strategy, reason, split.splits, rank, key)
 
 
 def plan_for(forward_batch: Any, group: Any, heads_per_rank: int, core_is_ours: str | None = None) -> ExtendPlan:
@@ -233,7 +243,7 @@ def plan_for(forward_batch: Any, group: Any, heads_per_rank: int, core_is_ours: 
     becomes ``indexer`` (the indexer split still applies; the ids are gathered for upstream's core).
     """
     plan = getattr(forward_batch, PLAN_ATTR, None)
-    if plan is None:
+    if plan is None or plan.key != batch_key(forward_batch):
         rank, world = _rank_world(group)
         plan = plan_extend(forward_batch, rank, world, heads_per_rank, card=_card())
         if plan.strategy == "tokens" and core_is_ours is not None:
@@ -281,6 +291,8 @@ def around_get_topk_ragged(original: Callable[..., torch.Tensor], indexer: Any, 
     ``topk_result`` when given: the piecewise-graph split op's static buffer).
     """
     plan = getattr(forward_batch, PLAN_ATTR, None)
+    if plan is not None and plan.key != batch_key(forward_batch):
+        plan = None  # built for an earlier batch this object described: the backend plans this one
     if plan is None or plan.strategy == "heads" or extra or not plugin_enabled():
         return original(indexer, enable_dual_stream, forward_batch, layer_id, q_fp8, weights, metadata,
                         topk_result, **extra)
