@@ -50,7 +50,9 @@ max_len=$(echo "$LENS" | tr ',' '\n' | sort -n | tail -1)
 export SGL_CONTEXT=${SGL_CONTEXT:-$((max_len + 4096))}
 export E2E_LENS=$LENS E2E_CLIENT="$repo/benchmark/sglang_multi_gpu_client.py"
 export SGL_FLAGS=${SGL_FLAGS---kv-cache-dtype bfloat16 --dsa-prefill-backend flashmla_sparse --dsa-decode-backend flashmla_sparse --disable-cuda-graph}
-[ -n "${COSTS:-}" ] && export NSA_TP_TOKEN_PARALLEL_COSTS="$COSTS"
+# auto's costs: the committed H200 block unless COSTS names another (load_costs ignores it on another card)
+COSTS=${COSTS-$repo/benchmark/results/token_parallel_h200x4_20261127.json}
+[ -n "$COSTS" ] && export NSA_TP_TOKEN_PARALLEL_COSTS="$COSTS"
 mkdir -p "$OUT"
 
 model_config() {  # model name -> config path (the 61-layer one is written from the 4-layer config)
@@ -72,7 +74,7 @@ EOF
   esac
 }
 
-echo "sglang_multi_gpu: $N GPUs, models: $MODELS, runs:$RUNS, lens $LENS, context $SGL_CONTEXT"
+echo "sglang_multi_gpu: $N GPUs, models: $MODELS, runs:$RUNS, lens $LENS, context $SGL_CONTEXT, auto costs: ${COSTS:-none}"
 for model in $MODELS; do
   cfg=$(model_config "$model") || continue
   echo "=== model $model ($cfg) $(date -u +%H:%M:%S)"
