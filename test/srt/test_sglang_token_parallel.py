@@ -370,6 +370,9 @@ def _rank_case(ctx, world: int) -> dict:
     other = object.__new__(cls)
     other.num_q_heads, other.dsa_prefill_impl, other.use_mha = h, "tilelang", False
     out["downgrade"] = other._nsa_tp_plan_for(_forward_batch("EXTEND")).strategy
+    os.environ["SGLANG_DSA_TOPK_BROADCAST"] = "1"  # rank 0's whole table broadcast: own rows only would break it
+    out["downgrade_broadcast"] = backend._nsa_tp_plan_for(_forward_batch("EXTEND")).strategy
+    del os.environ["SGLANG_DSA_TOPK_BROADCAST"]
 
     # --- indexer: Indexer._get_topk_ragged split over the group, real SGLang metadata
     n_keys = int(fb.seq_lens.sum())
@@ -418,7 +421,7 @@ def test_tokens_and_indexer_equal_heads_path_gloo(world):
     assert len({r["splits"] for r in results}) == 1  # every rank planned the same split
     assert sum(results[0]["splits"]) == sum(e for _, e in REQS)
     for rank, r in enumerate(results):
-        assert r["strategy"] == "tokens" and r["downgrade"] == "indexer", r
+        assert r["strategy"] == "tokens" and r["downgrade"] == r["downgrade_broadcast"] == "indexer", r
         for name in ("bf16", "fp8"):
             # The same reference math on the same rows: only bf16 output rounding may differ (DESIGN: < 1e-2).
             assert r[f"sparse_{name}"] < 1e-2, (rank, name, r)

@@ -390,13 +390,7 @@ def make_backend_class() -> type:
         """Upstream's DSA backend; on a ``tokens`` extend batch the FlashMLA sparse core runs token-parallel."""
 
         def _nsa_tp_plan_for(self, forward_batch: Any) -> ExtendPlan:
-            impl = getattr(self, "dsa_prefill_impl", None)
-            why = None
-            if getattr(self, "use_mha", False):
-                why = "dense MHA prefill for this batch (short prompts)"
-            elif impl not in ROUTED_IMPLS:
-                why = f"prefill implementation {impl!r} is not one nsa-tp routes ({', '.join(ROUTED_IMPLS)})"
-            return plan_for(forward_batch, _attn_tp_group(), self.num_q_heads, core_is_ours=why)
+            return plan_for(forward_batch, _attn_tp_group(), self.num_q_heads, core_is_ours=_tokens_blocked(self))
 
         def init_forward_metadata(self, forward_batch: Any) -> None:
             super().init_forward_metadata(forward_batch)  # decides dsa_prefill_impl / use_mha for this batch
@@ -462,6 +456,31 @@ def make_backend_class() -> type:
             return out
 
     return NsaTpTokenParallelBackend
+
+
+def _tokens_blocked(backend: Any) -> str | None:
+    """Why this batch cannot leave every rank with only its own top-k rows (``tokens``), or None.
+
+    Our sparse core must be the one that runs (FlashMLA entries, no dense MHA), and nothing may read the whole
+    top-k table: SGLang's ``SGLANG_DSA_TOPK_BROADCAST`` (rank 0's table sent to all) or its indexer top-k
+    capturer (top-k returned to the client) would see the other ranks' rows as -1.
+    """
+    impl = getattr(backend, "dsa_prefill_impl", None)
+    if getattr(backend, "use_mha", False):
+        return "dense MHA prefill for this batch (short prompts)"
+    if impl not in ROUTED_IMPLS:
+        return f"prefill implementation {impl!r} is not one nsa-tp routes ({', '.join(ROUTED_IMPLS)})"
+    try:
+        from sglang.srt.environ import envs
+        from sglang.srt.state_capturer.indexer_topk import get_global_indexer_capturer
+    except ImportError as e:  # a release without them cannot have them switched on
+        log_once("tp-blocked-import", "token-parallel: %s (topk broadcast / capturer checks skipped)", e)
+        return None
+    if envs.SGLANG_DSA_TOPK_BROADCAST.get():
+        return "SGLANG_DSA_TOPK_BROADCAST sends rank 0's whole top-k table to every rank"
+    if get_global_indexer_capturer() is not None:
+        return "the indexer top-k capturer reads the whole top-k table"
+    return None
 
 
 def _whole_table(page_table_1: torch.Tensor, plan: ExtendPlan) -> torch.Tensor:
