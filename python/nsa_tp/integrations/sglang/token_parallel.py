@@ -219,6 +219,9 @@ def plan_extend(forward_batch: Any, rank: int, world: int, heads_per_rank: int, 
     if rows is None:
         return ExtendPlan("heads", "not a plain extend batch", (0,) * world, rank, key)
     prefix, extend = rows
+    if world < 2 or mode == "off":  # nothing to split: skip the per-row work below
+        return ExtendPlan("heads", "attention TP group of 1" if world < 2 else "switched off",
+                          (sum(extend),) + (0,) * (world - 1), rank, key)
     if mode == "auto" and costs is None:
         costs, why = load_costs(card)
         if costs is None:
