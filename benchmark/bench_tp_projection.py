@@ -266,7 +266,10 @@ class Bench:
         except torch.cuda.OutOfMemoryError as e:  # an estimate that was too low: say so, keep going
             _log(f"skip {what}: out of memory ({e})")
             self.cache[key] = "skipped: out of memory"
-            torch.cuda.empty_cache()
+            return self.cache[key]
+        except Exception as e:  # noqa: BLE001 - one run on the card: a piece that fails is named, the rest runs
+            _log(f"FAILED {what}: {type(e).__name__}: {e}")
+            self.cache[key] = f"failed: {type(e).__name__}: {str(e)[:300]}"
             return self.cache[key]
         finally:
             if self.device.type == "cuda":
@@ -431,12 +434,15 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--time-limit-s", type=float, default=200.0,
                     help="no piece starts after this many seconds (skipped and named instead)")
     ap.add_argument("--smoke", action="store_true", help="tiny shapes on CPU, reference tier (CI)")
-    ap.add_argument("--out", default=None, help="JSON path")
+    ap.add_argument("--out", default=None,
+                    help="JSON path (default benchmark/results/tp_projection_<card>_<yyyymmdd>.json)")
     args = ap.parse_args(argv)
     if args.smoke:
         args.tokens = [t for t in args.tokens if t <= 256] or [64, 160]
         args.topk = min(args.topk, 32)
-        args.backend = args.sparse_backend = "reference"
+        # the reference tier unless a tier is named (the CPU test forces one that cannot run here)
+        args.backend = "reference" if args.backend == "auto" else args.backend
+        args.sparse_backend = "reference" if args.sparse_backend == "auto" else args.sparse_backend
         args.target_ms, args.max_reps = 1.0, 1
         args.logits_budget_gb = 64 * 1024 / 2**30  # 64 KiB: several chunks even at these sizes
     if any(t < 1 for t in args.tokens) or any(n < 1 or HEADS % n for n in args.tp):
@@ -456,6 +462,11 @@ def main(argv: list[str] | None = None) -> int:
         comm["source"] = "command line (" + comm["source"] + " otherwise)"
     card = torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu"
     date = datetime.date.today().isoformat()
+    command = " ".join(shlex.quote(a) for a in [sys.executable, *sys.argv])
+    if args.out is None:
+        slug = "".join(ch if ch.isalnum() else "_" for ch in card.lower()).strip("_")
+        args.out = os.path.join(os.path.dirname(os.path.abspath(__file__)), "results",
+                                f"tp_projection_{slug}_{date.replace('-', '')}.json")
     _log(f"{card}: tp {args.tp}, tokens {args.tokens}, top-k {args.topk}, backend {args.backend}/"
          f"{args.sparse_backend}, heads padded to multiples of {args.pad_heads}; collectives modeled at "
          f"{comm['a2a_gbytes_per_s']:.1f} GB/s + {comm['a2a_latency_us']:.1f} us ({comm['source']})")
@@ -465,6 +476,7 @@ def main(argv: list[str] | None = None) -> int:
         p = Prompt(T, args.topk, device)
         for tp in args.tp:
             cases.append(bench.case(p, tp, comm))
+            _write(args.out, dict(partial=True, card=card, date=date, command=command, cases=cases))
         del p
         if device.type == "cuda":
             torch.cuda.empty_cache()
@@ -477,7 +489,7 @@ def main(argv: list[str] | None = None) -> int:
     table = _table(cases)
     print(table)
     result = dict(
-        card=card, date=date, command=" ".join(shlex.quote(a) for a in [sys.executable, *sys.argv]),
+        partial=False, card=card, date=date, command=command,
         torch=torch.__version__, smoke=args.smoke, elapsed_s=elapsed, heads=HEADS, index_heads=IDX_HEADS,
         index_head_dim=IDX_DIM, topk=args.topk, backend=args.backend, sparse_backend=args.sparse_backend,
         pad_heads_multiple=args.pad_heads, logits_budget_bytes=bench.budget,
@@ -488,12 +500,17 @@ def main(argv: list[str] | None = None) -> int:
                " all_to_all_q + all_to_all_o",
                "indexer = fp8 logits + top-k (chunked), without the q/k projections and the key gather"],
     )
-    if args.out:
-        os.makedirs(os.path.dirname(os.path.abspath(args.out)), exist_ok=True)
-        with open(args.out, "w") as f:
-            json.dump(result, f, indent=1)
-        _log(f"wrote {args.out} ({elapsed:.1f} s)")
+    _write(args.out, result)
+    _log(f"wrote {args.out} ({elapsed:.1f} s)")
     return 0
+
+
+def _write(path: str, data: dict) -> None:
+    """Write the JSON (also after every case, marked ``partial``, so an interrupted run keeps what it had)."""
+    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+    with open(path + ".tmp", "w") as f:
+        json.dump(data, f, indent=1)
+    os.replace(path + ".tmp", path)
 
 
 if __name__ == "__main__":

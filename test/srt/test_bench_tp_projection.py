@@ -41,7 +41,7 @@ def test_smoke_json_structure(smoke):
     data, stdout, stderr = smoke
     for key in ("card", "date", "command", "torch", "comm_model", "cases", "topk", "costs", "notes"):
         assert key in data, key
-    assert "--smoke" in data["command"] and data["smoke"] is True
+    assert "--smoke" in data["command"] and data["smoke"] is True and data["partial"] is False
     assert [(c["tokens"], c["tp"]) for c in data["cases"]] == [(t, n) for t in (64, 160) for n in (2, 4, 8)]
     assert "bench_tp_projection" in stderr and "indexer all rows" in stderr  # progress lines
     assert "tok/hd" in stdout and len(stdout.strip().splitlines()) == 2 + len(data["cases"])  # the table
@@ -97,3 +97,19 @@ def test_collective_bytes_by_hand():
     assert mod.gather_bytes((7, 3), 16) == 1 * 7 * 16 * 4
     split = plan_token_split(100, 4)
     assert mod.a2a_bytes(split.splits, 32, 576) == 75 * 32 * 576 * 2
+
+
+def test_a_piece_that_cannot_run_is_named_and_the_run_finishes(tmp_path):
+    """One run on the card, no second chance: a failing piece is recorded, the others still run and the JSON is
+    written (here the FlashMLA tier, which cannot run on CPU, forced for the sparse core)."""
+    out = tmp_path / "fail.json"
+    env = dict(os.environ, PYTHONPATH=os.path.join(ROOT, "python"))
+    cmd = [sys.executable, SCRIPT, "--smoke", "--tp", "2", "--tokens", "48", "--sparse-backend", "flashmla",
+           "--out", str(out)]
+    run = subprocess.run(cmd, capture_output=True, text=True, timeout=300, env=env, cwd=ROOT)
+    assert run.returncode == 0, run.stderr[-3000:]
+    data = json.loads(out.read_text())
+    (case,) = data["cases"]
+    assert case["projected_ms"] is None and case["skipped"] and all("failed" in x for x in case["skipped"])
+    assert isinstance(case["measured_ms"]["heads_indexer_all_rows"], float)  # the indexer still ran
+    assert "FAILED" in run.stderr and "skipped" in run.stdout

@@ -307,7 +307,9 @@ def test_transient_buffers_by_hand():
     i1 = transient_buffers("indexer", split, 1, h, K)
     assert i1 == {"ids_block": 5 * K * 4, "ids_gathered": 4 * 5 * K * 4, "out": 11 * K * 4}
     assert transient_peak_bytes("indexer", split, 1, h, K) == 5 * 5 * K * 4
-    assert transient_buffers("tokens", TokenSplit((9,), 9), 0, h, K) == {}  # one rank: no exchange
+    one = TokenSplit((9,), 10)  # one rank: no exchange, no regrouping
+    assert transient_buffers("tokens", one, 0, h, K) == {"o_core": 9 * h * 512 * 2, "out": 10 * h * 512 * 2}
+    assert transient_buffers("indexer", one, 0, h, K) == {"out": 10 * K * 4}
     with pytest.raises(ValueError, match="rank"):
         transient_buffers("tokens", split, 4, h, K)
     with pytest.raises(ValueError, match="strategy"):

@@ -233,8 +233,9 @@ def gather_topk_rows(local: torch.Tensor, group: dist.ProcessGroup | None, split
 
     Returns:
         ``[split.num_rows, K]`` int32, rank ``j``'s rows at ``split.rows(j)``; DP padding rows all ``-1``.
-        Transient: one ``[W, max_split, K]`` int32 gather buffer (uneven splits travel padded to the
-        largest, because all-gather takes equal blocks).
+        Transient: a ``[max_split, K]`` send block and the ``[W, max_split, K]`` int32 gather buffer (uneven
+        splits travel padded to the largest, because all-gather takes equal blocks); see
+        :func:`nsa_tp.token_parallel.plan.transient_buffers`.
     """
     check_tensor(local, "local", ndim=2, dtype=torch.int32)
     if not isinstance(split, TokenSplit):
@@ -245,10 +246,13 @@ def gather_topk_rows(local: torch.Tensor, group: dist.ProcessGroup | None, split
     if local.shape[0] != split.splits[rank]:
         raise ValueError(f"local: expected {split.splits[rank]} rows (this rank's split), got {tuple(local.shape)}")
     K = local.shape[1]
+    out = local.new_full((split.num_rows, K), -1)
+    if world == 1:  # nothing to gather: the rows and the padding
+        out[: local.shape[0]] = local
+        return out
     block = local.new_full((split.max_split, K), -1)
     block[: local.shape[0]] = local
     gathered = all_gather_stack(block, group)  # [W, max_split, K]: rank j's rows first in block j
-    out = local.new_full((split.num_rows, K), -1)
     for j, n in enumerate(split.splits):
         start = split.offsets[j]
         out[start : start + n] = gathered[j, :n]

@@ -229,6 +229,8 @@ def transient_buffers(strategy: str, split: TokenSplit, rank: int, heads_per_ran
     - ``indexer``: ``ids_block [max_t, K]``, ``ids_gathered [W, max_t, K]``, ``out [rows, K]`` int32
       (uneven splits travel padded to the largest, ``max_t``: all-gather takes equal blocks).
     - ``heads`` (and ``keys``, whose candidates are the decode indexer's): nothing.
+
+    A one-rank group exchanges nothing: ``tokens`` keeps ``o_core`` and ``out``, ``indexer`` only ``out``.
     """
     if not isinstance(split, TokenSplit):
         raise ValueError(f"split: expected a TokenSplit, got {type(split).__name__}")
@@ -240,12 +242,12 @@ def transient_buffers(strategy: str, split: TokenSplit, rank: int, heads_per_ran
     t = split.splits[rank]
     H = W * heads_per_rank
     bf16, i32 = 2, 4
-    if strategy in ("heads", "keys") or W == 1:
+    if strategy in ("heads", "keys"):
         out: dict[str, int] = {}
     elif strategy == "tokens":
-        regroup = t > 1  # [W, t, h, D] <-> [t, W, h, D] is a copy unless t <= 1
+        regroup = t > 1 and W > 1  # [W, t, h, D] <-> [t, W, h, D] is a copy unless t <= 1 (or one rank)
         out = {
-            "q_recv": W * t * heads_per_rank * d_qk * bf16,
+            "q_recv": W * t * heads_per_rank * d_qk * bf16 if W > 1 else 0,  # one rank: q itself, no exchange
             "q_tokens": t * H * d_qk * bf16 if regroup else 0,
             "o_core": t * H * d_v * bf16,
             "o_send": W * t * heads_per_rank * d_v * bf16 if regroup else 0,
@@ -253,7 +255,8 @@ def transient_buffers(strategy: str, split: TokenSplit, rank: int, heads_per_ran
         }
     elif strategy == "indexer":
         m = split.max_split
-        out = {"ids_block": m * topk * i32, "ids_gathered": W * m * topk * i32, "out": rows * topk * i32}
+        out = {"ids_block": m * topk * i32, "ids_gathered": W * m * topk * i32} if W > 1 else {}
+        out["out"] = rows * topk * i32
     else:
         raise ValueError(f"strategy: expected heads, indexer, tokens or keys, got {strategy!r}")
     return {k: v for k, v in out.items() if v}
