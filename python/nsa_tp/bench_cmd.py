@@ -19,7 +19,9 @@ import shlex
 import sys
 from typing import Any
 
-__all__ = ["add_arguments", "main"]
+__all__ = ["add_arguments", "main", "SECTIONS"]
+
+SECTIONS = ("sparse_mla_fwd", "sparse_mla_decode", "fp8_mqa_logits", "fp8_paged_mqa_logits", "topk")
 
 
 def _ints(text: str) -> list[int]:
@@ -50,6 +52,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--topk-cases", type=_pairs, default=[(4096, 8192), (4096, 32768), (1024, 131072)],
                    help="top-k cases as ROWSxWIDTH,... (causal rows)")
     p.add_argument("--context", type=int, default=32768, help="decode context per request")
+    p.add_argument("--ops", type=lambda t: [x for x in t.split(",") if x], default=list(SECTIONS),
+                   help=f"comma-separated sections to run (default all: {','.join(SECTIONS)})")
     p.add_argument("--sweep", action="store_true", help="also sweep the kernels' launch configs")
     p.add_argument("--quick", action="store_true", help="small shapes (a smoke run, includes the reference tier)")
     p.add_argument("--plot-from", default=None, metavar="JSON", help="only redraw the PNGs of a results file")
@@ -128,6 +132,11 @@ def main(args: argparse.Namespace) -> int:
             print(f"wrote {path}")
         return 0
 
+    unknown = sorted(set(args.ops) - set(SECTIONS))
+    if unknown:
+        print(f"nsa-tp bench: error: --ops: unknown section(s) {unknown}; choose from {', '.join(SECTIONS)}",
+              file=sys.stderr)
+        return 2
     import torch
 
     if not torch.cuda.is_available():
@@ -170,6 +179,7 @@ def main(args: argparse.Namespace) -> int:
                                                                    ceilings, device)),
         ("topk", lambda: kernels.topk_rows(topk_cases, 2048 if not args.quick else K, ceilings, device)),
     ]
+    sections = [sec for sec in sections if sec[0] in args.ops]
     if args.sweep:
         sections.append(("sweep", lambda: kernels.sweep_rows(ceilings, device, T, N, K)))
     stem = f"kernels_{_slug(card)}_{now:%Y%m%d}"

@@ -179,11 +179,12 @@ def test_sparse_mla_rejects_bad_inputs():
 # ----------------------------------------------------------------------------- fp8 MQA logits (GPU)
 
 
-def _logits_inputs(T, N, H, D, gen):
+def _logits_inputs(T, N, H, D, gen, neg_scales=True):
     q = torch.randn(T, H, D, device="cuda", generator=gen).to(torch.float8_e4m3fn)
     k = torch.randn(N, D, device="cuda", generator=gen).to(torch.float8_e4m3fn)
     k_scale = torch.rand(N, device="cuda", generator=gen) + 0.05
-    k_scale[::7] *= -1  # the contract is relu(q.k * scale): a negative scale must flip, not be folded out
+    if neg_scales:  # the contract is relu(q.k * scale): a negative scale must flip, not be folded out
+        k_scale[::7] *= -1
     w = torch.randn(T, H, device="cuda", generator=gen)
     return q, (k, k_scale), w
 
@@ -218,6 +219,53 @@ def test_fp8_mqa_logits_causal_skips_blocks(T, N, poisoned):
     assert rel_err(got, want) < 1e-3
 
 
+# Every launch shape benchmark/bench_mqa_logits.py times (keep the two lists in step): each must be right
+# before its time means anything. (block_n, block_t, warps, stages, variant[, maxnreg])
+_LOGITS_CONFIGS = [
+    (64, 4, 4, 3, "kv_stream"), (64, 4, 4, 4, "kv_stream"), (64, 2, 4, 3, "kv_stream", 128),
+    (128, 2, 4, 3, "kv_stream"), (128, 2, 4, 4, "kv_stream"), (128, 2, 8, 3, "kv_stream", 128),
+    (128, 2, 8, 3, "kv_stream"), (128, 1, 4, 3, "kv_stream"),
+    (128, 4, 8, 3, "kv_stream"), (256, 2, 8, 3, "kv_stream"), (128, 64, 4, 3, "q_stream"),
+    (256, 64, 8, 3, "q_stream"),
+]
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("cfg", _LOGITS_CONFIGS, ids=lambda c: "-".join(map(str, c)))
+@pytest.mark.parametrize("neg_scales", [False, True], ids=["scale>=0", "negative-scales"])
+def test_fp8_mqa_logits_configs(cfg, neg_scales, poisoned):
+    """Each variant, both epilogues (scale folded after the head sum / exact per head), ragged + causal rows,
+    empty and inverted ranges, T and N not multiples of any block."""
+    from nsa_tp.ops.triton.mqa_logits import MQALogitsConfig, fp8_mqa_logits
+
+    gen = _gen(800 + sum(cfg[:4]) + neg_scales)
+    T, N = 333, 2500
+    q, kv, w = _logits_inputs(T, N, 64, 128, gen, neg_scales)
+    ks = torch.randint(0, N, (T,), device="cuda", dtype=torch.int32, generator=gen)
+    ke = (ks + torch.randint(0, 1500, (T,), device="cuda", dtype=torch.int32, generator=gen)).clamp(max=N)
+    ks[T // 2 :] = 0  # causal rows for the second half
+    ke[T // 2 :] = torch.arange(T - T // 2, device="cuda", dtype=torch.int32) + (N - T + 1)
+    ks[:3], ke[:3] = 17, 17  # empty
+    ks[3], ke[3] = 900, 100  # inverted: empty too
+    ks[4], ke[4] = 0, N  # the whole row
+    got = fp8_mqa_logits(q, kv, w, ks, ke, config=MQALogitsConfig(*cfg))
+    want = reference.fp8_mqa_logits(q, kv, w, ks, ke)
+    assert_same_inf(got, want)
+    assert rel_err(got, want) < 1e-3
+
+
+def test_fp8_mqa_logits_default_for_head_counts():
+    """default_config keeps kv_stream's stacked q rows (tokens x padded heads) within the MMA's width."""
+    pytest.importorskip("triton", reason="the kernel module needs Triton")
+    from nsa_tp.ops.triton.mqa_logits import DEFAULT_CONFIG, default_config
+
+    for heads in (1, 8, 16, 64, 128):
+        cfg = default_config(4096, 65536, heads)
+        if DEFAULT_CONFIG.variant == "kv_stream":
+            assert cfg.block_t * max(16, heads) <= 256 and cfg.block_t >= 1
+    assert default_config(4096, 65536, 64) == DEFAULT_CONFIG
+
+
 def _paged_inputs(B, H, P, max_pages, gen):
     cache = torch.empty(P, 8448, dtype=torch.uint8, device="cuda")
     cache[:, :8192] = torch.randn(P, 8192, device="cuda", generator=gen).to(torch.float8_e4m3fn).view(torch.uint8)
@@ -230,7 +278,9 @@ def _paged_inputs(B, H, P, max_pages, gen):
 
 @pytest.mark.gpu
 @pytest.mark.parametrize("B,H", [(1, 64), (7, 16), (3, 3)])
-def test_fp8_paged_mqa_logits(B, H, poisoned):
+@pytest.mark.parametrize("cfg", [None, (64, 4), (128, 4), (256, 4), (512, 8)],
+                         ids=lambda c: "default" if c is None else str(c))
+def test_fp8_paged_mqa_logits(B, H, cfg, poisoned):
     gen = _gen(700 + B + H)
     max_pages = 9
     q, cache, w, page_table = _paged_inputs(B, H, B * max_pages + 5, max_pages, gen)
@@ -239,7 +289,12 @@ def test_fp8_paged_mqa_logits(B, H, poisoned):
     seq_lens[0] = 0 if B > 1 else 300
     if B > 2:
         seq_lens[2] = max_seq_len
-    got = ops.fp8_paged_mqa_logits(q, cache, w, seq_lens, page_table, max_seq_len, backend="triton")
+    if cfg is None:
+        got = ops.fp8_paged_mqa_logits(q, cache, w, seq_lens, page_table, max_seq_len, backend="triton")
+    else:
+        from nsa_tp.ops.triton.paged_mqa_logits import PagedLogitsConfig, fp8_paged_mqa_logits
+
+        got = fp8_paged_mqa_logits(q, cache, w, seq_lens, page_table, max_seq_len, config=PagedLogitsConfig(*cfg))
     want = reference.fp8_paged_mqa_logits(q, cache, w, seq_lens, page_table, max_seq_len)
     assert got.shape == (B, max_seq_len)
     assert_same_inf(got, want)

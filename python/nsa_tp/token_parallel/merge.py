@@ -34,8 +34,8 @@ def local_topk(
         backend: tier of the top-k transform.
 
     Returns:
-        ``(scores [R, topk] float32 (-inf fill), positions [R, topk] int32 global (-1 fill))``, sorted by
-        score descending, ties to the lower position.
+        ``(scores [R, topk] float32 (-inf fill), positions [R, topk] int32 global (-1 fill))`` in the top-k
+        transform's order (any order, any tie choice: :mod:`nsa_tp.ops.topk`; :func:`merge_topk` reorders).
     """
     check_tensor(logits, "logits", ndim=2, dtype=torch.float32)
     R = logits.shape[0]

@@ -4,7 +4,7 @@
 - :mod:`.sparse_mla_decode` — decode over the paged latent cache with a per-batch plan.
 - :mod:`.mqa_logits` — fp8 MQA logits over ragged ``[ks, ke)`` key ranges.
 - :mod:`.paged_mqa_logits` — fp8 MQA logits over the paged index-K cache.
-- :mod:`.topk` — the indexer's top-k transforms (ragged and paged) as one radix-select kernel per row.
+- :mod:`.topk` — the indexer's top-k transforms (ragged and paged): coarse histogram + radix select, no sort.
 
 ``available()`` gives the reason when Triton does not import or no CUDA device is visible (so CPU CI only
 sees the reason). The kernel modules are imported on first use, never at tier import time.
@@ -149,11 +149,7 @@ def _topk_supports(logits: Any, topk: Any, *args: Any, **kwargs: Any) -> str | N
         return "logits: must be [R, W] float32 with unit column stride"
     if not isinstance(topk, int) or isinstance(topk, bool) or topk < 1:
         return "topk: not a positive int (the reference tier reports it)"
-    from nsa_tp.ops.triton.topk import MAX_KEEP, block_k  # Triton imports: only once this tier is available
-
-    if block_k(topk, logits.shape[1]) > MAX_KEEP:
-        return f"min(topk, W) = {min(topk, logits.shape[1])} exceeds the in-register sort's {MAX_KEEP}"
-    return None
+    return None  # no size limit: nothing is sorted or held per K
 
 
 TIER = Tier(

@@ -4,13 +4,21 @@ Semantics: :func:`nsa_tp.ops.reference.fp8_mqa_logits`
 (``logits[t, j] = sum_h relu(q[t,h] . k[j] * k_scale[j]) * weights[t,h]`` for ``ks[t] <= j < ke[t]``,
 ``-inf`` elsewhere).
 
-Design. One program owns a block of ``BLOCK_N`` keys, kept in registers/shared memory as fp8, and walks a
-block of ``BLOCK_T`` query tokens: per token one fp8 tensor-core product ``K [BLOCK_N, D] @ q_t^T [D, H]``
-with fp32 accumulation, then the epilogue (scale, relu, weight, sum over heads) on ``[BLOCK_N, H]``. Keys
-are the MMA's M dimension so the sum over heads stays inside a thread quad (no cross-warp reduction), and
-the resident key block is what bounds the L2 traffic (every token's q is re-read once per key block).
-A (key block, token block) pair that no token's ``[ks, ke)`` touches only writes ``-inf`` — for causal
-prefill that skips about half of the products.
+Two launch shapes (variants), both one fp8 wgmma per step with keys as the MMA's M, so the sum over heads
+stays inside a thread quad (no cross-warp reduction):
+
+- ``"kv_stream"`` (default, DeepGEMM's shape): a program holds ``block_t`` query tokens with all their heads
+  stacked as the MMA's N (``block_t x padded H`` rows of q, e.g. 2 x 64 = 128) and streams the key blocks
+  its rows touch through a ``num_stages`` software pipeline: ``K [BLOCK_N, D] @ q^T [D, block_t*H]``. It
+  writes ``-inf`` on the columns none of its rows scores in the same pass (plain 16-byte stores, no reads).
+- ``"q_stream"`` (the first design): a program holds ``BLOCK_N`` keys and walks ``block_t`` tokens, one
+  ``K @ q_t^T [D, H]`` product per token; a (key block, token block) that no row touches only writes
+  ``-inf``.
+
+Epilogue cost is the limit once the MMA is a real wgmma: per (key, head) it is ``max`` + ``fma`` when every
+scale is >= 0 (``relu(x * s) == s * relu(x)``, the scale applied once per key after the head sum), and
+``mul`` + ``max`` + ``fma`` otherwise. Which one runs is decided per call from ``min(k_scale)`` on the device
+(no host sync), so a negative scale still gets the contract's exact ``relu(q.k * scale)``.
 """
 
 from __future__ import annotations
@@ -25,20 +33,49 @@ from nsa_tp.ops._contracts import check_mqa_logits_args
 from nsa_tp.ops.triton import _common
 from nsa_tp.ops.triton._common import cdiv
 
-__all__ = ["MQALogitsConfig", "default_config", "fp8_mqa_logits", "weighted_relu_sum"]
+__all__ = ["MQALogitsConfig", "DEFAULT_CONFIG", "VARIANTS", "default_config", "fp8_mqa_logits", "weighted_relu_sum"]
+
+VARIANTS = ("kv_stream", "q_stream")
 
 
 @dataclasses.dataclass(frozen=True)
 class MQALogitsConfig:
-    block_n: int  # keys per program (MMA M)
-    block_t: int  # query tokens each program walks
+    block_n: int  # keys per MMA (its M): 64, 128 or 256
+    block_t: int  # query tokens a program owns (kv_stream: stacked as the MMA's N; q_stream: walked one by one)
     num_warps: int
     num_stages: int
+    variant: str = "q_stream"  # positional prefix kept: (block_n, block_t, warps, stages) is the first design
+    maxnreg: int | None = None  # register cap per thread (e.g. 128: two 8-warp programs per SM), None = Triton's
+
+    def __post_init__(self) -> None:
+        if self.variant not in VARIANTS:
+            raise ValueError(f"variant: expected one of {VARIANTS}, got {self.variant!r}")
 
 
-def default_config(num_tokens: int, num_keys: int) -> MQALogitsConfig:
-    """Chosen from the H100 sweep in docs/kernels.md."""
-    return MQALogitsConfig(128, 64, 4, 3)
+# THE default launch shape (the one place to change after a measurement): kv_stream, 64 keys x (4 tokens x
+# 64 heads) per wgmma (m64n256k32, the widest), 4 warps = one warpgroup, 3 stages of 8 KB key tiles.
+# Why, from an offline sm_90a compile (Triton 3.6; no GPU here): 250 registers and 58 KB of shared memory, so
+# two programs share an SM and one's epilogue can overlap the other's MMA (Triton 3.6 cannot overlap them
+# inside one program: every wgmma is waited on at once). Its masked key loop issued 476 instructions a thread
+# for 4.2 MFLOP, the lowest issue count per FLOP of the shapes compiled (128x2: 561 for 4.2, 64x2: 332 for
+# 2.1); the unmasked loop that now runs the blocks inside every row's range issues 423. And 4 tokens a program
+# halve the key bytes streamed from L2 (8.5 GB at S=4096 N=65536) against 2 tokens.
+# benchmark/bench_mqa_logits.py times it against the alternatives and prints the fastest.
+DEFAULT_CONFIG = MQALogitsConfig(block_n=64, block_t=4, num_warps=4, num_stages=3, variant="kv_stream")
+
+
+def _block_h(H: int) -> int:
+    return max(16, triton.next_power_of_2(H))
+
+
+def default_config(num_tokens: int, num_keys: int, num_heads: int = 64) -> MQALogitsConfig:
+    """:data:`DEFAULT_CONFIG`, with kv_stream's tokens per program scaled so ``block_t x padded heads`` stays
+    what it is at 64 heads (the MMA's N, at most 256), and at most 8 tokens (16 tokens of 16 heads spill)."""
+    cfg = DEFAULT_CONFIG
+    if cfg.variant == "kv_stream":
+        rows = min(cfg.block_t * 64, 256)
+        cfg = dataclasses.replace(cfg, block_t=max(1, min(8, rows // _block_h(num_heads))))
+    return cfg
 
 
 @triton.jit
@@ -48,18 +85,131 @@ def weighted_relu_sum(acc, k_scale, w):
 
 
 @triton.jit
-def _mqa_logits_kernel(
+def _head_sum(x, BLOCK_N: tl.constexpr, BLOCK_T: tl.constexpr, BLOCK_H: tl.constexpr):
+    """``[BLOCK_N, BLOCK_T * BLOCK_H]`` (q rows stacked token-major) -> ``[BLOCK_N, BLOCK_T]``."""
+    return tl.sum(tl.reshape(x, [BLOCK_N, BLOCK_T, BLOCK_H]), 2)
+
+
+@triton.jit
+def _fill_neg_inf(out_rows, t_ok, start, stop, BLOCK_T: tl.constexpr, FILL_N: tl.constexpr):
+    """``out_rows[i] + [start, stop) = -inf`` for the rows with ``t_ok``; aligned ``FILL_N`` column blocks so the
+    stores vectorize."""
+    for b in range(start // FILL_N, tl.cdiv(stop, FILL_N)):
+        cols = b * FILL_N + tl.arange(0, FILL_N)
+        tl.store(out_rows[:, None] + cols[None, :], tl.full([BLOCK_T, FILL_N], float("-inf"), tl.float32),
+                 mask=t_ok[:, None] & (cols[None, :] >= start) & (cols[None, :] < stop))
+
+
+@triton.jit
+def _kv_stream_loop(qt, w, lo, hi, t_ok, out_rows, k_ptr, stride_kn, ksc_ptr, N, b_first, n_first, b_second,
+                    n_total, D: tl.constexpr, BLOCK_H: tl.constexpr, BLOCK_N: tl.constexpr,
+                    BLOCK_T: tl.constexpr, NUM_STAGES: tl.constexpr, FOLD: tl.constexpr, MASKED: tl.constexpr):
+    """``n_total`` key blocks of one kv_stream program: ``b_first + i`` for ``i < n_first``, then ``b_second + ...``.
+
+    ``FOLD``: the scale goes after the head sum (every scale >= 0). ``MASKED=False`` only for blocks inside every
+    row's ``[lo, hi)`` (so also below N) of a program whose rows all exist: no column or row masks at all.
+    """
+    offs_d = tl.arange(0, D)
+    for i in tl.range(0, n_total, num_stages=NUM_STAGES):
+        b = tl.where(i < n_first, b_first + i, b_second + (i - n_first))
+        offs_n = b * BLOCK_N + tl.arange(0, BLOCK_N)
+        k_ptrs = k_ptr + offs_n[:, None].to(tl.int64) * stride_kn + offs_d[None, :]
+        if MASKED:
+            n_ok = offs_n < N
+            kt = tl.load(k_ptrs, mask=n_ok[:, None], other=0.0)
+            ksc = tl.load(ksc_ptr + offs_n, mask=n_ok, other=0.0)
+        else:
+            kt = tl.load(k_ptrs)
+            ksc = tl.load(ksc_ptr + offs_n)
+        acc = tl.dot(kt, qt)  # [BLOCK_N, BLOCK_T*BLOCK_H] fp32, one fp8 wgmma chain (K = D)
+        if FOLD:
+            s = _head_sum(tl.maximum(acc, 0.0) * w[None, :], BLOCK_N, BLOCK_T, BLOCK_H) * ksc[:, None]
+        else:
+            s = _head_sum(tl.maximum(acc * ksc[:, None], 0.0) * w[None, :], BLOCK_N, BLOCK_T, BLOCK_H)
+        ptrs = out_rows[None, :] + offs_n[:, None]
+        if MASKED:
+            inside = (offs_n[:, None] >= lo[None, :]) & (offs_n[:, None] < hi[None, :])
+            tl.store(ptrs, tl.where(inside, s, float("-inf")), mask=n_ok[:, None] & t_ok[None, :])
+        else:
+            tl.store(ptrs, s)
+
+
+@triton.jit
+def _kv_stream_kernel(
     q_ptr, stride_qt, stride_qh,
     k_ptr, stride_kn,
-    ksc_ptr,
+    ksc_ptr, kmin_ptr,
     w_ptr, stride_wt,
     ks_ptr, ke_ptr,
     out_ptr, stride_ot,
-    T, N, H, D,
+    T, N, H,
+    D: tl.constexpr,
     BLOCK_H: tl.constexpr,
-    BLOCK_D: tl.constexpr,
     BLOCK_N: tl.constexpr,
     BLOCK_T: tl.constexpr,
+    FILL_N: tl.constexpr,
+    NUM_STAGES: tl.constexpr,
+):
+    # Last token block first: under a causal mask the late rows score the most keys, so the longest programs
+    # start in the first wave and the short ones fill the tail.
+    t0 = (tl.num_programs(0) - 1 - tl.program_id(0)) * BLOCK_T
+    # q rows stacked token-major: row r = i * BLOCK_H + h is token t0 + i, head h. [BLOCK_T*BLOCK_H, D]
+    r = tl.arange(0, BLOCK_T * BLOCK_H)
+    r_t = tl.minimum(t0 + r // BLOCK_H, T - 1).to(tl.int64)  # past T: a real row, its output masked off
+    r_h = r % BLOCK_H
+    r_ok = r_h < H
+    offs_d = tl.arange(0, D)
+    q = tl.load(q_ptr + r_t[:, None] * stride_qt + r_h[:, None] * stride_qh + offs_d[None, :],
+                mask=r_ok[:, None], other=0.0)
+    qt = tl.trans(q)  # [D, BLOCK_T*BLOCK_H]: resident for the whole key loop
+    w = tl.load(w_ptr + r_t * stride_wt + r_h, mask=r_ok, other=0.0)
+
+    t = t0 + tl.arange(0, BLOCK_T)
+    t_ok = t < T
+    lo = tl.maximum(tl.load(ks_ptr + t, mask=t_ok, other=0), 0)
+    hi = tl.minimum(tl.load(ke_ptr + t, mask=t_ok, other=0), N)
+    live = t_ok & (lo < hi)
+    # Key blocks [b0, b1) cover every column a row of this program scores; none if no row is live.
+    b0 = tl.min(tl.where(live, lo, N), 0) // BLOCK_N
+    b1 = tl.maximum(tl.cdiv(tl.max(tl.where(live, hi, 0), 0), BLOCK_N), b0)
+    out_rows = out_ptr + t.to(tl.int64) * stride_ot  # [BLOCK_T]
+
+    # Blocks [f0, f1) lie inside every row's range and every row exists: they run without masks (14% fewer
+    # instructions a step in the sm_90a SASS); the rest of [b0, b1) (for causal rows, one or two blocks at the
+    # diagonal) runs masked.
+    all_live = tl.min(live.to(tl.int32), 0) == 1
+    f0 = tl.minimum(tl.maximum(tl.cdiv(tl.max(tl.where(live, lo, 0), 0), BLOCK_N), b0), b1)
+    f1 = tl.maximum(tl.minimum(tl.min(tl.where(live, hi, N), 0) // BLOCK_N, b1), f0)
+    f1 = tl.where(all_live, f1, f0)
+    # Copies of the key loop, not a branch inside one: Triton 3.6's software pipeliner rejects the branch.
+    if tl.load(kmin_ptr) >= 0.0:  # every scale >= 0: apply it once per key, after the head sum
+        _kv_stream_loop(qt, w, lo, hi, t_ok, out_rows, k_ptr, stride_kn, ksc_ptr, N, f0, f1 - f0, f0, f1 - f0,
+                        D, BLOCK_H, BLOCK_N, BLOCK_T, NUM_STAGES, True, False)
+        _kv_stream_loop(qt, w, lo, hi, t_ok, out_rows, k_ptr, stride_kn, ksc_ptr, N, b0, f0 - b0, f1,
+                        (f0 - b0) + (b1 - f1), D, BLOCK_H, BLOCK_N, BLOCK_T, NUM_STAGES, True, True)
+    else:  # exact relu(x * s) for negative scales; unpipelined, so its tiles cost no shared memory up front
+        _kv_stream_loop(qt, w, lo, hi, t_ok, out_rows, k_ptr, stride_kn, ksc_ptr, N, b0, b1 - b0, b1, b1 - b0,
+                        D, BLOCK_H, BLOCK_N, BLOCK_T, 1, False, True)
+
+    # Columns outside [b0, b1) blocks: -inf, written here (store only) rather than by a separate fill kernel.
+    _fill_neg_inf(out_rows, t_ok, 0, b0 * BLOCK_N, BLOCK_T, FILL_N)
+    _fill_neg_inf(out_rows, t_ok, tl.minimum(b1 * BLOCK_N, N), N, BLOCK_T, FILL_N)
+
+
+@triton.jit
+def _q_stream_kernel(
+    q_ptr, stride_qt, stride_qh,
+    k_ptr, stride_kn,
+    ksc_ptr, kmin_ptr,
+    w_ptr, stride_wt,
+    ks_ptr, ke_ptr,
+    out_ptr, stride_ot,
+    T, N, H,
+    D: tl.constexpr,
+    BLOCK_H: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+    BLOCK_T: tl.constexpr,
+    NUM_STAGES: tl.constexpr,
 ):
     n0 = tl.program_id(0) * BLOCK_N
     t0 = tl.program_id(1) * BLOCK_T
@@ -76,27 +226,23 @@ def _mqa_logits_kernel(
         tl.store(ptrs, tl.full([BLOCK_T, BLOCK_N], float("-inf"), tl.float32),
                  mask=t_mask[:, None] & n_mask[None, :])
     else:
-        offs_d = tl.arange(0, BLOCK_D)
+        offs_d = tl.arange(0, D)  # D is exact (constexpr): no column mask, so the fp8 loads are 16-byte vectors
         offs_h = tl.arange(0, BLOCK_H)
         h_mask = offs_h < H
         kt = tl.load(k_ptr + offs_n[:, None].to(tl.int64) * stride_kn + offs_d[None, :],
-                     mask=n_mask[:, None] & (offs_d[None, :] < D), other=0.0)
+                     mask=n_mask[:, None], other=0.0)
         k_scale = tl.load(ksc_ptr + offs_n, mask=n_mask, other=0.0)
-        for i in range(BLOCK_T):
+        for i in tl.range(0, BLOCK_T, num_stages=NUM_STAGES):
             t = tl.minimum(t0 + i, T - 1).to(tl.int64)  # past T: recompute the last row, store masked off
             qt = tl.load(q_ptr + t * stride_qt + offs_h[:, None] * stride_qh + offs_d[None, :],
-                         mask=h_mask[:, None] & (offs_d[None, :] < D), other=0.0)
+                         mask=h_mask[:, None], other=0.0)
             w = tl.load(w_ptr + t * stride_wt + offs_h, mask=h_mask, other=0.0)
             acc = tl.dot(kt, tl.trans(qt))  # [BLOCK_N, BLOCK_H] fp32, fp8 tensor cores
-            row = weighted_relu_sum(acc, k_scale, w)
+            row = weighted_relu_sum(acc, k_scale, w)  # the general epilogue (a branch here stops the pipeline)
             lo = tl.load(ks_ptr + t)
             hi = tl.load(ke_ptr + t)
             row = tl.where((offs_n >= lo) & (offs_n < hi), row, float("-inf"))
             tl.store(out_ptr + t * stride_ot + offs_n, row, mask=n_mask & (t0 + i < T))
-
-
-def _block(x: int, floor: int) -> int:
-    return max(floor, triton.next_power_of_2(x))
 
 
 def fp8_mqa_logits(
@@ -110,7 +256,7 @@ def fp8_mqa_logits(
     """``logits [T, N]`` float32.
 
     Args:
-        q: ``[T, H, D]`` float8_e4m3fn, last dim contiguous.
+        q: ``[T, H, D]`` float8_e4m3fn, last dim contiguous; D a power of two in [16, 256].
         kv: ``(k [N, D] float8_e4m3fn, k_scale [N] float32)``.
         weights: ``[T, H]`` float32.
         ks, ke: ``[T]`` int32; row t scores keys ``ks[t] <= j < ke[t]``, ``-inf`` elsewhere.
@@ -123,26 +269,28 @@ def fp8_mqa_logits(
     N = k.shape[0]
     if q.stride(2) != 1 or k.stride(1) != 1 or weights.stride(1) != 1:
         raise ValueError("q, kv[0], weights: expected the last dim contiguous")
+    if D < 16 or D > 256 or D & (D - 1):
+        raise ValueError(f"q: head dim must be a power of two in [16, 256], got {D}")
     k_scale, ks, ke = k_scale.contiguous(), ks.contiguous(), ke.contiguous()
 
     out = _common.alloc((T, N), torch.float32, q.device)
     if T == 0 or N == 0:
         return out
-    cfg = config or default_config(T, N)
-    grid = (cdiv(N, cfg.block_n), cdiv(T, cfg.block_t))
-    _mqa_logits_kernel[grid](
-        q, q.stride(0), q.stride(1),
-        k, k.stride(0),
-        k_scale,
-        weights, weights.stride(0),
-        ks, ke,
-        out, out.stride(0),
-        T, N, H, D,
-        BLOCK_H=_block(H, 16),
-        BLOCK_D=_block(D, 32),
-        BLOCK_N=cfg.block_n,
-        BLOCK_T=cfg.block_t,
-        num_warps=cfg.num_warps,
-        num_stages=cfg.num_stages,
-    )
+    cfg = config or default_config(T, N, H)
+    k_min = k_scale.amin()  # on the device: picks the folded epilogue without a host sync
+    launch = {"num_warps": cfg.num_warps, "num_stages": cfg.num_stages}
+    if cfg.maxnreg:
+        launch["maxnreg"] = cfg.maxnreg
+    args = (q, q.stride(0), q.stride(1), k, k.stride(0), k_scale, k_min, weights, weights.stride(0), ks, ke,
+            out, out.stride(0), T, N, H)
+    if cfg.variant == "kv_stream":
+        _kv_stream_kernel[(cdiv(T, cfg.block_t),)](
+            *args, D=D, BLOCK_H=_block_h(H), BLOCK_N=cfg.block_n, BLOCK_T=cfg.block_t,
+            FILL_N=max(512, cfg.block_n), NUM_STAGES=cfg.num_stages, **launch,
+        )
+    else:
+        _q_stream_kernel[(cdiv(N, cfg.block_n), cdiv(T, cfg.block_t))](
+            *args, D=D, BLOCK_H=_block_h(H), BLOCK_N=cfg.block_n, BLOCK_T=cfg.block_t,
+            NUM_STAGES=cfg.num_stages, **launch,
+        )
     return out

@@ -17,6 +17,8 @@ tensor-core product ``K [BLOCK_N, D] @ q^T [D, H]`` per block; blocks past the r
 
 from __future__ import annotations
 
+import dataclasses
+
 import torch
 import triton
 import triton.language as tl
@@ -26,12 +28,22 @@ from nsa_tp.ops.triton import _common
 from nsa_tp.ops.triton._common import cdiv
 from nsa_tp.ops.triton.mqa_logits import weighted_relu_sum
 
-__all__ = ["PAGE_SIZE", "INDEX_DIM", "PAGE_BYTES", "fp8_paged_mqa_logits"]
+__all__ = ["PAGE_SIZE", "INDEX_DIM", "PAGE_BYTES", "PagedLogitsConfig", "DEFAULT_PAGED_CONFIG", "fp8_paged_mqa_logits"]
 
 PAGE_SIZE = 64
 INDEX_DIM = 128
 PAGE_BYTES = PAGE_SIZE * (INDEX_DIM + 4)  # 8448: values then one float32 scale per token
-_BLOCK_N = 256  # keys per program: 4 pages, 33 KB of cache, enough bytes in flight per SM
+
+
+@dataclasses.dataclass(frozen=True)
+class PagedLogitsConfig:
+    block_n: int  # keys per program, a multiple of the 64-token page: 64, 128, 256 or 512
+    num_warps: int
+
+
+# The default launch shape (the one place to change after a measurement): 256 keys = 4 pages, 33 KB of
+# cache per program, enough bytes in flight per SM; benchmark/bench_mqa_logits.py times the alternatives.
+DEFAULT_PAGED_CONFIG = PagedLogitsConfig(block_n=256, num_warps=8)
 
 
 @triton.jit
@@ -81,6 +93,7 @@ def fp8_paged_mqa_logits(
     seq_lens: torch.Tensor,
     page_table: torch.Tensor,
     max_seq_len: int,
+    config: PagedLogitsConfig | None = None,
 ) -> torch.Tensor:
     """``logits [B, max_seq_len]`` float32 for one query token per request.
 
@@ -92,6 +105,7 @@ def fp8_paged_mqa_logits(
         page_table: ``[B, max_pages]`` int32 page ids.
         max_seq_len: columns of the output; ``logits[b, j] = -inf`` for ``j >= seq_lens[b]`` (and for a
             token whose page id is outside ``[0, P)``).
+        config: launch shape override (benchmarks); default :data:`DEFAULT_PAGED_CONFIG`.
 
     Semantics: :func:`nsa_tp.ops.reference.fp8_paged_mqa_logits`.
     """
@@ -109,7 +123,10 @@ def fp8_paged_mqa_logits(
     if B == 0 or max_seq_len == 0:
         return out
     P = index_k_cache.shape[0]
-    grid = (B, cdiv(max_seq_len, _BLOCK_N))
+    cfg = config or DEFAULT_PAGED_CONFIG
+    if cfg.block_n % PAGE_SIZE or cfg.block_n & (cfg.block_n - 1):
+        raise ValueError(f"config.block_n: expected a power-of-two multiple of {PAGE_SIZE}, got {cfg.block_n}")
+    grid = (B, cdiv(max_seq_len, cfg.block_n))
     _paged_mqa_logits_kernel[grid](
         q, q.stride(0), q.stride(1),
         index_k_cache, index_k_cache.view(torch.float32),
@@ -119,7 +136,7 @@ def fp8_paged_mqa_logits(
         out, out.stride(0),
         H, P, page_table.shape[1], max_seq_len,
         BLOCK_H=max(16, triton.next_power_of_2(H)),
-        BLOCK_N=_BLOCK_N,
-        num_warps=8,
+        BLOCK_N=cfg.block_n,
+        num_warps=cfg.num_warps,
     )
     return out

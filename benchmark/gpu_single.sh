@@ -1,0 +1,80 @@
+#!/usr/bin/env bash
+# Everything issue 12/13 measure on ONE GPU, as phases of device calls that follow each other on one warm
+# machine (each call under 10 minutes; /tmp survives between calls while the machine stays warm). Run from the
+# repo root on the GPU machine, carrying .sgl/cN + .sgl/bin (../shared/sglang-on-device/prepare.sh) and
+# .wheels/ (sgl-flash-mla 1.0.0):
+#
+#   bash benchmark/gpu_single.sh kernels     # carry .sgl/c2 .sgl/bin .wheels: `nsa-tp bench`, every tier vs upstream
+#   bash benchmark/gpu_single.sh variants    # carry .sgl/c1 .sgl/bin: unpack c1; our top-k / logits variants
+#   bash benchmark/gpu_single.sh start       # carry .sgl/c3 .sgl/bin: unpack c3, start the SGLang servers
+#   bash benchmark/gpu_single.sh tests       # GPU tests while the servers compile, then wait for them
+#   bash benchmark/gpu_single.sh measure     # SGLang off/on measurement, stop, then the token-parallel projection
+#
+# The kernel phase writes the card's tuning table to /tmp/bench/tuning.json; the SGLang servers read it through
+# NSA_TP_TUNING_FILE, so the plugin routes by what this card measured a minute earlier.
+set -u
+OUT=${OUT:-/tmp/out}; mkdir -p "$OUT" /tmp/bench
+S=/tmp/site
+export PYTHONPATH=$S:$(pwd)/python PYTHONUNBUFFERED=1 HF_HUB_OFFLINE=1
+export NCCL_NVLS_ENABLE=0 TORCH_SYMM_MEM_DISABLE_MULTICAST=1 NVSHMEM_DISABLE_NVLS=1
+export NSA_TP_TUNING_FILE=/tmp/bench/tuning.json
+stamp() { echo "=== $* $(date -u +%H:%M:%S)"; }
+unpack() { bash .sgl/bin/device.sh unpack "$1" | tail -1; }
+flashmla() {
+  [ -d $S/flash_mla ] || python3 -m pip install -q --no-index --no-deps --target $S .wheels/sgl_flash_mla-*.whl
+}
+
+case ${1:-} in
+  kernels)
+    stamp unpack c2; unpack c2; flashmla
+    nvidia-smi --query-gpu=name,clocks.sm,clocks.max.sm,power.draw,temperature.gpu --format=csv | tee "$OUT/card.txt"
+    python3 -c "import torch, triton, flash_mla, deep_gemm, sgl_kernel; print('torch', torch.__version__, 'triton',
+triton.__version__, 'imports ok')" 2>&1 | tail -2
+    # The tiers the plugin routes between first: they make the table the SGLang servers read.
+    stamp bench sparse; timeout 330 python3 -m nsa_tp bench --ops sparse_mla_fwd,sparse_mla_decode \
+      --out /tmp/bench/sparse 2>&1 | tail -60 | tee "$OUT/bench_sparse.txt"
+    stamp bench indexer; timeout 200 python3 -m nsa_tp bench --ops fp8_mqa_logits,fp8_paged_mqa_logits,topk \
+      --out /tmp/bench/indexer 2>&1 | tail -40 | tee "$OUT/bench_indexer.txt"
+    python3 - <<'EOF'
+import glob, json
+merged = None
+for path in sorted(glob.glob("/tmp/bench/*/tuning_*.json")):
+    t = json.load(open(path))
+    merged = merged or {k: v for k, v in t.items() if k != "times"} | {"times": {}, "sources": []}
+    merged["times"].update(t["times"]); merged["sources"] += t["sources"]
+json.dump(merged, open("/tmp/bench/tuning.json", "w"), indent=1)
+print("tuning table:", {op: sorted(c) for op, c in merged["times"].items()})
+EOF
+    cp /tmp/bench/tuning.json "$OUT/"; cp /tmp/bench/sparse/kernels_*.json "$OUT/kernels_sparse.json"
+    cp /tmp/bench/indexer/kernels_*.json "$OUT/kernels_indexer.json" 2>/dev/null
+    stamp done ;;
+  variants)
+    unpack c1
+    stamp topk variants; timeout ${TOPK_S:-170} python3 benchmark/bench_topk.py --reference \
+      --out "$OUT/topk_bench.json" 2>&1 | tail -30
+    stamp logits variants; timeout ${LOGITS_S:-230} python3 benchmark/bench_mqa_logits.py \
+      --out "$OUT/mqa_logits.json" 2>&1 | tail -40
+    stamp done ;;
+  start)
+    unpack c3; flashmla
+    python3 -c "import sglang.srt.models.deepseek_v2, sglang.srt.layers.attention.dsa_backend; print('sglang ok')" \
+      2>&1 | tail -1
+    stamp start; timeout 540 python3 benchmark/sglang_e2e_1gpu.py start ${SPECS:-} 2>&1 | cut -c1-220
+    stamp done ;;
+  tests)
+    stamp gpu tests
+    # The tiers new in this round first, so a cut-short run still checks them.
+    FILES=${TEST_FILES:-"test/srt/test_deep_gemm_tier.py test/srt/test_sgl_kernel_tier.py test/srt/test_triton_ops.py
+      test/srt/test_flashmla_tier.py test/srt/test_triton_topk.py test/srt/test_token_parallel_dist.py"}
+    timeout ${TESTS_S:-330} python3 -m pytest -q -p no:cacheprovider -m gpu -rfE $FILES \
+      > "$OUT/gpu_tests.txt" 2>&1; grep -E "passed|failed|^FAILED|^ERROR" "$OUT/gpu_tests.txt" | tail -25
+    stamp wait; timeout ${WAIT_S:-220} python3 benchmark/sglang_e2e_1gpu.py wait --timeout ${WAIT_S:-220}
+    stamp done ;;
+  measure)
+    stamp measure; timeout 260 python3 benchmark/sglang_e2e_1gpu.py measure --timeout 60 2>&1 | tail -40
+    python3 benchmark/sglang_e2e_1gpu.py stop; sleep 5; cp "$OUT"/e2e_1gpu.json /tmp/bench/ 2>/dev/null
+    stamp projection; timeout ${PROJ_S:-250} python3 benchmark/bench_tp_projection.py \
+      --out "$OUT/tp_projection.json" 2>&1 | tail -30
+    stamp done ;;
+  *) echo "usage: bash benchmark/gpu_single.sh kernels|variants|start|tests|measure" >&2; exit 2 ;;
+esac
