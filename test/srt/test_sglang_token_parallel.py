@@ -456,3 +456,16 @@ def test_indexer_hook_ignores_a_stale_plan():
     q, w = torch.zeros(6, 4, 128), torch.zeros(6, 4, 1)
     assert tp.around_get_topk_ragged(original, "indexer", True, fb, 3, q, w, "meta") == "upstream"
     assert calls[0][4] is q and calls[0][6] == "meta" and calls[0][1] is True  # upstream's own call, untouched
+
+
+def test_decision_is_cached_per_batch_shape():
+    """Serving repeats shapes (chunked-prefill chunks, same-length prompts): the per-row work runs once a shape."""
+    mode = types.SimpleNamespace(is_extend_without_speculative=lambda: True)
+    tp._decide.cache_clear()
+    plans = []
+    for lens in ([4096, 3], [4096, 3], [4096, 4]):
+        fb = types.SimpleNamespace(forward_mode=mode, extend_seq_lens_cpu=lens, extend_prefix_lens_cpu=[100, 0])
+        plans.append(tp.plan_extend(fb, 1, 4, 32, mode="on"))
+    info = tp._decide.cache_info()
+    assert (info.hits, info.misses) == (1, 2)
+    assert plans[0] == plans[1] and plans[0].splits != plans[2].splits and sum(plans[2].splits) == 4100
