@@ -5,6 +5,9 @@
 #   bash benchmark/sglang_e2e.sh on:tp2 off:tp2 on:dp2 off:dp2      (any subset; each one server start)
 #
 #   on|off : NSA_TP_SGLANG_PLUGIN=1|0 for that server (the plugin is installed either way)
+#   cp     : plugin off, upstream prefill context parallelism (--enable-prefill-cp --cp-strategy interleave)
+#   auto|tokens|indexer : plugin on, NSA_TP_TOKEN_PARALLEL=auto|on|indexer (token-parallel extend)
+#   verify : plugin on, token-parallel on, NSA_TP_SGLANG_VERIFY=1 (upstream beside ours, worst error logged)
 #   tp2    : --tp 2          dp2 : --tp 2 --dp 2 --enable-dp-attention   (and device.sh's other modes)
 #
 # What it does: makes our package importable and its `sglang.srt.plugins` entry point visible in every
@@ -13,12 +16,39 @@
 # keeps under $OUT/<on|off>/: e2e_<mode>.json, server_<mode>.log and proof_<mode>.txt (every nsa-tp log
 # line plus upstream's DSA TP line). Merge several calls' $OUT with benchmark/sglang_e2e_summary.py.
 # Env: E2E_LENS (default 2048,8192,32768), E2E_TIMEOUT (server start, s), SGL_EXTRA, NSA_TP_SGLANG_BACKEND,
-# PORT_BASE (default 30000; give concurrent instances on disjoint CUDA_VISIBLE_DEVICES their own base).
+# PORT_BASE (default 30000; give concurrent instances on disjoint CUDA_VISIBLE_DEVICES their own base),
+# E2E_CLIENT (the client device.sh runs; default benchmark/sglang_e2e_client.py), E2E_DRY_RUN=1 (print each
+# server's command line and environment, run nothing: the CPU smoke test of benchmark/sglang_multi_gpu.sh).
 set -u
 repo=$(pwd)
 [ -f "$repo/benchmark/sglang_e2e_client.py" ] || { echo "run from the nsa-tp repo root" >&2; exit 2; }
-[ -f "$repo/.sgl/bin/device.sh" ] || { echo "missing .sgl/bin (bash ../shared/sglang-on-device/prepare.sh, carry .sgl/bin)" >&2; exit 2; }
 [ $# -gt 0 ] || set -- on:tp2 off:tp2 on:dp2 off:dp2
+client=${E2E_CLIENT:-$repo/benchmark/sglang_e2e_client.py}
+CP_FLAGS="--enable-prefill-cp --cp-strategy interleave"
+
+# run state -> "PLUGIN TOKEN_PARALLEL VERIFY EXTRA_FLAGS" (one line per state; unknown state -> empty)
+state_env() {
+  case $1 in
+    on) echo "1 - 0" ;;  off) echo "0 - 0" ;;  cp) echo "0 - 0 $CP_FLAGS" ;;
+    auto) echo "1 auto 0" ;;  tokens) echo "1 on 0" ;;  indexer) echo "1 indexer 0" ;;  verify) echo "1 on 1" ;;
+  esac
+}
+
+if [ "${E2E_DRY_RUN:-0}" = 1 ]; then
+  for run in "$@"; do
+    state=${run%%:*}; mode=${run#*:}; env=$(state_env "$state")
+    [ -n "$env" ] || { echo "bad run '$run'"; continue; }
+    read -r flag tpmode verify extra <<< "$env"
+    [ "$tpmode" = - ] && tpmode=${NSA_TP_TOKEN_PARALLEL:-off}
+    echo "RUN $state:$mode NSA_TP_SGLANG_PLUGIN=$flag NSA_TP_TOKEN_PARALLEL=$tpmode NSA_TP_SGLANG_VERIFY=$verify" \
+         "SGL_CONFIG=${SGL_CONFIG:-default} SGL_CONTEXT=${SGL_CONTEXT:-40000} E2E_LENS=${E2E_LENS:-2048,8192,32768}" \
+         "client=$(basename "$client") OUT=${OUT:-/tmp/out}/$state :: .sgl/bin/device.sh run $mode" \
+         "costs=${NSA_TP_TOKEN_PARALLEL_COSTS:-none}" \
+         "SGL_FLAGS=${SGL_FLAGS-<device.sh easy flags>} SGL_EXTRA=${SGL_EXTRA:-}${extra:+ $extra}"
+  done
+  exit 0
+fi
+[ -f "$repo/.sgl/bin/device.sh" ] || { echo "missing .sgl/bin (bash ../shared/sglang-on-device/prepare.sh, carry .sgl/bin)" >&2; exit 2; }
 S=/tmp/site
 OUT=${OUT:-/tmp/out}
 mkdir -p "$S" "$OUT"
@@ -60,16 +90,21 @@ EOF
 # device.sh runs "$(dirname $0)/client.py": a private copy of .sgl/bin with our client in its place.
 bin=$(mktemp -d /tmp/sglbin.XXXX)
 cp "$repo"/.sgl/bin/* "$bin/"
-cp "$repo/benchmark/sglang_e2e_client.py" "$bin/client.py"
+cp "$repo/benchmark/sglang_e2e_client.py" "$bin/sglang_e2e_client.py"  # helpers other clients import
+cp "$client" "$bin/client.py"
 sed -i "s/^port=30000;/port=${PORT_BASE:-30000};/" "$bin/device.sh"
 
 for run in "$@"; do
-  state=${run%%:*}; mode=${run#*:}
-  case $state in on) flag=1 ;; off) flag=0 ;; *) echo "bad run '$run' (want on:MODE or off:MODE)"; continue ;; esac
+  state=${run%%:*}; mode=${run#*:}; env=$(state_env "$state")
+  [ -n "$env" ] || { echo "bad run '$run' (want STATE:MODE, STATE one of on off cp auto tokens indexer verify)"; continue; }
+  read -r flag tpmode verify extra <<< "$env"
+  [ "$tpmode" = - ] && tpmode=${NSA_TP_TOKEN_PARALLEL:-off}  # plain "on" keeps today's kernels-only plugin
   dir="$OUT/$state"; mkdir -p "$dir"
-  echo "=== $run (NSA_TP_SGLANG_PLUGIN=$flag) $(date -u +%H:%M:%S)"
-  NSA_TP_SGLANG_PLUGIN=$flag OUT="$dir" bash "$bin/device.sh" run "$mode"
-  grep -E "\[nsa-tp pid=|DSA with TP mode|Traceback|Error" "$dir/server_$mode.log" > "$dir/proof_$mode.txt" 2>/dev/null
+  echo "=== $run (NSA_TP_SGLANG_PLUGIN=$flag NSA_TP_TOKEN_PARALLEL=$tpmode NSA_TP_SGLANG_VERIFY=$verify) $(date -u +%H:%M:%S)"
+  NSA_TP_SGLANG_PLUGIN=$flag NSA_TP_TOKEN_PARALLEL=$tpmode NSA_TP_SGLANG_VERIFY=$verify \
+    SGL_EXTRA="${SGL_EXTRA:-}${extra:+ $extra}" OUT="$dir" bash "$bin/device.sh" run "$mode"
+  grep -E "\[nsa-tp pid=|DSA with TP mode|Enabled DSA context parallel|Traceback|Error" "$dir/server_$mode.log" \
+    > "$dir/proof_$mode.txt" 2>/dev/null
   echo "--- $run: $(grep -c 'role=scheduler' "$dir/proof_$mode.txt") scheduler(s) loaded the plugin, " \
        "$(grep -c 'sparse-MLA path active' "$dir/proof_$mode.txt") path-active line(s)"
   head -20 "$dir/proof_$mode.txt"

@@ -20,7 +20,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from nsa_tp.integrations.sglang import _compat, _version, attention_hooks, layout_check
+from nsa_tp.integrations.sglang import _compat, _version, attention_hooks, layout_check, token_parallel
 from nsa_tp.integrations.sglang import _log as plugin_log
 from nsa_tp.integrations.sglang._log import logger as plugin_logger
 from nsa_tp.integrations.sglang._switch import ENV_VAR
@@ -192,7 +192,7 @@ def test_launch_server_help_with_plugin():
         cwd=ROOT,
     )
     assert r.returncode == 0, r.stderr[-3000:]
-    assert "--disable-nsa-tp" in r.stdout
+    assert "--disable-nsa-tp" in r.stdout and "--nsa-token-parallel" in r.stdout
     version = _version.installed_sglang_version()
     loaded = [ln for ln in r.stderr.splitlines() if "[nsa-tp pid=" in ln and f"plugin loaded: sglang {version}" in ln]
     assert len(loaded) == 1, r.stderr[-3000:]
@@ -219,12 +219,14 @@ def sglang_hooks():
         pytest.skip(f"sglang is not installed (run `{INSTALL}`)")
     import pkgutil
 
+    from sglang.srt.layers.attention.attention_registry import ATTENTION_BACKENDS
     from sglang.srt.plugins.hook_registry import HookRegistry
 
     from nsa_tp.integrations.sglang import register
 
     saved_hooks = {k: list(v) for k, v in HookRegistry._hooks.items()}
     saved_patched = set(HookRegistry._patched)
+    saved_dsa = ATTENTION_BACKENDS["dsa"]  # register() points "dsa" at nsa-tp's backend subclass
     specs = register(role="scheduler")
     originals = {}
     for spec in specs:
@@ -245,6 +247,7 @@ def sglang_hooks():
         HookRegistry._hooks.update(saved_hooks)
         HookRegistry._patched.clear()
         HookRegistry._patched.update(saved_patched)
+        ATTENTION_BACKENDS["dsa"] = saved_dsa
 
 
 @pytest.fixture
@@ -286,6 +289,7 @@ def test_each_hook_sits_on_the_function_it_claims(sglang_hooks):
         f"{ATTN}._forward_flashmla_kv": (HookType.AROUND, attention_hooks.around_flashmla_kv),
         layout_target: (HookType.AROUND, layout_check.around_model_specific_adjustments),
         CLI_TARGET: (HookType.AFTER, None),
+        token_parallel.INDEXER_TARGET: (HookType.AROUND, token_parallel.around_get_topk_ragged),
     }
     assert {s.target for s in specs} == set(want)
     for target, (hook_type, hook) in want.items():

@@ -34,6 +34,9 @@ class _DisableAction(argparse.Action):
 
 def after_add_cli_args(result: Any, parser: argparse.ArgumentParser, *args: Any, **kwargs: Any) -> None:
     """AFTER hook on ``ServerArgs.add_cli_args(parser)``: add :data:`FLAG` (once per parser)."""
+    from nsa_tp.integrations.sglang.token_parallel import add_cli_flag
+
+    add_cli_flag(parser)  # --nsa-token-parallel auto|on|off|indexer
     if FLAG in parser._option_string_actions:  # add_cli_args called twice on one parser
         return None
     parser.add_argument(

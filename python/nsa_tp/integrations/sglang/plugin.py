@@ -22,7 +22,7 @@ import pkgutil
 from collections.abc import Callable
 from typing import Any
 
-from nsa_tp.integrations.sglang import _compat, attention_hooks, cli_flag, layout_check
+from nsa_tp.integrations.sglang import _compat, attention_hooks, cli_flag, layout_check, token_parallel
 from nsa_tp.integrations.sglang._log import logger, process_role
 from nsa_tp.integrations.sglang._switch import ENV_VAR, plugin_enabled
 from nsa_tp.integrations.sglang._version import installed_sglang_version, unsupported_reason
@@ -117,6 +117,13 @@ def register(role: str | None = None) -> list[HookSpec]:
         specs = [s for s in hook_specs("launcher")[0] if s.hook is cli_flag.after_add_cli_args]
     else:
         specs, skipped = hook_specs(role)
+        if role in MODEL_ROLES:  # token-parallel extend: its backend and its one hook (token_parallel.HOOKS)
+            for target, hook, kind in token_parallel.register_in_model_process():
+                reason = _resolves(target)
+                if reason is None:
+                    specs.append(HookSpec(target, hook, kind))
+                else:
+                    skipped.append(f"{target}: {reason}")
         for line in skipped:
             logger.warning("hook not placed: %s", line)
 
