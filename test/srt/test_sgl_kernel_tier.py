@@ -15,12 +15,18 @@ must keep the same multiset of values, first, with ``-1`` after).
 - GPU (``@pytest.mark.gpu``; skipped without CUDA or without the wheel): the real kernel, K = 2048, W in
   {100, 2048, 8192, 40000}, rows shorter than K, empty rows, ``-inf`` entries, ``row_starts != 0``, ragged with
   and without ``offset_override``, paged with ``row_to_req``; heavy ties; NaN with ``check_values=True``.
+- The fix-up after the wheel's kernel: the fused Triton kernel (``nsa_tp.ops.triton.topk_fixup``) equals the torch
+  fallback (``sglkernel.fixup_positions_torch``) bit for bit, on CPU under ``TRITON_INTERPRET=1`` (a subprocess:
+  the interpreter is chosen at import) on crafted inputs, and on random GPU data.
 """
 
 from __future__ import annotations
 
+import os
+import subprocess
 import sys
 import types
+from pathlib import Path
 
 import pytest
 import torch
@@ -361,3 +367,86 @@ def test_gpu_nan_with_checked_values():
     logits = _logits(37, 8192, gen, ninf=0.05, nan=0.05, device="cuda")
     starts, lengths = _rows(37, 8192, gen, device="cuda")
     _check_ragged(logits, starts, lengths, check_values=True, backend="sgl_kernel")
+
+
+# ----------------------------------------------------------------------------------------------------------
+# The fix-up after fast_topk_v2: the fused Triton kernel against the torch version, bit for bit
+
+
+def _fixup_inputs(gen, device="cpu"):
+    """Crafted ``fast_topk_v2`` outputs: -1, out-of-row and negative positions, -inf / NaN logits, row starts
+    != 0, rows shorter and longer than K, an empty row, duplicates; logits a view with a padded row stride."""
+    R, W = 9, 5000
+    logits = _logits(R, W + 64, gen, ninf=0.1, nan=0.05)[:, :W].to(device)  # row stride W + 64
+    logits[5, :] = float("nan")  # every candidate NaN
+    logits[6, :] = float("-inf")
+    starts = torch.tensor([0, 7, 100, 2500, 0, 1000, 3, 4999, 5000], dtype=I32)
+    lengths = torch.tensor([5000, 2048, 1500, 2500, 2049, 3000, 4000, 1, 0], dtype=I32)
+    pos = torch.randint(-3, 5100, (R, K), dtype=I32, generator=gen)  # inside, past the row, negative
+    pos[:, ::7] = -1
+    ar = torch.arange(K, dtype=I32)
+    pos[1] = ar  # the wheel's short-row answer: 0 .. len-1
+    pos[2] = torch.where(ar < 1500, ar, -1)
+    pos[4] = torch.randperm(2049, generator=gen)[:K].to(I32)  # a long row: an unordered set, no -1
+    pos[7, 0], pos[8, 0] = 0, 0
+    return logits, starts.to(device), lengths.to(device), pos.to(device)
+
+
+def run_fixup_interpreter_grid() -> list[str]:
+    """The Triton fix-up on crafted inputs (see ``_fixup_inputs``), with and without row starts; problems."""
+    from nsa_tp.ops.triton import topk_fixup
+
+    problems = []
+    for seed in range(3):
+        logits, starts, lengths, pos = _fixup_inputs(torch.Generator().manual_seed(seed))
+        for st in (starts, None):
+            want = sglkernel.fixup_positions_torch(pos, logits, lengths, st)
+            got = topk_fixup.fixup_positions(pos, logits, lengths, st)
+            for name, g, w in zip(("out", "nan_rows"), got, want, strict=True):
+                if g.dtype != w.dtype or not torch.equal(g, w):
+                    bad = (g != w).nonzero()[:1].tolist() if g.shape == w.shape else g.shape
+                    problems.append(f"seed {seed} starts={st is not None} {name}: first difference at {bad}")
+            if seed == 0 and st is not None and want[1].tolist() != [1, 0, 0, 1, 1, 1, 0, 0, 0]:
+                problems.append(f"crafted NaN rows not flagged as expected: {want[1].tolist()}")
+    return problems
+
+
+def test_fixup_kernel_under_interpreter():
+    pytest.importorskip("triton")
+    code = (
+        "import sys, test_triton_topk as tt, test_sgl_kernel_tier as t; tt._patch_interpreter_index(); "
+        "p = t.run_fixup_interpreter_grid(); print('\\n'.join(p) or 'ok'); sys.exit(1 if p else 0)"
+    )
+    env = dict(os.environ, TRITON_INTERPRET="1")
+    env["PYTHONPATH"] = os.pathsep.join([str(Path(__file__).parent), env.get("PYTHONPATH", "")])
+    res = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=900)
+    assert res.returncode == 0, res.stdout[-3000:] + res.stderr[-3000:]
+    assert res.stdout.strip().endswith("ok")
+
+
+def test_fixup_torch_fallback_is_used_without_triton(fake, monkeypatch):
+    """Where Triton cannot import, select_positions runs the torch fix-up (and still repairs NaN rows)."""
+    monkeypatch.setattr(sglkernel, "_triton_fixup", lambda: None)
+    gen = torch.Generator().manual_seed(11)
+    logits = _logits(6, 5000, gen, ninf=0.05, nan=0.05)
+    starts, lengths = _rows(6, 5000, gen)
+    _check_ragged(logits, starts, lengths, check_values=True, fn=sglkernel.topk_transform_ragged)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("W", [100, 2048, 8192, 40000])
+def test_gpu_fixup_triton_equals_torch(W):
+    if not torch.cuda.is_available():
+        pytest.skip("no CUDA device visible")
+    topk_fixup = pytest.importorskip("nsa_tp.ops.triton.topk_fixup")
+    gen = torch.Generator().manual_seed(12 + W)
+    R = 513
+    logits = _logits(R, W, gen, ninf=0.2, nan=0.05, device="cuda")
+    starts, lengths = _rows(R, W, gen, device="cuda")
+    pos = torch.randint(-2, W + 10, (R, K), dtype=I32, generator=gen).cuda()
+    pos[:, ::5] = -1
+    logits_c, s_c, l_c, pos_c = _fixup_inputs(gen, "cuda")
+    for args in ((pos, logits, lengths, starts), (pos, logits, lengths, None), (pos_c, logits_c, l_c, s_c)):
+        want = sglkernel.fixup_positions_torch(*args)
+        got = topk_fixup.fixup_positions(*args)
+        assert torch.equal(got[0], want[0]) and torch.equal(got[1], want[1])
