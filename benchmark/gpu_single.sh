@@ -70,6 +70,7 @@ EOF
       test/srt/test_flashmla_tier.py test/srt/test_triton_topk.py test/srt/test_token_parallel_dist.py"}
     timeout ${TESTS_S:-330} python3 -m pytest -q -p no:cacheprovider -m gpu -rfE $FILES \
       > "$OUT/gpu_tests.txt" 2>&1; grep -E "passed|failed|^FAILED|^ERROR" "$OUT/gpu_tests.txt" | tail -25
+    stamp nsa-tp run; timeout ${RUN_S:-150} python3 -m nsa_tp run > "$OUT/nsa_tp_run.txt" 2>&1; tail -4 "$OUT/nsa_tp_run.txt"
     stamp wait; timeout ${WAIT_S:-220} python3 benchmark/sglang_e2e_1gpu.py wait --timeout ${WAIT_S:-220}
     stamp done ;;
   measure)
