@@ -67,6 +67,10 @@ def server_command(s: dict, port: int, mem_fraction: float) -> tuple[list[str], 
     if s["kv"] == "bf16":
         cmd += ["--kv-cache-dtype", "bfloat16", "--dsa-prefill-backend", "flashmla_sparse",
                 "--dsa-decode-backend", "flashmla_sparse"]
+    else:
+        # Named explicitly: for a checkpoint without fp8 weights (our dummy one) SGLang 0.5.17 resolves `auto`
+        # to bf16 and then picks FA3 for decode; fp8_e4m3 gives its Hopper fp8 path (flashmla_kv).
+        cmd += ["--kv-cache-dtype", "fp8_e4m3"]
     if s["mode"] == "verify":
         cmd += ["--disable-cuda-graph"]
     env = {"NSA_TP_SGLANG_PLUGIN": "0" if s["mode"] == "off" else "1",

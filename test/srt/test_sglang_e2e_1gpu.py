@@ -22,8 +22,9 @@ def test_specs_and_commands():
     assert "--kv-cache-dtype" in cmd and cmd[cmd.index("--kv-cache-dtype") + 1] == "bfloat16"
     assert "--disable-cuda-graph" in cmd and env == {"NSA_TP_SGLANG_PLUGIN": "1", "NSA_TP_SGLANG_VERIFY": "1"}
     cmd, env = e2e.server_command(e2e.parse_spec("128-fp8-off"), 31000, 0.2)
-    # SGLang's defaults for fp8: no backend or graph flags at all.
-    assert not any(f.startswith("--dsa") or f in ("--disable-cuda-graph", "--kv-cache-dtype") for f in cmd)
+    # SGLang's defaults for fp8 except the cache dtype itself: no backend or graph flags.
+    assert cmd[cmd.index("--kv-cache-dtype") + 1] == "fp8_e4m3"
+    assert not any(f.startswith("--dsa") or f == "--disable-cuda-graph" for f in cmd)
     assert env["NSA_TP_SGLANG_PLUGIN"] == "0"
     with pytest.raises(SystemExit, match="bad server spec"):
         e2e.parse_spec("16-fp16-on")
