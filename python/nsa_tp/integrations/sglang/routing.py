@@ -24,7 +24,7 @@ from nsa_tp.integrations.sglang._log import logger
 from nsa_tp.integrations.sglang._switch import ops_backend
 from nsa_tp.ops import registry, tuning
 
-__all__ = ["Route", "route", "alternative_tier", "clear_cache"]
+__all__ = ["Route", "route", "runnable", "alternative_tier", "clear_cache"]
 
 
 @dataclasses.dataclass(frozen=True)
@@ -61,8 +61,9 @@ def _decide(op: str, args: tuple[Any, ...], kwargs: dict[str, Any], forced: str)
 
 
 def route(op: str, *args: Any, **kwargs: Any) -> Route:
-    """The route for a call of ``op`` (an :mod:`nsa_tp.ops` op) with these inputs; a chosen tier that cannot
-    run these exact inputs gives upstream's path instead."""
+    """The route for a call of ``op`` (an :mod:`nsa_tp.ops` op) from the inputs its shape class needs (``q`` and
+    the cache are enough): a dictionary lookup after the first call of a class. Check the chosen tier against
+    the call's full inputs with :func:`runnable` before running it."""
     forced = ops_backend()
     device = next((a.device for a in args if isinstance(a, torch.Tensor)), torch.device("cpu"))
     key = (op, tuning.shape_class(op, *args, **kwargs), str(device), forced)
@@ -71,13 +72,19 @@ def route(op: str, *args: Any, **kwargs: Any) -> Route:
         decided = _decide(op, args, kwargs, forced)
         with _lock:
             decided = _cache.setdefault(key, decided)
-    if decided.tier is not None:
-        try:
-            reason = registry.get_tier(decided.tier).ops[op].supports(*args, **kwargs)
-        except (registry.BackendUnavailableError, KeyError) as e:
-            reason = str(e)
-        if reason:
-            return Route(None, decided.cls, f"tier {decided.tier} cannot run these inputs ({reason}): upstream kept")
+    return decided
+
+
+def runnable(decided: Route, op: str, *args: Any, **kwargs: Any) -> Route:
+    """``decided``, or upstream's path if its tier cannot run these exact inputs (the reason is in ``why``)."""
+    if decided.tier is None:
+        return decided
+    try:
+        reason = registry.get_tier(decided.tier).ops[op].supports(*args, **kwargs)
+    except (registry.BackendUnavailableError, KeyError) as e:
+        reason = str(e)
+    if reason:
+        return Route(None, decided.cls, f"tier {decided.tier} cannot run these inputs ({reason}): upstream kept")
     return decided
 
 
