@@ -31,6 +31,7 @@ from typing import Any
 
 import torch
 
+from nsa_tp.bench.timing import event_median_ms
 from nsa_tp.ops import reference
 from nsa_tp.ops.triton import mqa_logits as ml
 from nsa_tp.ops.triton import paged_mqa_logits as pml
@@ -67,20 +68,6 @@ H, D, CTX = 64, 128, 32768
 DEV = torch.device("cuda")
 
 
-def _median_ms(fn: Callable[[], Any], reps: int, warmup: int = 3) -> float:
-    for _ in range(warmup):
-        fn()
-    torch.cuda.synchronize()
-    times = []
-    for _ in range(reps):
-        a, b = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        a.record()
-        fn()
-        b.record()
-        torch.cuda.synchronize()
-        times.append(a.elapsed_time(b))
-    return sorted(times)[len(times) // 2]
-
 
 def _graph_ms(fn: Callable[[], Any], reps: int, calls: int) -> tuple[float, str]:
     """Per-call GPU time from a CUDA graph of ``calls`` calls; eager events if capture fails."""
@@ -95,10 +82,10 @@ def _graph_ms(fn: Callable[[], Any], reps: int, calls: int) -> tuple[float, str]
             for _ in range(calls):
                 fn()
         torch.cuda.current_stream().wait_stream(side)
-        return _median_ms(g.replay, reps) / calls, f"graph of {calls}"
+        return event_median_ms(g.replay, reps) / calls, f"graph of {calls}"
     except Exception as e:  # noqa: BLE001 - report and fall back
         torch.cuda.synchronize()
-        return _median_ms(fn, reps), f"eager (graph failed: {type(e).__name__})"
+        return event_median_ms(fn, reps), f"eager (graph failed: {type(e).__name__})"
 
 
 def check(got: torch.Tensor, want: torch.Tensor, inf_exact: bool = True) -> tuple[bool, float, str]:
@@ -147,7 +134,7 @@ def ragged_case(S: int, N: int, reps: int, dg: Any, gen: torch.Generator) -> dic
             return ml.fp8_mqa_logits(q, (k, k_scale), w, ks, ke, config=cfg)
         try:
             ok, err, why = check(fn(), want)
-            ms = _median_ms(fn, reps) if ok else None
+            ms = event_median_ms(fn, reps) if ok else None
         except Exception as e:  # noqa: BLE001 - a config that does not compile is a row, not a crash
             ok, err, why, ms = False, float("nan"), f"{type(e).__name__}: {e}"[:300], None
         rows.append(_entry(name, cfg, ok, err, why, ms, useful, None))
@@ -160,7 +147,7 @@ def ragged_case(S: int, N: int, reps: int, dg: Any, gen: torch.Generator) -> dic
             return dg.fp8_mqa_logits(q, (k, k_scale), w, ks, ke, clean_logits=clean)
         try:
             ok, err, why = check(dfn(), want, inf_exact=clean)
-            ms = _median_ms(dfn, reps)  # timed even if our check disagrees: it is the anchor
+            ms = event_median_ms(dfn, reps)  # timed even if our check disagrees: it is the anchor
         except Exception as e:  # noqa: BLE001
             ok, err, why, ms = False, float("nan"), f"{type(e).__name__}: {e}"[:300], None
         rows.append(_entry(name, "upstream", ok, err, why, ms, useful, None))

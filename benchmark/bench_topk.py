@@ -26,26 +26,13 @@ from pathlib import Path
 
 import torch
 
+from nsa_tp.bench.timing import event_median_ms
 from nsa_tp.ops import topk as topk_ref
 from nsa_tp.ops.triton import topk as triton_topk
 
 # Issue 12's three shapes, and W = 2048 (every causal row keeps all its keys) to place auto's lower width bound.
 SHAPES = ((4096, 8192), (4096, 32768), (1024, 131072), (4096, 2048))
 
-
-def _time(fn, reps: int, warmup: int = 3) -> float:
-    for _ in range(warmup):
-        fn()
-    torch.cuda.synchronize()
-    times = []
-    for _ in range(reps):
-        a, b = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        a.record()
-        fn()
-        b.record()
-        torch.cuda.synchronize()
-        times.append(a.elapsed_time(b))
-    return sorted(times)[len(times) // 2]
 
 
 def _compile_one(name: str, has_starts: bool) -> str:
@@ -141,7 +128,7 @@ def main() -> int:
                         continue
                     if bad:  # upstream's output convention may differ (e.g. its -1 fill): time it anyway
                         case["upstream_check"] = bad
-                    case["ms"][name] = _time(fn, args.reps if name != "reference_sort" else 3)
+                    case["ms"][name] = event_median_ms(fn, args.reps if name != "reference_sort" else 3)
                 except Exception as e:  # noqa: BLE001 - one broken variant must not hide the others
                     case["errors"][name] = f"{type(e).__name__}: {str(e)[:300]}"
             if sgl is None:

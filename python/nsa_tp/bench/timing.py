@@ -12,7 +12,7 @@ from collections.abc import Callable
 
 import torch
 
-__all__ = ["Ceilings", "median_ms", "measure_ceilings"]
+__all__ = ["Ceilings", "median_ms", "event_median_ms", "measure_ceilings"]
 
 
 def median_ms(fn: Callable[[], object], warmup_ms: int = 25, rep_ms: int = 100) -> float:
@@ -20,6 +20,23 @@ def median_ms(fn: Callable[[], object], warmup_ms: int = 25, rep_ms: int = 100) 
     import triton.testing
 
     return float(triton.testing.do_bench(fn, warmup=warmup_ms, rep=rep_ms, return_mode="median"))
+
+
+def event_median_ms(fn: Callable[[], object], reps: int, warmup: int = 3) -> float:
+    """Median of ``reps`` single-call CUDA-event timings of ``fn`` after ``warmup`` calls (no L2 clearing:
+    for benchmarks that compare variants on the same resident inputs, each call synchronized)."""
+    for _ in range(warmup):
+        fn()
+    torch.cuda.synchronize()
+    times = []
+    for _ in range(reps):
+        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        start.record()
+        fn()
+        end.record()
+        torch.cuda.synchronize()
+        times.append(start.elapsed_time(end))
+    return sorted(times)[len(times) // 2]
 
 
 @dataclasses.dataclass(frozen=True)
