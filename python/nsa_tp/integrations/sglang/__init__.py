@@ -6,10 +6,14 @@ Installed with nsa-tp, it is found through the ``sglang.srt.plugins`` entry poin
 
 - checks the ``--tp/--dp/--enable-dp-attention`` layout with :func:`nsa_tp.parallel.resolve_layout`
   before any GPU work (:mod:`.layout_check`) and logs what FlashMLA head padding would cost;
-- runs the DSA backend's two FlashMLA sparse-MLA calls through :mod:`nsa_tp.ops` with the rank's own head
-  count, no padding (:mod:`.attention_hooks`), through SGLang's ``HookRegistry``.
+- on the DSA backend's two FlashMLA sparse-MLA calls (:mod:`.attention_hooks`, through SGLang's
+  ``HookRegistry``), runs :mod:`nsa_tp.ops` with the rank's own head count only where a tier measured faster
+  than upstream's path for that shape class on this card (:mod:`.routing`), else SGLang's own function;
+  ``NSA_TP_SGLANG_VERIFY=1`` compares both in a live server (:mod:`.verify`);
+- with ``--nsa-token-parallel``, runs extend batches token-parallel over the attention TP group
+  (:mod:`.token_parallel`: a registered DSA backend subclass and one indexer hook).
 
-Off switch: ``NSA_TP_SGLANG_PLUGIN=0`` or ``--disable-nsa-tp``. Tier: ``NSA_TP_SGLANG_BACKEND`` (``auto``).
+Off switch: ``NSA_TP_SGLANG_PLUGIN=0`` or ``--disable-nsa-tp``. Forced tier: ``NSA_TP_SGLANG_BACKEND``.
 Importing this package does not import SGLang.
 """
 
