@@ -57,7 +57,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--topk", type=pos, default=2048)
     p.add_argument("--logits-keys", type=_ints, default=[4096, 8192, 16384, 32768, 65536],
                    help="key counts N for the fp8 MQA logits sweep (causal over the last T tokens)")
-    p.add_argument("--decode-batches", type=_ints, default=[1, 64, 4096],
+    p.add_argument("--decode-batches", type=_ints, default=[1, 8, 64, 4096],
                    help="rows per decode-kernel call (SGLang runs fp8 prefill through it: one row per token)")
     p.add_argument("--topk-cases", type=_pairs, default=[(4096, 8192), (4096, 32768), (1024, 131072)],
                    help="top-k cases as ROWSxWIDTH,... (causal rows)")

@@ -111,7 +111,7 @@ def test_tier_order_reads_the_cards_table(fake_card):
         "sgl_kernel", "triton", "reference"
     ]
     # The decode plan follows the decode's timings.
-    fake_card({"sparse_mla_decode": {"h16/fp8/b<=8": {"flashmla": 0.5, "triton": 0.3}}})
+    fake_card({"sparse_mla_decode": {"h16/fp8/b<=1": {"flashmla": 0.5, "triton": 0.3}}})
     assert tuning.tier_order("plan_sparse_mla_decode", 1, 16, 2048, kv_dtype="fp8_e4m3", device="cuda")[0] == (
         "triton"
     )

@@ -63,9 +63,10 @@ DEFAULT_ORDER = ("flashmla", "deep_gemm", "sgl_kernel", "triton", "reference")
 _MEASURED_DIR = Path(__file__).with_name("measured")
 _HEAD_BUCKETS = (16, 32, 64, 128)
 _WIDTH_BUCKETS = (2048, 8192, 32768, 131072)
-# Rows per decode-kernel call: small decode batches are launch-bound, 64 fills the card, and larger "batches"
-# are SGLang's fp8 prefill running through the decode kernel (one row per prompt token).
-_BATCH_BUCKETS = (8, 64)
+# Rows per decode-kernel call: one request, a few, 64 (fills the card), and larger "batches", which are SGLang's
+# fp8 prefill running through the decode kernel (one row per prompt token). Measured at 1, 8 and 64 rows: a
+# class takes over only what was measured inside it.
+_BATCH_BUCKETS = (1, 8, 64)
 
 
 def _bucket(x: int, edges: Sequence[int]) -> str:
@@ -93,9 +94,9 @@ def shape_class(op: str, *args: Any, **kwargs: Any) -> str:
     """The shape class of an op call: the key its measured tier order is stored under.
 
     - ``sparse_mla_fwd``: ``h<heads bucket>/<bf16|fp8>`` (heads rounded up to 16, 32, 64, 128).
-    - ``plan_sparse_mla_decode`` / ``sparse_mla_decode``: ``h<bucket>/<kv>/b<=8``, ``b<=64`` or ``b>64`` (rows
-      per call: decode proper, or an fp8 prefill that SGLang runs through the decode kernel).
-    - ``fp8_mqa_logits``: ``n<keys bucket>``; ``fp8_paged_mqa_logits``: ``b<=8`` / ``b<=64`` / ``b>64``.
+    - ``plan_sparse_mla_decode`` / ``sparse_mla_decode``: ``h<bucket>/<kv>/b<=1``, ``b<=8``, ``b<=64`` or
+      ``b>64`` (rows per call: decode proper, or an fp8 prefill that SGLang runs through the decode kernel).
+    - ``fp8_mqa_logits``: ``n<keys bucket>``; ``fp8_paged_mqa_logits``: ``b<=1`` / ``b<=8`` / ``b<=64`` / ``b>64``.
     - top-k transforms: ``w<width bucket>`` (2K, 8K, 32K, 128K, larger).
     """
     if op == "sparse_mla_fwd":
