@@ -75,7 +75,7 @@ EOF
     stamp done ;;
   measure)
     stamp measure; timeout 260 python3 benchmark/sglang_e2e_1gpu.py measure --timeout 60 2>&1 | tail -40
-    python3 benchmark/sglang_e2e_1gpu.py stop; sleep 5; cp "$OUT"/e2e_1gpu.json /tmp/bench/ 2>/dev/null
+    python3 benchmark/sglang_e2e_1gpu.py stop; sleep 5
     stamp projection; timeout ${PROJ_S:-250} python3 benchmark/bench_tp_projection.py \
       --out "$OUT/tp_projection.json" 2>&1 | tail -30
     stamp done ;;

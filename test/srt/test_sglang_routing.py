@@ -54,11 +54,11 @@ def fake_card(monkeypatch, tmp_path):
         path = tmp_path / "t.json"
         path.write_text(json.dumps({"card": "Fake GPU", "times": times}))
         monkeypatch.setenv(tuning.ENV_TUNING_FILE, str(path))
-        tuning.load_table.cache_clear()
+        tuning.clear_cache()
         routing.clear_cache()
 
     yield use
-    tuning.load_table.cache_clear()
+    tuning.clear_cache()
 
 
 def _sparse_inputs(T=6, H=16, N=50, K=32, seed=0):

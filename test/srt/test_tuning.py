@@ -82,16 +82,16 @@ def fake_card(monkeypatch, tmp_path):
 
     monkeypatch.setattr(tuning, "_device_of", lambda op, args, kwargs: torch.device("cuda", 0))
     monkeypatch.setattr(tuning, "get_capability", lambda device: Cap())
-    tuning.load_table.cache_clear()
+    tuning.clear_cache()
 
     def write(times: dict) -> None:
         path = tmp_path / "table.json"
         path.write_text(json.dumps({"card": "Fake GPU 1", "times": times}))
         monkeypatch.setenv(tuning.ENV_TUNING_FILE, str(path))
-        tuning.load_table.cache_clear()
+        tuning.clear_cache()
 
     yield write
-    tuning.load_table.cache_clear()
+    tuning.clear_cache()
 
 
 def test_tier_order_reads_the_cards_table(fake_card):
@@ -121,7 +121,7 @@ def test_a_table_for_another_card_is_ignored(fake_card, tmp_path, monkeypatch):
     path = tmp_path / "other.json"
     path.write_text(json.dumps({"card": "Other GPU", "times": {"sparse_mla_fwd": {"h16/bf16": {"triton": 0.1}}}}))
     monkeypatch.setenv(tuning.ENV_TUNING_FILE, str(path))
-    tuning.load_table.cache_clear()
+    tuning.clear_cache()
     q = torch.zeros(4, 16, 576, dtype=torch.bfloat16)
     assert tuning.tier_order("sparse_mla_fwd", q, torch.zeros(10, 1, 576))[0] == "flashmla"
 

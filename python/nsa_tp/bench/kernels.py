@@ -336,7 +336,8 @@ def topk_rows(cases: list[tuple[int, int]], K: int, ceilings: Ceilings, device: 
 
 
 def sweep_rows(ceilings: Ceilings, device: torch.device, T: int, N: int, K: int) -> list[Row]:
-    """Launch-config sweep for our sparse-MLA and logits kernels (how the Triton defaults were chosen)."""
+    """Launch-config sweep for our sparse-MLA kernel (how its Triton defaults were chosen; the logits and top-k
+    variants have their own benchmarks: benchmark/bench_mqa_logits.py, benchmark/bench_topk.py)."""
     from nsa_tp.ops.triton.sparse_mla import SparseMLAConfig, sparse_mla_fwd_split
 
     gen = torch.Generator(device=device).manual_seed(5)

@@ -42,6 +42,7 @@ __all__ = [
     "load_table",
     "card_slug",
     "measured_choice",
+    "clear_cache",
 ]
 
 # The kernel SGLang runs for each op: what "never slower than upstream" is measured against.
@@ -205,9 +206,25 @@ def tier_order(op: str, *args: Any, **kwargs: Any) -> list[str]:
     Measured tiers first (:func:`order_from_times`), then the rest in :data:`DEFAULT_ORDER`. A measurement
     that did not include upstream's kernel cannot show anything beat it: upstream's kernel then goes first.
     """
-    _card, _cls, times = measured_choice(op, *args, **kwargs)
+    card, cls, _times = measured_choice(op, *args, **kwargs)
+    return list(_order(op, card, cls))
+
+
+@functools.cache
+def _order(op: str, card: str, cls: str) -> tuple[str, ...]:
+    """:func:`tier_order` for one (op, card, class): computed once per process, so ``auto`` on the per-layer path
+    is a dictionary lookup, not a sort."""
+    table = load_table(card) if card != "cpu" else None
+    timed_op = "sparse_mla_decode" if op == "plan_sparse_mla_decode" else op
+    times = None if table is None else table.get("times", {}).get(timed_op, {}).get(cls)
     measured = order_from_times(op, times) if times else []
     up = UPSTREAM.get(op)
     if up is not None and up not in measured:
         measured.insert(0, up)
-    return measured + [t for t in DEFAULT_ORDER if t not in measured]
+    return tuple(measured + [t for t in DEFAULT_ORDER if t not in measured])
+
+
+def clear_cache() -> None:
+    """Forget the loaded tables and the orders made from them (tests that switch tables; serving never needs it)."""
+    load_table.cache_clear()
+    _order.cache_clear()
