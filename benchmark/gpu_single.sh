@@ -6,19 +6,23 @@
 #
 #   bash benchmark/gpu_single.sh kernels     # carry .sgl/c2 .sgl/bin .wheels: `nsa-tp bench`, every tier vs upstream
 #   bash benchmark/gpu_single.sh variants    # our top-k / logits kernel variants next to upstream's kernels
-#   bash benchmark/gpu_single.sh unpack c1   # carry .sgl/c1 .sgl/bin (with c2 from `kernels`: SGLang's stack)
-#   bash benchmark/gpu_single.sh start       # carry .sgl/c3 .sgl/bin: unpack c3, start the SGLang servers
+#   bash benchmark/gpu_single.sh unpack c2   # carry .sgl/c2 .sgl/bin .wheels (only when `kernels` did not run)
+#   bash benchmark/gpu_single.sh unpack c1   # carry .sgl/c1 .sgl/bin (with c2: SGLang's stack)
+#   bash benchmark/gpu_single.sh start       # carry .sgl/c3 .sgl/bin .wheels: unpack c3 (once), start SPECS
 #   bash benchmark/gpu_single.sh tests       # GPU tests while the servers compile, then wait for them
-#   bash benchmark/gpu_single.sh measure     # SGLang off/on measurement, stop, then the token-parallel projection
+#   bash benchmark/gpu_single.sh wait        # wait for the servers only
+#   bash benchmark/gpu_single.sh measure     # SGLang off/on measurement (NAME=round), stop; PROJ_S=250 adds
+#                                            # the token-parallel projection
 #
 # The kernel phase writes the card's tuning table to /tmp/bench/tuning.json; the SGLang servers read it through
-# NSA_TP_TUNING_FILE, so the plugin routes by what this card measured a minute earlier.
+# NSA_TP_TUNING_FILE, so the plugin routes by what this card measured a minute earlier. Without that phase the
+# plugin reads the committed table for the card (python/nsa_tp/ops/measured/).
 set -u
 OUT=${OUT:-/tmp/out}; mkdir -p "$OUT" /tmp/bench
 S=/tmp/site
 export PYTHONPATH=$S:$(pwd)/python PYTHONUNBUFFERED=1 HF_HUB_OFFLINE=1
 export NCCL_NVLS_ENABLE=0 TORCH_SYMM_MEM_DISABLE_MULTICAST=1 NVSHMEM_DISABLE_NVLS=1
-export NSA_TP_TUNING_FILE=/tmp/bench/tuning.json
+[ -f /tmp/bench/tuning.json ] && export NSA_TP_TUNING_FILE=/tmp/bench/tuning.json
 stamp() { echo "=== $* $(date -u +%H:%M:%S)"; }
 unpack() { bash .sgl/bin/device.sh unpack "$1" | tail -1; }
 flashmla() {
@@ -50,7 +54,7 @@ EOF
     cp /tmp/bench/indexer/kernels_*.json "$OUT/kernels_indexer.json" 2>/dev/null
     stamp done ;;
   unpack)
-    unpack "$2" ;;
+    unpack "$2"; [ "$2" = c2 ] && flashmla; true ;;
   variants)
     stamp topk variants; timeout ${TOPK_S:-170} python3 benchmark/bench_topk.py --reference \
       --out "$OUT/topk_bench.json" 2>&1 | tail -30
@@ -58,7 +62,8 @@ EOF
       --out "$OUT/mqa_logits.json" 2>&1 | tail -40
     stamp done ;;
   start)
-    unpack c3; flashmla
+    [ -d $S/fastapi ] || unpack c3  # a second round on the same machine needs no chunk
+    flashmla
     python3 -c "import sglang.srt.models.deepseek_v2, sglang.srt.layers.attention.dsa_backend; print('sglang ok')" \
       2>&1 | tail -1
     stamp start; timeout 540 python3 benchmark/sglang_e2e_1gpu.py start ${SPECS:-} 2>&1 | cut -c1-220
@@ -70,14 +75,23 @@ EOF
       test/srt/test_flashmla_tier.py test/srt/test_triton_topk.py test/srt/test_token_parallel_dist.py"}
     timeout ${TESTS_S:-330} python3 -m pytest -q -p no:cacheprovider -m gpu -rfE $FILES \
       > "$OUT/gpu_tests.txt" 2>&1; grep -E "passed|failed|^FAILED|^ERROR" "$OUT/gpu_tests.txt" | tail -25
-    stamp nsa-tp run; timeout ${RUN_S:-150} python3 -m nsa_tp run > "$OUT/nsa_tp_run.txt" 2>&1; tail -4 "$OUT/nsa_tp_run.txt"
+    if [ "${RUN_S:-150}" -gt 0 ]; then
+      stamp nsa-tp run; timeout ${RUN_S:-150} python3 -m nsa_tp run > "$OUT/nsa_tp_run.txt" 2>&1
+      tail -4 "$OUT/nsa_tp_run.txt"
+    fi
     stamp wait; timeout ${WAIT_S:-220} python3 benchmark/sglang_e2e_1gpu.py wait --timeout ${WAIT_S:-220}
     stamp done ;;
-  measure)
-    stamp measure; timeout 260 python3 benchmark/sglang_e2e_1gpu.py measure --timeout 60 2>&1 | tail -40
-    python3 benchmark/sglang_e2e_1gpu.py stop; sleep 5
-    stamp projection; timeout ${PROJ_S:-250} python3 benchmark/bench_tp_projection.py \
-      --out "$OUT/tp_projection.json" 2>&1 | tail -30
+  wait)
+    stamp wait; timeout ${WAIT_S:-300} python3 benchmark/sglang_e2e_1gpu.py wait --timeout ${WAIT_S:-300}
     stamp done ;;
-  *) echo "usage: bash benchmark/gpu_single.sh kernels|variants|unpack cN|start|tests|measure" >&2; exit 2 ;;
+  measure)
+    stamp measure; timeout ${MEASURE_S:-300} python3 benchmark/sglang_e2e_1gpu.py measure --timeout 60 \
+      ${NAME:+--name $NAME} 2>&1 | tail -40
+    python3 benchmark/sglang_e2e_1gpu.py stop; sleep 5
+    if [ "${PROJ_S:-0}" -gt 0 ]; then
+      stamp projection; timeout $PROJ_S python3 benchmark/bench_tp_projection.py \
+        --out "$OUT/tp_projection.json" 2>&1 | tail -30
+    fi
+    stamp done ;;
+  *) echo "usage: bash benchmark/gpu_single.sh kernels|variants|unpack cN|start|tests|wait|measure" >&2; exit 2 ;;
 esac

@@ -8,18 +8,22 @@ SGLang's defaults otherwise: CUDA graphs (decode and piecewise prefill), radix c
 KV cache with ``flashmla_kv``; the bf16 servers add ``--kv-cache-dtype bfloat16`` and ``flashmla_sparse``
 (FA3, SGLang's bf16 decode default, is not in the device's kernel package).
 
-    python benchmark/sglang_e2e_1gpu.py start [SPEC ...]     # servers in their own sessions, one by one
+    python benchmark/sglang_e2e_1gpu.py start [SPEC ...]     # servers in their own sessions, all at once
     python benchmark/sglang_e2e_1gpu.py wait                 # until all answer (the first start compiles)
-    python benchmark/sglang_e2e_1gpu.py measure              # measures, writes $OUT
+    python benchmark/sglang_e2e_1gpu.py measure [--name N]   # measures, writes $OUT/e2e_1gpu[_N].json
     python benchmark/sglang_e2e_1gpu.py stop
 
 A SPEC is ``<heads>-<kv>-<on|off|verify>`` (e.g. ``16-fp8-on``); ``verify`` is the plugin on with
 ``NSA_TP_SGLANG_VERIFY=1`` and ``--disable-cuda-graph`` (so decode is checked too: verify skips captured
 calls). Default: the fp8 pairs and verify servers at 16 and 128 heads (six servers); the bf16 ones are a
 second round (``start 16-bf16-off 16-bf16-on 128-bf16-off 128-bf16-on`` after ``stop``).
-Results: ``$OUT/e2e_1gpu.json`` (per pair: per-pass medians, their spread, on/off ratios; greedy ids;
+Results: ``$OUT/e2e_1gpu[_N].json`` (per pair: per-pass medians, their spread, on/off ratios; greedy ids;
 verify's worst error per path; which path each hooked call took, from the server logs) and
-``$OUT/e2e_1gpu_logs.tgz``. ``--dry-run`` prints the launch commands (tested on CPU).
+``$OUT/e2e_1gpu[_N]_logs.tgz``. ``--dry-run`` prints the launch commands (tested on CPU).
+
+Two flags depart from a bare ``launch_server`` so that several servers share one card, and neither touches
+the attention path: ``--mem-fraction-static`` and ``--max-total-tokens`` (:data:`MAX_TOTAL_TOKENS`, a KV pool
+far larger than any request here needs; one layer's pool at that size is under 1 GB).
 """
 
 from __future__ import annotations
@@ -63,7 +67,7 @@ def server_command(s: dict, port: int, mem_fraction: float) -> tuple[list[str], 
     cmd = [sys.executable, "-m", "sglang.launch_server", "--model-path", f"{STATE}/m{s['heads']}",
            "--load-format", "dummy", "--tp", "1", "--skip-tokenizer-init", "--sampling-backend", "pytorch",
            "--host", "127.0.0.1", "--port", str(port), "--mem-fraction-static", f"{mem_fraction:.3f}",
-           "--context-length", "40000", "--disable-custom-all-reduce"]
+           "--context-length", "40000", "--max-total-tokens", str(MAX_TOTAL_TOKENS), "--disable-custom-all-reduce"]
     if s["kv"] == "bf16":
         cmd += ["--kv-cache-dtype", "bfloat16", "--dsa-prefill-backend", "flashmla_sparse",
                 "--dsa-decode-backend", "flashmla_sparse"]
@@ -94,10 +98,13 @@ def _install_plugin(repo: Path) -> None:
         (di / "entry_points.txt").write_text("[sglang.srt.plugins]\nnsa_tp = nsa_tp.integrations.sglang:register\n")
 
 
-# Each server takes this fraction of the GPU memory free when it starts (SGLang's --mem-fraction-static is
-# relative to the memory free before its weights load). Starting them one after another, each once the one
-# before has allocated its KV pool, leaves 0.8^6 = 26% of the card for six servers' activations and graphs.
-MEM_FRACTION = 0.2
+# Servers share the card, so each one's KV pool is capped (--max-total-tokens) and they start all at once.
+# SGLang 0.5.17 sizes the pool as (free memory after its weights) - (free memory before them) * (1 - fraction):
+# with 0.7 that stays positive even when the other servers load their weights between the two readings
+# (five servers at ~6 GB each before their graphs), and the cap, not the fraction, sets the pool. The cap holds
+# 16 concurrent requests of up to 30K tokens plus the radix cache several times over.
+MEM_FRACTION = 0.7
+MAX_TOTAL_TOKENS = 400_000
 POOL_LINE = "Memory pool end"  # SGLang 0.5.17 logs this once the KV pool is allocated
 
 
@@ -136,12 +143,15 @@ def start(specs: list[str], dry_run: bool) -> int:
             proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, env={**os.environ, **env_base, **env},
                                     start_new_session=True)  # its own session: outlives this device call
         s["pid"] = proc.pid
-        t0 = time.time()
+        time.sleep(2)  # staggered a little: the weight loads rarely land between another's two memory readings
+    if dry_run:
+        return 0
+    (STATE / "servers.json").write_text(json.dumps(servers, indent=1))
+    t0 = time.time()
+    for s in servers:  # progress: each server's KV pool (the graphs and compiles come after; `wait` covers them)
         ok = _wait_for_pool(s)
-        print(f"  {s['name']}: {'KV pool allocated' if ok else 'NO KV pool (see its log)'} after "
-              f"{time.time() - t0:.0f} s", flush=True)
-    if not dry_run:
-        (STATE / "servers.json").write_text(json.dumps(servers, indent=1))
+        print(f"  {s['name']}: {'KV pool allocated' if ok else 'NO KV pool (see its log)'} "
+              f"{time.time() - t0:.0f} s after the launches", flush=True)
     return 0
 
 
@@ -215,10 +225,12 @@ def measure_pair(pair: dict[str, dict]) -> dict:
     res: dict = {n: {"ttft_s": {str(L): [[], []] for L in LENS}, "greedy32_s": [[], []], "concurrent16_s": [[], []],
                      "greedy_ids": []} for n in names}
     ports = {pair[k]["name"]: pair[k]["port"] for k in pair}
-    for n in names:  # warm-up: JIT, first-touch allocations, every prefill shape class once
+    for n in names:  # warm-up: JIT, first-touch allocations, every prefill and decode shape measured below once
         for L in LENS:
             _timed(ports[n], prompt(L, "warm", n), 4)
-        _concurrent(ports[n], [prompt(L, "warmc", n, i) for i, L in enumerate(MIXED[:4])], 4)
+        # The whole mixed batch: a 4-request warm-up left the first measured pass 3.6x slower than the second
+        # (new prefill chunk sizes and decode batch sizes met for the first time; H200, 2026-11-29).
+        _concurrent(ports[n], [prompt(L, "warmc", n, i) for i, L in enumerate(MIXED)], 16)
     for p in (0, 1):
         order = names if p == 0 else names[::-1]
         for L in LENS:
@@ -280,7 +292,7 @@ def log_facts(path: str) -> dict:
             "tracebacks": text.count("Traceback")}
 
 
-def measure(timeout: float) -> int:
+def measure(timeout: float, name: str = "") -> int:
     servers = json.loads((STATE / "servers.json").read_text())
     out_dir = Path(os.environ.get("OUT", "/tmp/out"))
     out_dir.mkdir(parents=True, exist_ok=True)
@@ -290,8 +302,10 @@ def measure(timeout: float) -> int:
                           text=True).stdout.strip()
     results = {"card": card, "date": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
                "command": "python benchmark/sglang_e2e_1gpu.py start " + " ".join(s["name"] for s in servers)
-               + " && python benchmark/sglang_e2e_1gpu.py measure",
-               "tuning_file": os.environ.get("NSA_TP_TUNING_FILE"), "servers": servers, "pairs": {}, "logs": {}}
+               + " && python benchmark/sglang_e2e_1gpu.py measure" + (f" --name {name}" if name else ""),
+               "tuning_file": os.environ.get("NSA_TP_TUNING_FILE") or "the committed table for this card",
+               "servers": servers, "pairs": {}, "logs": {}}
+    stem = "e2e_1gpu" + (f"_{name}" if name else "")
     pairs: dict[str, dict[str, dict]] = {}
     for s in up:
         if s["mode"] in ("on", "off"):
@@ -302,7 +316,7 @@ def measure(timeout: float) -> int:
             results["pairs"][key] = measure_pair(pair)
         except Exception as e:  # noqa: BLE001 - one broken pair must not lose the others
             results["pairs"][key] = {"error": f"{type(e).__name__}: {e}"}
-        _write(out_dir, results)
+        _write(out_dir / f"{stem}.json", results)
     for s in up:
         if s["mode"] == "verify":
             print(f"exercising {s['name']}", flush=True)
@@ -313,16 +327,16 @@ def measure(timeout: float) -> int:
     time.sleep(2)
     for s in servers:
         results["logs"][s["name"]] = log_facts(s["log"]) | {"up": s["name"] in up_names}
-    _write(out_dir, results)
-    with tarfile.open(out_dir / "e2e_1gpu_logs.tgz", "w:gz") as tar:
+    _write(out_dir / f"{stem}.json", results)
+    with tarfile.open(out_dir / f"{stem}_logs.tgz", "w:gz") as tar:
         for s in servers:
             tar.add(s["log"], arcname=Path(s["log"]).name)
     _print_summary(results)
     return 0 if len(up) == len(servers) else 1
 
 
-def _write(out_dir: Path, results: dict) -> None:
-    (out_dir / "e2e_1gpu.json").write_text(json.dumps(results, indent=1))
+def _write(path: Path, results: dict) -> None:
+    path.write_text(json.dumps(results, indent=1))
 
 
 def _print_summary(results: dict) -> None:
@@ -362,6 +376,7 @@ def main(argv: list[str] | None = None) -> int:
     wt.add_argument("--timeout", type=float, default=540)
     me = sub.add_parser("measure")
     me.add_argument("--timeout", type=float, default=540, help="seconds to wait for the servers")
+    me.add_argument("--name", default="", help="results go to $OUT/e2e_1gpu_NAME.json (one name per round)")
     sub.add_parser("stop")
     a = p.parse_args(argv)
     if a.cmd == "start":
@@ -370,7 +385,7 @@ def main(argv: list[str] | None = None) -> int:
         servers = json.loads((STATE / "servers.json").read_text())
         return 0 if len(wait_all(servers, a.timeout)) == len(servers) else 1
     if a.cmd == "measure":
-        return measure(a.timeout)
+        return measure(a.timeout, a.name)
     return stop()
 
 

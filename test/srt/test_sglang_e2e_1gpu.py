@@ -26,6 +26,9 @@ def test_specs_and_commands():
     assert cmd[cmd.index("--kv-cache-dtype") + 1] == "fp8_e4m3"
     assert not any(f.startswith("--dsa") or f == "--disable-cuda-graph" for f in cmd)
     assert env["NSA_TP_SGLANG_PLUGIN"] == "0"
+    # Servers share the card: the KV pool is capped, so the fraction only has to cover the weights.
+    assert cmd[cmd.index("--max-total-tokens") + 1] == str(e2e.MAX_TOTAL_TOKENS)
+    assert cmd[cmd.index("--mem-fraction-static") + 1] == "0.200"
     with pytest.raises(SystemExit, match="bad server spec"):
         e2e.parse_spec("16-fp16-on")
 
@@ -58,3 +61,22 @@ def test_log_facts(tmp_path):
     assert facts["verify_worst"] == {"_forward_flashmla_kv h16/fp8/b<=64": 3e-3}
     assert facts["verify_calls_logged"] == {"_forward_flashmla_kv h16/fp8/b<=64": 2}
     assert facts["skipped_under_capture"] == ["_forward_flashmla_sparse h16/bf16"]
+
+
+def test_measure_writes_a_named_round(tmp_path, monkeypatch):
+    """`measure --name X` writes e2e_1gpu_X.json and its log archive, even when no server came up."""
+    state = tmp_path / "state"
+    state.mkdir()
+    log = state / "server_16-bf16-off.log"
+    log.write_text("no plugin line\n")
+    servers = [{"name": "16-bf16-off", "heads": 16, "kv": "bf16", "mode": "off", "port": 1, "pid": 2**22 + 7,
+                "log": str(log)}]
+    (state / "servers.json").write_text(__import__("json").dumps(servers))
+    monkeypatch.setattr(e2e, "STATE", state)
+    monkeypatch.setattr(e2e, "_alive", lambda pid: False)
+    monkeypatch.setattr(e2e.subprocess, "run", lambda *a, **k: type("R", (), {"stdout": "NVIDIA H200\n"})())
+    monkeypatch.setenv("OUT", str(tmp_path / "out"))
+    assert e2e.measure(timeout=0.1, name="bf16") == 1  # the server is not up: a failing exit code
+    data = __import__("json").loads((tmp_path / "out" / "e2e_1gpu_bf16.json").read_text())
+    assert data["command"].endswith("measure --name bf16") and data["logs"]["16-bf16-off"]["up"] is False
+    assert (tmp_path / "out" / "e2e_1gpu_bf16_logs.tgz").is_file()
