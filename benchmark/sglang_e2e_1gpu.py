@@ -12,6 +12,7 @@ KV cache with ``flashmla_kv``; the bf16 servers add ``--kv-cache-dtype bfloat16`
     python benchmark/sglang_e2e_1gpu.py wait                 # until all answer (the first start compiles)
     python benchmark/sglang_e2e_1gpu.py measure [--name N]   # measures, writes $OUT/e2e_1gpu[_N].json
     python benchmark/sglang_e2e_1gpu.py stop
+    python benchmark/sglang_e2e_1gpu.py merge R1.json R2.json ... --out M.json   # pooled on/off, noise, verdict
 
 A SPEC is ``<heads>-<kv>-<on|off|verify>`` (e.g. ``16-fp8-on``); ``verify`` is the plugin on with
 ``NSA_TP_SGLANG_VERIFY=1`` and ``--disable-cuda-graph`` (so decode is checked too: verify skips captured
@@ -219,31 +220,34 @@ def _concurrent(port: int, prompts: list[list[int]], new: int) -> float:
 MIXED = [1024, 2048, 4096, 8192, 16384, 3000, 6000, 12000, 1500, 2500, 5000, 10000, 700, 20000, 900, 7000]
 
 
-def measure_pair(pair: dict[str, dict]) -> dict:
-    """Alternate every measurement between the servers of one (heads, kv) pair; two passes, opposite order."""
+def measure_pair(pair: dict[str, dict], salt: str = "") -> dict:
+    """Alternate every measurement between the servers of one (heads, kv) pair; two passes, opposite order.
+
+    ``salt`` (the round's name) makes every prompt new to servers that a previous round already measured.
+    """
     names = [pair[k]["name"] for k in ("off", "on") if k in pair]
     res: dict = {n: {"ttft_s": {str(L): [[], []] for L in LENS}, "greedy32_s": [[], []], "concurrent16_s": [[], []],
                      "greedy_ids": []} for n in names}
     ports = {pair[k]["name"]: pair[k]["port"] for k in pair}
     for n in names:  # warm-up: JIT, first-touch allocations, every prefill and decode shape measured below once
         for L in LENS:
-            _timed(ports[n], prompt(L, "warm", n), 4)
+            _timed(ports[n], prompt(L, "warm", n, salt), 4)
         # The whole mixed batch: a 4-request warm-up left the first measured pass 3.6x slower than the second
         # (new prefill chunk sizes and decode batch sizes met for the first time; H200, 2026-11-29).
-        _concurrent(ports[n], [prompt(L, "warmc", n, i) for i, L in enumerate(MIXED)], 16)
+        _concurrent(ports[n], [prompt(L, "warmc", n, i, salt) for i, L in enumerate(MIXED)], 16)
     for p in (0, 1):
         order = names if p == 0 else names[::-1]
         for L in LENS:
             for rep in range(REPS):
-                ids = prompt(L, "ttft", p, rep)  # the same fresh prompt for both servers: neither has seen it
+                ids = prompt(L, "ttft", p, rep, salt)  # the same fresh prompt for both servers: neither has seen it
                 for n in order:
                     res[n]["ttft_s"][str(L)][p].append(round(_timed(ports[n], ids, 1)[0], 4))
-        ids = prompt(32768, "greedy", p)
+        ids = prompt(32768, "greedy", p, salt)
         for n in order:
             dt, out = _timed(ports[n], ids, 32)
             res[n]["greedy32_s"][p].append(round(dt, 4))
             res[n]["greedy_ids"].append(out)
-        batch = [prompt(L, "conc", p, i) for i, L in enumerate(MIXED)]
+        batch = [prompt(L, "conc", p, i, salt) for i, L in enumerate(MIXED)]
         for n in order:
             res[n]["concurrent16_s"][p].append(round(_concurrent(ports[n], batch, 16), 4))
     summary = {}
@@ -277,7 +281,8 @@ def exercise_verify(s: dict) -> None:
 def log_facts(path: str) -> dict:
     """What the server log proves: plugin loaded, each hooked path's route, verify's worst error per path."""
     text = Path(path).read_text(errors="replace")
-    lines = [ln for ln in text.splitlines() if "[nsa-tp pid=" in ln]
+    # Progress bars end in carriage returns, so a log line can sit behind one: split on both.
+    lines = [ln for ln in re.split(r"[\r\n]", text) if "[nsa-tp pid=" in ln]
     routes = sorted({re.sub(r"^.*\] ", "", ln) for ln in lines if " runs " in ln and "_forward_flashmla" in ln})
     worst: dict[str, float] = {}
     calls: dict[str, int] = {}
@@ -289,7 +294,10 @@ def log_facts(path: str) -> dict:
     return {"plugin_lines": len(lines), "routes": routes, "verify_worst": worst, "verify_calls_logged": calls,
             "skipped_under_capture": sorted({ln.split("verify ")[1].split(":")[0] for ln in lines
                                              if "skipped during CUDA graph capture" in ln}),
-            "tracebacks": text.count("Traceback")}
+            "tracebacks": text.count("Traceback"),
+            # SGLang's "Prefill batch, ... #cached-token: N" lines: N > 0 means the radix cache served part of it.
+            "prefill_batches": len(re.findall(r"Prefill batch", text)),
+            "prefill_batches_with_cached_tokens": len(re.findall(r"#cached-token: [1-9]", text))}
 
 
 def measure(timeout: float, name: str = "") -> int:
@@ -313,7 +321,7 @@ def measure(timeout: float, name: str = "") -> int:
     for key, pair in pairs.items():
         print(f"measuring {key} ({', '.join(p['name'] for p in pair.values())})", flush=True)
         try:
-            results["pairs"][key] = measure_pair(pair)
+            results["pairs"][key] = measure_pair(pair, salt=name)
         except Exception as e:  # noqa: BLE001 - one broken pair must not lose the others
             results["pairs"][key] = {"error": f"{type(e).__name__}: {e}"}
         _write(out_dir / f"{stem}.json", results)
@@ -357,6 +365,83 @@ def _print_summary(results: dict) -> None:
                 print(f"    {route[:160]}")
 
 
+METRICS = tuple(f"ttft_{L}" for L in LENS) + ("greedy32", "concurrent16")
+
+
+def _samples(raw: dict, metric: str) -> list[float]:
+    """Every sample of one server's metric in one measured round (both passes)."""
+    passes = raw["ttft_s"][metric[5:]] if metric.startswith("ttft_") else raw[f"{metric}_s"]
+    return [v for p in passes for v in p]
+
+
+def _facts_from_archive(archive: Path, logs: dict) -> dict:
+    """``logs`` with :func:`log_facts` recomputed from the server logs in a ``measure`` archive."""
+    import tempfile
+
+    with tempfile.TemporaryDirectory() as tmp, tarfile.open(archive) as tar:
+        tar.extractall(tmp, filter="data")
+        for path in sorted(Path(tmp).glob("server_*.log")):
+            name = path.stem.removeprefix("server_")
+            logs[name] = {**logs.get(name, {}), **log_facts(str(path))}
+    return logs
+
+
+def merge(paths: list[Path], out: Path | None) -> dict:
+    """Pool several ``measure`` rounds of the same servers into one verdict per (pair, metric).
+
+    Per server: the median of every sample of every round (``median_s``) and each round's median
+    (``round_medians_s``); ``noise`` is the larger of the two servers' round-to-round spread (max / min - 1 of
+    those medians). ``on_over_off`` compares the pooled medians; ``ok`` is the issue's bar: on/off at most
+    1.03 and no further above 1 than the noise. The logs of the last round are kept (a server's log covers
+    every round it served), re-read from its ``*_logs.tgz`` beside the JSON when that is there.
+    """
+    runs = [json.loads(Path(p).read_text()) for p in paths]
+    archive = Path(paths[-1]).with_name(Path(paths[-1]).stem + "_logs.tgz")
+    if archive.is_file():
+        runs[-1]["logs"] = _facts_from_archive(archive, runs[-1]["logs"])
+    first = runs[0]
+    merged: dict = {"card": first["card"], "dates": [r["date"] for r in runs], "rounds": [Path(p).name for p in paths],
+                    "commands": sorted({r["command"] for r in runs}), "tuning_file": first.get("tuning_file"),
+                    "merge_command": "python benchmark/sglang_e2e_1gpu.py merge "
+                    + " ".join(Path(p).name for p in paths) + (f" --out {out}" if out is not None else ""),
+                    "launch": {s["name"]: s["cmd"] for s in first["servers"]}, "pairs": {}, "logs": runs[-1]["logs"]}
+    for key in first["pairs"]:
+        rounds = [r["pairs"][key] for r in runs if "error" not in r["pairs"].get(key, {"error": 1})]
+        if len(rounds) != len(runs):
+            merged["pairs"][key] = {"error": f"{len(runs) - len(rounds)} of {len(runs)} rounds failed for {key}"}
+            continue
+        off, on = rounds[0]["servers"]
+        pair: dict = {"servers": [off, on], "rounds": len(rounds), "metrics": {},
+                      "greedy_ids_match": all(r.get("greedy_ids_match") for r in rounds),
+                      "raw_rounds": [{n: {k: v for k, v in r["raw"][n].items() if k != "greedy_ids"} for n in (off, on)}
+                                     for r in rounds]}
+        for m in METRICS:
+            per = {}
+            for n in (off, on):
+                meds = [statistics.median(_samples(r["raw"][n], m)) for r in rounds]
+                every = [v for r in rounds for v in _samples(r["raw"][n], m)]
+                per[n] = {"median_s": statistics.median(every), "round_medians_s": meds, "samples": len(every),
+                          "spread": max(meds) / min(meds) - 1}
+            ratio = per[on]["median_s"] / per[off]["median_s"]
+            noise = max(per[off]["spread"], per[on]["spread"])
+            pair["metrics"][m] = {off: per[off], on: per[on], "on_over_off": ratio, "noise": noise,
+                                  "ok": ratio <= 1.03 and ratio - 1 <= noise}
+        merged["pairs"][key] = pair
+    if out is not None:
+        out.write_text(json.dumps(merged, indent=1))
+    for key, pair in merged["pairs"].items():
+        if "error" in pair:
+            print(f"{key}: {pair['error']}")
+            continue
+        off, on = pair["servers"]
+        for m, r in pair["metrics"].items():
+            print(f"{key:9s} {m:13s} off {r[off]['median_s'] * 1e3:8.1f} ms  on {r[on]['median_s'] * 1e3:8.1f} ms  "
+                  f"on/off {r['on_over_off']:.3f}  noise {r['noise']:.3f}  n={r[off]['samples']}  "
+                  f"{'ok' if r['ok'] else 'SLOWER'}")
+        print(f"{key:9s} greedy ids match in every round: {pair['greedy_ids_match']}")
+    return merged
+
+
 def stop() -> int:
     path = STATE / "servers.json"
     if path.exists():
@@ -378,6 +463,9 @@ def main(argv: list[str] | None = None) -> int:
     me.add_argument("--timeout", type=float, default=540, help="seconds to wait for the servers")
     me.add_argument("--name", default="", help="results go to $OUT/e2e_1gpu_NAME.json (one name per round)")
     sub.add_parser("stop")
+    mg = sub.add_parser("merge", help="pool several measured rounds (JSON files) into one verdict per row")
+    mg.add_argument("rounds", nargs="+", type=Path)
+    mg.add_argument("--out", type=Path, default=None)
     a = p.parse_args(argv)
     if a.cmd == "start":
         return start(a.specs, a.dry_run)
@@ -386,6 +474,10 @@ def main(argv: list[str] | None = None) -> int:
         return 0 if len(wait_all(servers, a.timeout)) == len(servers) else 1
     if a.cmd == "measure":
         return measure(a.timeout, a.name)
+    if a.cmd == "merge":
+        merged = merge(a.rounds, a.out)
+        verdicts = [r["ok"] for p in merged["pairs"].values() for r in p.get("metrics", {}).values()]
+        return 0 if verdicts and all(verdicts) else 1
     return stop()
 
 

@@ -80,3 +80,30 @@ def test_measure_writes_a_named_round(tmp_path, monkeypatch):
     data = __import__("json").loads((tmp_path / "out" / "e2e_1gpu_bf16.json").read_text())
     assert data["command"].endswith("measure --name bf16") and data["logs"]["16-bf16-off"]["up"] is False
     assert (tmp_path / "out" / "e2e_1gpu_bf16_logs.tgz").is_file()
+
+
+def _round(off_s: float, on_s: float, name: str) -> dict:
+    raw = {n: {"ttft_s": {str(L): [[v] * 3, [v] * 3] for L in e2e.LENS}, "greedy32_s": [[v], [v]],
+               "concurrent16_s": [[v], [v]], "greedy_ids": [[1, 2]]} for n, v in (("a-off", off_s), ("a-on", on_s))}
+    return {"card": "NVIDIA H200", "date": name, "command": f"measure --name {name}", "servers": [],
+            "pairs": {"a": {"servers": ["a-off", "a-on"], "raw": raw, "greedy_ids_match": True}}, "logs": {}}
+
+
+def test_merge_pools_rounds_and_judges_each_row(tmp_path):
+    """Pooled medians, round-to-round noise, and the issue's bar (<= 3% and within the noise)."""
+    import json
+
+    paths = []
+    for i, (off, on) in enumerate([(1.00, 1.02), (1.10, 1.03), (1.00, 1.01)]):
+        paths.append(tmp_path / f"r{i}.json")
+        paths[-1].write_text(json.dumps(_round(off, on, f"r{i}")))
+    merged = e2e.merge(paths, tmp_path / "m.json")
+    row = merged["pairs"]["a"]["metrics"]["greedy32"]
+    assert row["a-off"]["median_s"] == 1.00 and row["a-on"]["median_s"] == 1.02
+    assert abs(row["noise"] - 0.10) < 1e-9 and abs(row["on_over_off"] - 1.02) < 1e-9 and row["ok"]
+    assert row["a-off"]["samples"] == 6 and merged["pairs"]["a"]["greedy_ids_match"]
+    # 5% slower with 2% noise fails the bar, and the command's exit code says so.
+    for i, path in enumerate(paths):
+        path.write_text(json.dumps(_round(1.00, 1.05 + 0.01 * (i == 1), f"r{i}")))
+    assert not e2e.merge(paths, None)["pairs"]["a"]["metrics"]["ttft_8192"]["ok"]
+    assert e2e.main(["merge", *map(str, paths)]) == 1
