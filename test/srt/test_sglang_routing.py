@@ -14,7 +14,7 @@ import pytest
 import torch
 
 from nsa_tp.integrations.sglang import _log, attention_hooks, routing, verify
-from nsa_tp.ops import reference, tuning
+from nsa_tp.ops import reference, registry, tuning
 from nsa_tp.ops.kv_format import pack_fp8_kv
 
 
@@ -110,12 +110,18 @@ def test_upstream_kept_within_the_margin(logs, fake_card):
     assert any("nothing beat flashmla by 3%" in ln for ln in logs), logs
 
 
-def test_a_tier_measured_faster_takes_over(logs, fake_card):
+def test_a_tier_measured_faster_takes_over(logs, fake_card, monkeypatch):
     fake_card({"sparse_mla_fwd": {"h16/bf16": {"flashmla": 2.0, "reference": 1.0}}})
+    tier = registry.get_tier("reference")
+    impl = tier.ops["sparse_mla_fwd"]
+    checks = []
+    monkeypatch.setitem(tier.ops, "sparse_mla_fwd", registry.OpImpl(
+        impl.fn, supports=lambda *a, **k: checks.append(1) or impl.supports(*a, **k)))
     up = Upstream(eps=0.5)  # a wrong upstream: the output must not be it
     q, kv, idx = _sparse_inputs()
     out = _call_sparse(up, q, kv, idx)
     assert up.calls == 0
+    assert len(checks) == 1  # the router's check; the tier then runs without a second one
     want, _, _ = reference.sparse_mla_fwd(q, kv, idx.unsqueeze(1), 0.05)
     assert torch.equal(out, want)
     assert any("runs nsa-tp tier reference (16 heads, no padding): measured on Fake GPU" in ln for ln in logs), logs

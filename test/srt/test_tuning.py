@@ -133,6 +133,29 @@ def test_auto_on_cpu_runs_the_reference():
     assert registry.auto_tier("sparse_mla_fwd", q, kv, idx, 0.1) == "reference"
 
 
+def test_auto_checks_the_chosen_tier_once(monkeypatch):
+    """``backend="auto"`` runs ``supports()`` once for the tier it picks (the per-call path does no work twice);
+    ``skip`` names the tier to leave out (verify mode's "best other tier")."""
+    q = torch.zeros(4, 16, 576, dtype=torch.bfloat16)
+    kv = torch.zeros(10, 1, 576, dtype=torch.bfloat16)
+    idx = torch.zeros(4, 1, 8, dtype=torch.int32)
+    tier = registry.get_tier("reference")
+    impl = tier.ops["sparse_mla_fwd"]
+    checks = []
+
+    def counting(*args, **kwargs):
+        checks.append(1)
+        return impl.supports(*args, **kwargs)
+
+    monkeypatch.setitem(tier.ops, "sparse_mla_fwd", registry.OpImpl(impl.fn, supports=counting))
+    out, _, _ = registry.dispatch("sparse_mla_fwd", "auto", q, kv, idx, 0.1)
+    assert len(checks) == 1 and out.shape == (4, 16, 512)
+    registry.dispatch("sparse_mla_fwd", "reference", q, kv, idx, 0.1)  # a forced tier is checked once too
+    assert len(checks) == 2
+    with pytest.raises(registry.BackendUnavailableError, match="no tier supports"):
+        registry.auto_tier("sparse_mla_fwd", q, kv, idx, 0.1, skip="reference")  # nothing else runs on CPU
+
+
 @pytest.mark.parametrize("path", sorted(MEASURED.glob("*.json")), ids=lambda p: p.name)
 def test_committed_tables_are_consistent(path):
     data = json.loads(path.read_text())

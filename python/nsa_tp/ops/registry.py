@@ -20,6 +20,7 @@ from typing import Any
 
 __all__ = [
     "Tier", "OpImpl", "BackendUnavailableError", "dispatch", "get_tier", "tier_names", "explain", "auto_tier",
+    "run_supported",
 ]
 
 # Import paths of every tier (the order ``auto`` uses is nsa_tp.ops.tuning's, not this one).
@@ -93,23 +94,33 @@ def explain(op: str, *args: Any, **kwargs: Any) -> dict[str, str]:
     return result
 
 
-def auto_tier(op: str, *args: Any, **kwargs: Any) -> str:
-    """The tier ``backend="auto"`` runs for these inputs (see module docstring)."""
+def _auto_impl(op: str, args: tuple[Any, ...], kwargs: dict[str, Any], skip: str | None = None) -> tuple[str, OpImpl]:
+    """The first tier in :func:`nsa_tp.ops.tuning.tier_order` (other than ``skip``) that is available and
+    supports the inputs."""
     from nsa_tp.ops.tuning import tier_order
 
     for name in tier_order(op, *args, **kwargs):
+        if name == skip:
+            continue
         tier = _load(name) if name in _TIER_MODULES else f"unknown tier {name!r}"
         if isinstance(tier, str) or op not in tier.ops:
             continue
-        if tier.ops[op].supports(*args, **kwargs) is None:
-            return name
+        impl = tier.ops[op]
+        if impl.supports(*args, **kwargs) is None:
+            return name, impl
     raise BackendUnavailableError(f"{op}: no tier supports these inputs: {explain(op, *args, **kwargs)}")
+
+
+def auto_tier(op: str, *args: Any, skip: str | None = None, **kwargs: Any) -> str:
+    """The tier ``backend="auto"`` runs for these inputs (see module docstring); with ``skip``, the one it would
+    run if that tier did not exist. Raises :class:`BackendUnavailableError` when no tier can."""
+    return _auto_impl(op, args, kwargs, skip)[0]
 
 
 def dispatch(op: str, backend: str, *args: Any, **kwargs: Any) -> Any:
     """Run ``op`` on the chosen tier (see module docstring for the rules)."""
-    if backend == "auto":
-        backend = auto_tier(op, *args, **kwargs)
+    if backend == "auto":  # the choice already checked supports(): run it, no second check
+        return _auto_impl(op, args, kwargs)[1].fn(*args, **kwargs)
     tier = get_tier(backend)
     if op not in tier.ops:
         raise BackendUnavailableError(f"backend={backend!r} does not implement {op}")
@@ -118,3 +129,9 @@ def dispatch(op: str, backend: str, *args: Any, **kwargs: Any) -> Any:
     if reason:
         raise BackendUnavailableError(f"backend={backend!r} cannot run {op} on these inputs: {reason}")
     return impl.fn(*args, **kwargs)
+
+
+def run_supported(tier: str, op: str, *args: Any, **kwargs: Any) -> Any:
+    """Run ``op`` on ``tier`` for inputs its ``supports()`` already accepted (a caller that chose the tier
+    itself, like the SGLang hooks' router): :func:`dispatch` minus the second check."""
+    return get_tier(tier).ops[op].fn(*args, **kwargs)

@@ -31,10 +31,10 @@ from typing import Any
 
 import torch
 
-from nsa_tp import ops
 from nsa_tp.integrations.sglang import routing, verify
 from nsa_tp.integrations.sglang._log import log_once
 from nsa_tp.integrations.sglang._switch import plugin_enabled
+from nsa_tp.ops import registry
 from nsa_tp.ops.kv_format import D_LATENT, D_QK, FP8_BYTES_PER_TOKEN
 
 __all__ = [
@@ -161,8 +161,8 @@ def around_flashmla_sparse(
         indices = _cut_at_topk_length(page_table_1.to(torch.int32), topk_length).unsqueeze(1)  # [T,K] -> [T,1,K]
         return (q_all, kv_cache, indices, sm_scale, v_head_dim)
 
-    def ours(tier: str, args: tuple[Any, ...]) -> torch.Tensor:
-        return ops.sparse_mla_fwd(*args, backend=tier)[0]
+    def ours(tier: str, args: tuple[Any, ...]) -> torch.Tensor:  # the router already checked supports()
+        return registry.run_supported(tier, "sparse_mla_fwd", *args)[0]
 
     return _run("_forward_flashmla_sparse", "sparse_mla_fwd", (q_all, kv_cache), full_args, H, upstream, ours)
 
@@ -207,8 +207,8 @@ def around_flashmla_kv(
         indices = page_table_1.to(torch.int32).unsqueeze(1)  # [B, K] -> [B, 1, K]
         return (q, pages, indices, sm_scale, v_head_dim)
 
-    def ours(tier: str, args: tuple[Any, ...]) -> torch.Tensor:
-        out, _lse = ops.sparse_mla_decode(*args, backend=tier)
+    def ours(tier: str, args: tuple[Any, ...]) -> torch.Tensor:  # the router already checked supports()
+        out, _lse = registry.run_supported(tier, "sparse_mla_decode", *args, plan=None)
         return out.unsqueeze(1)  # [B, H, 512] -> [B, 1, H, 512]
 
     return _run("_forward_flashmla_kv", "sparse_mla_decode", (q, pages), full_args, H, upstream, ours)

@@ -91,17 +91,10 @@ def runnable(decided: Route, op: str, *args: Any, **kwargs: Any) -> Route:
 def alternative_tier(op: str, *args: Any, **kwargs: Any) -> str | None:
     """The fastest non-upstream tier that can run these inputs (what verify mode checks against upstream when
     the route keeps upstream's path), or None."""
-    up = tuning.UPSTREAM[op]
-    for name in tuning.tier_order(op, *args, **kwargs):
-        if name == up or name not in registry.tier_names():
-            continue
-        try:
-            impl = registry.get_tier(name).ops.get(op)
-        except registry.BackendUnavailableError:
-            continue
-        if impl is not None and impl.supports(*args, **kwargs) is None:
-            return name
-    return None
+    try:
+        return registry.auto_tier(op, *args, skip=tuning.UPSTREAM[op], **kwargs)
+    except registry.BackendUnavailableError:
+        return None
 
 
 def clear_cache() -> None:

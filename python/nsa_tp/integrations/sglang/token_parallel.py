@@ -47,6 +47,7 @@ import torch.distributed as dist
 from nsa_tp.integrations.sglang import verify
 from nsa_tp.integrations.sglang._log import log_once, logger
 from nsa_tp.integrations.sglang._switch import ops_backend, plugin_enabled
+from nsa_tp.ops.capability import get_capability
 from nsa_tp.ops.kv_format import D_LATENT, D_QK
 from nsa_tp.token_parallel import (
     DEFAULT_COSTS,
@@ -283,7 +284,8 @@ def _rank_world(group: Any) -> tuple[int, int]:
 
 
 def _card() -> str | None:
-    return torch.cuda.get_device_name() if torch.cuda.is_available() else None
+    """This GPU's name from the cached capability probe (a lookup per batch, not a driver query)."""
+    return get_capability().name if torch.cuda.is_available() else None
 
 
 def _attn_tp_group() -> Any:
