@@ -22,42 +22,25 @@ import datetime
 import json
 import math
 import os
-import statistics
 import sys
-from collections.abc import Callable
 
 D_QK, D_V = 576, 512
 ANCHOR_MS = {64: 1.94, 128: 4.17}  # H100, sgl-flash-mla 1.0.0, T=4096 N=32768 K=2048 (DESIGN.md)
-
-
-def _time_ms(fn: Callable[[], object], warmup: int, reps: int) -> float:
-    import torch
-
-    for _ in range(warmup):
-        fn()
-    torch.cuda.synchronize()
-    times = []
-    for _ in range(reps):
-        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        start.record()
-        fn()
-        end.record()
-        end.synchronize()
-        times.append(start.elapsed_time(end))
-    return statistics.median(times)
 
 
 def _ceilings(warmup: int, reps: int) -> dict[str, float]:
     """The card's measured bf16 matmul rate and device-to-device copy bandwidth, in this run."""
     import torch
 
+    from nsa_tp.bench.timing import event_median_ms
+
     n = 8192
     a = torch.randn(n, n, device="cuda", dtype=torch.bfloat16)
     b = torch.randn(n, n, device="cuda", dtype=torch.bfloat16)
-    mm_ms = _time_ms(lambda: a @ b, warmup, reps)
+    mm_ms = event_median_ms(lambda: a @ b, reps, warmup)
     src = torch.empty(1 << 30, dtype=torch.uint8, device="cuda")
     dst = torch.empty_like(src)
-    cp_ms = _time_ms(lambda: dst.copy_(src), warmup, reps)
+    cp_ms = event_median_ms(lambda: dst.copy_(src), reps, warmup)
     return {
         "bf16_matmul_tflops": 2 * n**3 / mm_ms / 1e9,
         "copy_gbps": 2 * src.numel() / cp_ms / 1e6,  # bytes read + written
@@ -67,6 +50,7 @@ def _ceilings(warmup: int, reps: int) -> dict[str, float]:
 def run(args: argparse.Namespace) -> dict:
     import torch
 
+    from nsa_tp.bench.timing import event_median_ms
     from nsa_tp.ops import flashmla
     from nsa_tp.ops.capability import get_capability
     from nsa_tp.ops.heads import pad_heads
@@ -97,8 +81,9 @@ def run(args: argparse.Namespace) -> dict:
         hp = padded_heads(heads, multiple)
         q = torch.randn(T, heads, D_QK, device="cuda", dtype=torch.bfloat16, generator=gen)
         q_p, _ = pad_heads(q, multiple)
-        tier_ms = _time_ms(lambda q=q: flashmla.sparse_mla_fwd(q, kv, idx, sm_scale), args.warmup, args.reps)
-        kernel_ms = _time_ms(lambda q_p=q_p: flashmla._prefill_kernel(q_p, kv, idx, sm_scale), args.warmup, args.reps)
+        tier_ms = event_median_ms(lambda q=q: flashmla.sparse_mla_fwd(q, kv, idx, sm_scale), args.reps, args.warmup)
+        kernel_ms = event_median_ms(lambda q_p=q_p: flashmla._prefill_kernel(q_p, kv, idx, sm_scale),
+                                    args.reps, args.warmup)
         useful, executed = T * heads * flop_per_qh, T * hp * flop_per_qh
         nbytes = T * (heads * (D_QK + D_V) * 2 + K * D_QK * 2 + K * 4 + heads * 8)
         case = {

@@ -47,11 +47,15 @@ import urllib.error
 import urllib.request
 from pathlib import Path
 
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))  # the shared client helpers beside this file
+from sglang_e2e_client import VOCAB_HI, VOCAB_LO  # noqa: E402 - after the path it needs
+from sglang_e2e_client import _post as _post_path  # noqa: E402
+
 STATE = Path(os.environ.get("E2E_STATE", "/tmp/nsa_e2e"))
 SITE = Path("/tmp/site")
 DEFAULT_SPECS = [f"{h}-fp8-{s}" for h in (16, 128) for s in ("off", "on", "verify")]
 CONFIGS = {16: ".sgl/bin/config-v32-1layer-h16.json", 128: ".sgl/bin/config-v32-1layer.json"}
-VOCAB = (2, 120000)  # token ids inside DeepSeek-V3.2's vocabulary, clear of BOS/EOS
+VOCAB = (VOCAB_LO, VOCAB_HI)
 LENS = (8192, 32768)
 REPS = 3
 
@@ -157,11 +161,7 @@ def start(specs: list[str], dry_run: bool) -> int:
 
 
 def _post(port: int, body: dict, timeout: float = 600) -> dict:
-    req = urllib.request.Request(f"http://127.0.0.1:{port}/generate", data=json.dumps(body).encode(),
-                                 headers={"Content-Type": "application/json"})
-    with urllib.request.urlopen(req, timeout=timeout) as resp:
-        out = json.loads(resp.read() or b"null")
-    return out[0] if isinstance(out, list) else out
+    return _post_path(f"http://127.0.0.1:{port}", "/generate", body, timeout)
 
 
 def _alive(pid: int) -> bool:
