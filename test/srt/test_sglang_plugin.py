@@ -531,3 +531,11 @@ def test_installed_sglang_is_read_from_its_files(new_spelling):
     source = (_package_root() / "srt" / "server_args.py").read_text()
     at = source.index('"--enable-dp-attention"')
     assert f"after {OLD_FLAG_REMOVED_AFTER}" in source[at - 300 : at]
+
+
+@pytest.mark.sglang
+def test_both_spellings_same_width_warns_then_sglang_refuses(new_spelling, resolve, v32_model):
+    """Our warning says SGLang 0.5.23 refuses `--dp-size D` beside `--attn-dp-size D`: SGLang's own check says so."""
+    with pytest.raises(ValueError, match=r"--dp-size 4 with --attn-dp-size 4") as info:
+        resolve(v32_model, "--tp", "8", "--dp", "4", "--enable-dp-attention", "--attn-dp-size", "4")
+    assert not isinstance(info.value, LayoutError)  # our rule let it through (with the warning), SGLang did not
