@@ -3,8 +3,9 @@
 Upstream once forced DP attention for NSA models; after the fix, ``dp_size < tp_size`` is allowed:
 
 - ``--tp N``: pure TP, every rank holds ``H / N`` heads (``attn_tp_size = N``).
-- ``--tp N --dp D --enable-dp-attention``: ``attn_tp_size = N / D`` ranks per attention group,
-  ``D`` groups each serving their own requests. ``D == N`` is full DP attention.
+- ``--tp N --attn-dp-size D`` (SGLang 0.5.23), spelled ``--tp N --dp D --enable-dp-attention`` in 0.5.17-0.5.22:
+  ``attn_tp_size = N / D`` ranks per attention group, ``D`` groups each serving their own requests.
+  ``D == N`` is full DP attention. Both spellings give the same layout; messages use the one given.
 - ``--tp N --dp D`` (no DP attention): ``D`` independent replicas of ``--tp N``.
 
 FlashMLA's sparse kernels only run 64 heads (SM90) or 128 heads (SM100+) per call, so fewer heads are
@@ -160,7 +161,7 @@ def _merge_dp_spellings(
     if not enable_dp_attention and dp_size > 1 and attn_dp_size > 1:
         raise LayoutError(
             f"--dp {dp_size} (model replicas) with --attn-dp-size {attn_dp_size}: SGLang does not combine replicas "
-            "with attention DP; drop --dp, or use --attn-dp-size alone"
+            f"with attention DP; drop --dp {dp_size}"
         )
     warnings = []
     if enable_dp_attention and dp_size > 1:
@@ -170,7 +171,7 @@ def _merge_dp_spellings(
         )
     if attn_dp_size > 1:
         return attn_dp_size, True, _DpSpelling(new=True), warnings
-    return dp_size, enable_dp_attention and dp_size > 1, _DpSpelling(new=True), warnings
+    return dp_size, False, _DpSpelling(new=True), warnings  # --attn-dp-size 1: no attention DP (replicas stay)
 
 
 def _attention_groups(
