@@ -36,7 +36,6 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import functools
-import json
 import os
 from collections.abc import Callable
 from typing import Any
@@ -50,18 +49,17 @@ from nsa_tp.integrations.sglang._switch import ops_backend, plugin_enabled
 from nsa_tp.ops.capability import get_capability
 from nsa_tp.ops.kv_format import D_LATENT, D_QK
 from nsa_tp.token_parallel import (
-    DEFAULT_COSTS,
     BatchShape,
-    TokenParallelCosts,
     TokenSplit,
     causal_key_counts,
     choose,
     gather_topk_rows,
     plan_index_split,
     plan_token_split,
-    predict,
     tokens_sparse_mla,
 )
+from nsa_tp.token_parallel.costs import ENV_COSTS, load_costs
+from nsa_tp.token_parallel.costs import Costs as TokenParallelCosts
 from nsa_tp.token_parallel.policy import token_costs
 
 __all__ = [
@@ -72,9 +70,6 @@ __all__ = [
 ]
 
 ENV_MODE = "NSA_TP_TOKEN_PARALLEL"
-# JSON with a "costs" block (benchmark/bench_token_parallel.py's output) measured on this card with the fastest
-# upstream kernels; without it ``auto`` keeps upstream's ``heads`` path.
-ENV_COSTS = "NSA_TP_TOKEN_PARALLEL_COSTS"
 MODES = ("auto", "on", "off", "indexer")  # on = tokens for every eligible batch; indexer = the indexer split only
 FLAG = "--nsa-token-parallel"
 PLAN_ATTR = "nsa_tp_extend_plan"  # the per-batch plan, cached on SGLang's ForwardBatch object
@@ -116,32 +111,6 @@ def add_cli_flag(parser: argparse.ArgumentParser) -> None:
     )
 
 
-def load_costs(card: str | None) -> tuple[TokenParallelCosts | None, str]:
-    """The measured costs for ``card`` from ``NSA_TP_TOKEN_PARALLEL_COSTS``, or None and why not (the file is
-    read once per path, modification time and size, not once per batch)."""
-    path = os.environ.get(ENV_COSTS, "").strip()
-    if not path:
-        return None, f"no measured costs ({ENV_COSTS} unset)"
-    try:
-        st = os.stat(path)
-        costs = _read_costs(path, st.st_mtime_ns, st.st_size)
-    except (OSError, ValueError, TypeError, AttributeError) as e:
-        return None, f"{ENV_COSTS}={path} unreadable: {type(e).__name__}: {e}"
-    if card is not None and costs.card != card:
-        return None, f"{ENV_COSTS}={path} was measured on {costs.card!r}, this card is {card!r}"
-    return costs, f"costs measured on {costs.card} ({costs.date})"
-
-
-@functools.lru_cache(maxsize=8)
-def _read_costs(path: str, mtime_ns: int, size: int) -> TokenParallelCosts:
-    with open(path) as f:
-        data = json.load(f)
-    return TokenParallelCosts.from_dict(data.get("costs", data))
-
-
-# --------------------------------------------------------------------------------------------------- adapter
-
-
 def choose_extend_strategy(mode: str, world: int, prefix_lens: list[int], extend_lens: list[int],
                            heads_per_rank: int, costs: TokenParallelCosts | None) -> tuple[str, str]:
     """Pure: the strategy for one extend batch (``heads`` | ``indexer`` | ``tokens``) and the reason.
@@ -158,11 +127,10 @@ def choose_extend_strategy(mode: str, world: int, prefix_lens: list[int], extend
     T = len(keys)
     shape = BatchShape(num_tokens=T, mean_keys=sum(keys) / T if T else 0.0, max_keys=max(keys, default=0),
                        num_heads=heads_per_rank * world, world=world)
-    strategy = choose(shape, costs or DEFAULT_COSTS, mode)
+    plan = choose(shape, costs, mode)
     if mode != "auto":
-        return strategy, f"{mode} (forced)" if strategy != "heads" else f"{mode}: nothing to split"
-    times = ", ".join(f"{s} {predict(shape, s, costs)['total']:.3f} ms" for s in ("heads", "indexer", "tokens"))
-    return strategy, f"auto ({costs.card} {costs.date}): {T} rows, {shape.mean_keys:.0f} keys a row; {times}"
+        return plan.strategy, f"{mode} (forced)" if plan.strategy != "heads" else f"{mode}: nothing to split"
+    return plan.strategy, f"{T} rows, {shape.mean_keys:.0f} keys a row; {plan.reason}"
 
 
 @dataclasses.dataclass(frozen=True)
@@ -251,8 +219,7 @@ def _decide(mode: str, world: int, prefix: tuple[int, ...], extend: tuple[int, .
     if strategy == "indexer":
         split = plan_index_split(keys, world)
     else:  # rows weighed by indexer + all-heads sparse work (the costs only weigh rows here, not choose)
-        split = plan_token_split(len(keys), world, costs=token_costs(keys, costs or DEFAULT_COSTS,
-                                                                     heads_per_rank * world))
+        split = plan_token_split(len(keys), world, costs=token_costs(keys, costs, heads_per_rank * world))
     return strategy, reason, split.splits
 
 
