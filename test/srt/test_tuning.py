@@ -26,12 +26,14 @@ def test_shape_classes():
     assert tuning.shape_class("sparse_mla_fwd", q48, fp8) == "h64/fp8"
     assert tuning.shape_class("sparse_mla_fwd", torch.zeros(1, 200, 576), bf16) == "h>128/bf16"
     pages = torch.zeros(2, 64, 1, 656, dtype=torch.uint8)
-    assert tuning.shape_class("sparse_mla_decode", q16, pages) == "h16/fp8/b<=8"
+    assert tuning.shape_class("sparse_mla_decode", q16, pages) == "h16/fp8/b<=4"
+    assert [tuning.shape_class("sparse_mla_decode", torch.zeros(b, 16, 576), pages)[-4:] for b in (1, 2, 3, 8)] == [
+        "b<=1", "b<=2", "b<=4", "b<=8"]  # 2-8 row decode batches have classes of their own
     assert tuning.shape_class("sparse_mla_decode", torch.zeros(9, 16, 576), pages) == "h16/fp8/b<=64"
     assert tuning.shape_class("sparse_mla_decode", torch.zeros(65, 16, 576), pages) == "h16/fp8/b>64"
     # A plan and the decode it plans land in the same class.
     assert tuning.shape_class("plan_sparse_mla_decode", 4, 16, 2048, kv_dtype="fp8_e4m3", device="cpu") == (
-        "h16/fp8/b<=8"
+        "h16/fp8/b<=4"
     )
     assert tuning.shape_class("plan_sparse_mla_decode", 4096, 128, 2048, kv_dtype=torch.bfloat16) == (
         "h128/bf16/b>64"

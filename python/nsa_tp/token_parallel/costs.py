@@ -141,7 +141,7 @@ def load_costs(card: str | None) -> tuple[Costs | None, str]:
     """The record for ``card`` (``NSA_TP_TOKEN_PARALLEL_COSTS`` first, then the committed file), or None and
     why not. Read once per path, modification time and size (not once per batch)."""
     if card is None:
-        return None, "no GPU, so no card to read measured costs for"
+        return None, "no measured costs (no GPU: no card to read them for)"
     env = os.environ.get(ENV_COSTS, "").strip()
     path = Path(env) if env else costs_path(card)
     where = f"{ENV_COSTS}={env}" if env else str(path)

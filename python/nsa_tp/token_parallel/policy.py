@@ -232,13 +232,14 @@ def describe_grid(costs: Costs | None, worlds: Sequence[int] = (2, 4, 8),
 # --------------------------------------------------------------------------------------------------
 
 
-def token_costs(key_counts: Sequence[int], costs: Costs | None, num_heads: int = 128) -> list[float] | None:
+def token_costs(key_counts: Sequence[int], costs: Costs | None, num_heads: int = 128) -> list[float]:
     """Predicted time (ns) of each token in token-parallel mode: its indexer row plus its sparse row, the
     weights :func:`nsa_tp.token_parallel.plan.plan_token_split` balances causal prefill by. ``key_counts[t]``
     is how many keys token ``t`` scores; a token with none costs nothing. ``costs=None`` (nothing measured on
-    this card: a forced split): None, so the split is even by rows."""
+    this card, a forced split): the key counts themselves, i.e. balanced by the indexer's work alone, as the
+    ``indexer`` split is (no invented per-row constant)."""
     if costs is None:
-        return None
+        return [float(k) for k in key_counts]
     per_row = costs.sparse_ns(num_heads)
     return [costs.indexer_ns_per_row_key * k + (per_row if k > 0 else 0.0) for k in key_counts]
 

@@ -199,9 +199,9 @@ def plan_extend(forward_batch: Any, rank: int, world: int, heads_per_rank: int, 
     if world < 2 or mode == "off":  # nothing to split: skip the per-row work below
         return ExtendPlan("heads", "attention TP group of 1" if world < 2 else "switched off",
                           (sum(extend),) + (0,) * (world - 1), rank, key)
-    if mode == "auto" and costs is None:
+    if costs is None:  # the card's one record (also weighs a forced split's rows)
         costs, why = load_costs(card)
-        if costs is None:
+        if costs is None and mode == "auto":
             return ExtendPlan("heads", f"auto: {why}", (sum(extend),) + (0,) * (world - 1), rank, key)
     strategy, reason, splits = _decide(mode, world, tuple(prefix), tuple(extend), heads_per_rank, costs)
     return ExtendPlan(strategy, reason, splits, rank, key)
