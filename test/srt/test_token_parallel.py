@@ -13,6 +13,7 @@ from nsa_tp.ops.topk import topk_positions
 from nsa_tp.parallel import resolve_layout
 from nsa_tp.parallel.collectives import a2a_bytes_per_rank, fp8_pack_rows, fp8_row_bytes, fp8_unpack_rows
 from nsa_tp.token_parallel.core import shard_page_table
+from nsa_tp.token_parallel.costs import Costs
 from nsa_tp.token_parallel.merge import local_topk, merge_topk
 from nsa_tp.token_parallel.plan import (
     TokenSplit,
@@ -24,7 +25,6 @@ from nsa_tp.token_parallel.plan import (
     transient_buffers,
     transient_peak_bytes,
 )
-from nsa_tp.token_parallel.costs import Costs
 from nsa_tp.token_parallel.policy import (
     BatchShape,
     Plan,

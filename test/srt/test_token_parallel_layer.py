@@ -41,7 +41,8 @@ def test_layer_token_parallel_two_ranks(reference):
     cases = [_case(2, name="TP2 tokens"), _case(2, name="TP2 tokens fp8", kv_cache_dtype="fp8_e4m3"),
              _case(2, name="TP2 indexer", core="token_parallel_indexer"), _case(2, name="TP2 heads", core="heads")]
     lay = cases[0].layout()
-    assert choose(BatchShape.of(lay, 3, 100, is_decode=True), None, "on").strategy == "tokens"  # 3 decode requests >= 2 ranks
+    # 3 decode requests >= 2 ranks
+    assert choose(BatchShape.of(lay, 3, 100, is_decode=True), None, "on").strategy == "tokens"
     results = run_layouts(cases, 2)
     for case, res in zip(cases, results, strict=True):
         _check(case, res, reference)
@@ -55,7 +56,7 @@ def test_layer_token_parallel_four_ranks(reference):
     cases = [_case(4, name="TP4 keys-decode"), _case(4, 2, True, name="DP2xTP2"),
              _case(4, name="TP4 indexer", core="token_parallel_indexer"),
              _case(4, 2, True, name="DP2xTP2 indexer", core="token_parallel_indexer")]
-    assert choose(BatchShape.of(cases[0].layout(), 3, 100, is_decode=True), None, "on").strategy == "keys"  # 3 < 4 ranks
+    assert choose(BatchShape.of(cases[0].layout(), 3, 100, is_decode=True), None, "on").strategy == "keys"  # 3 < 4
     for case, res in zip(cases, run_layouts(cases, 4), strict=True):
         _check(case, res, reference)
         if case.enable_dp_attention:  # requests 0, 2 on group 0 and 1 on group 1: group 1 pads
