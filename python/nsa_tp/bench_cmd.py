@@ -278,10 +278,10 @@ def main(args: argparse.Namespace) -> int:
 
 
 def _costs_main(args: argparse.Namespace, device: Any, card: str, now: Any, command: str) -> int:
-    from nsa_tp.bench.costs import DEFAULT_COMM_JSON, measure_costs
+    from nsa_tp.bench.costs import default_comm_json, measure_costs
     from nsa_tp.token_parallel.costs import costs_path
 
-    comm = args.comm_json or DEFAULT_COMM_JSON
+    comm = args.comm_json or str(default_comm_json())
     costs = measure_costs(device, card, now.isoformat(timespec="seconds"), command, comm)
     path = costs_path(card, args.measured_dir)
     os.makedirs(path.parent, exist_ok=True)

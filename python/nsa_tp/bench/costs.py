@@ -24,11 +24,16 @@ from nsa_tp.bench.kernels import _logits_inputs, _random_kv, _timed
 from nsa_tp.token_parallel.costs import Costs
 from nsa_tp.token_parallel.merge import merge_topk
 
-__all__ = ["DEFAULT_COMM_JSON", "collectives_from_nccl_run", "measure_costs"]
+__all__ = ["DEFAULT_COMM_JSON", "default_comm_json", "collectives_from_nccl_run", "measure_costs"]
 
-DEFAULT_COMM_JSON = "benchmark/results/token_parallel_h200x4_20261127.json"
+DEFAULT_COMM_JSON = "benchmark/results/token_parallel_h200x4_20261127.json"  # relative to the repository root
 _T, _N, _K = 4096, 32768, 2048  # prefill pieces: the last 4096 rows of a 32K causal context, top-k 2048
 _DECODE_CTX = (8192, 65536)  # two decode contexts: the decode indexer's floor and slope
+
+
+def default_comm_json() -> Path:
+    """:data:`DEFAULT_COMM_JSON` in this checkout (the package lives at ``<repo>/python/nsa_tp``)."""
+    return Path(__file__).resolve().parents[3] / DEFAULT_COMM_JSON
 
 
 def collectives_from_nccl_run(path: str | os.PathLike[str]) -> dict[str, object]:
