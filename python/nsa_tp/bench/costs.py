@@ -24,7 +24,8 @@ from nsa_tp.bench.kernels import _logits_inputs, _random_kv, _timed
 from nsa_tp.token_parallel.costs import Costs
 from nsa_tp.token_parallel.merge import merge_topk
 
-__all__ = ["DEFAULT_COMM_JSON", "default_comm_json", "collectives_from_nccl_run", "measure_costs"]
+__all__ = ["DEFAULT_COMM_JSON", "default_comm_json", "collectives_from_a2a", "collectives_from_nccl_run",
+           "measure_costs"]
 
 DEFAULT_COMM_JSON = "benchmark/results/token_parallel_h200x4_20261127.json"  # relative to the repository root
 _T, _N, _K = 4096, 32768, 2048  # prefill pieces: the last 4096 rows of a 32K causal context, top-k 2048
@@ -36,22 +37,29 @@ def default_comm_json() -> Path:
     return Path(__file__).resolve().parents[3] / DEFAULT_COMM_JSON
 
 
-def collectives_from_nccl_run(path: str | os.PathLike[str]) -> dict[str, object]:
-    """Latency (µs) and per-rank bandwidth (GB/s) of all-to-all and all-gather from a committed
-    ``benchmark/bench_token_parallel.py`` JSON (its ``"a2a"`` block: ``heads_to_tokens`` at two sizes)."""
-    with open(path) as f:
-        data = json.load(f)
-    pts = sorted(data["a2a"], key=lambda a: a["bytes_per_rank"])
+def collectives_from_a2a(points: list[dict[str, float]], label: str) -> dict[str, object]:
+    """Latency (µs) and per-rank bandwidth (GB/s) from all-to-all timings at two or more sizes (``bytes_per_rank``
+    and ``ms`` each): the latency is the *smallest* all-to-all's time, the bandwidth the slope to the largest."""
+    pts = sorted(points, key=lambda a: a["bytes_per_rank"])
     small, big = pts[0], pts[-1]
     if big["bytes_per_rank"] <= small["bytes_per_rank"] or big["ms"] <= small["ms"]:
-        raise ValueError(f"{path}: the a2a block needs two sizes with growing time, got {pts}")
+        raise ValueError(f"{label}: the a2a block needs two sizes with growing time, got {pts}")
     gbps = (big["bytes_per_rank"] - small["bytes_per_rank"]) / ((big["ms"] - small["ms"]) * 1e-3) / 1e9
     lat_us = small["ms"] * 1e3
-    source = (f"{Path(path).name} ({data.get('card')} x{data.get('world')}, NCCL, {data.get('date')}): latency = "
-              f"its small all-to-all ({small['bytes_per_rank']} B a rank, {lat_us:.1f} us); bandwidth = the slope "
-              f"to its large one ({big['bytes_per_rank']} B); all-gather: the all-to-all's numbers (not timed)")
+    source = (f"{label}: latency = its small all-to-all ({small['bytes_per_rank']} B a rank, {lat_us:.1f} us); "
+              f"bandwidth = the slope to its large one ({big['bytes_per_rank']} B); all-gather: the all-to-all's "
+              "numbers (not timed)")
     return dict(a2a_latency_us=lat_us, a2a_gbytes_per_s=gbps, gather_latency_us=lat_us, gather_gbytes_per_s=gbps,
                 collectives_source=source)
+
+
+def collectives_from_nccl_run(path: str | os.PathLike[str]) -> dict[str, object]:
+    """:func:`collectives_from_a2a` of a committed ``benchmark/bench_token_parallel.py`` JSON (its ``"a2a"``
+    block: ``heads_to_tokens`` at two sizes)."""
+    with open(path) as f:
+        data = json.load(f)
+    return collectives_from_a2a(data["a2a"], f"{Path(path).name} ({data.get('card')} x{data.get('world')}, "
+                                             f"NCCL, {data.get('date')})")
 
 
 def _piece(fn: Callable[[], object], graph: bool = False) -> tuple[float, str]:
