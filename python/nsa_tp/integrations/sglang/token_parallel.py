@@ -27,7 +27,7 @@ which their collectives need):
   core stays upstream's. Only when forced (``--nsa-token-parallel indexer``): the shared cost model does not
   price it yet, so ``auto`` never picks it.
 - ``tokens``: the indexer split above (its rows = the rank's token rows), plus the sparse core
-  token-parallel over all heads. ``auto`` picks it where :func:`nsa_tp.token_parallel.choose_strategy`
+  token-parallel over all heads. ``auto`` picks it where :func:`nsa_tp.token_parallel.choose`
   predicts it faster from costs measured on this card.
 """
 
@@ -58,8 +58,7 @@ from nsa_tp.token_parallel import (
     plan_token_split,
     tokens_sparse_mla,
 )
-from nsa_tp.token_parallel.costs import ENV_COSTS, load_costs
-from nsa_tp.token_parallel.costs import Costs as TokenParallelCosts
+from nsa_tp.token_parallel.costs import ENV_COSTS, Costs, load_costs
 from nsa_tp.token_parallel.policy import token_costs
 
 __all__ = [
@@ -112,7 +111,7 @@ def add_cli_flag(parser: argparse.ArgumentParser) -> None:
 
 
 def choose_extend_strategy(mode: str, world: int, prefix_lens: list[int], extend_lens: list[int],
-                           heads_per_rank: int, costs: TokenParallelCosts | None) -> tuple[str, str]:
+                           heads_per_rank: int, costs: Costs | None) -> tuple[str, str]:
     """Pure: the strategy for one extend batch (``heads`` | ``indexer`` | ``tokens``) and the reason.
 
     The shared policy decides (:func:`nsa_tp.token_parallel.choose` on a :class:`~nsa_tp.token_parallel.BatchShape`
@@ -181,7 +180,7 @@ def batch_key(forward_batch: Any) -> tuple:
 
 
 def plan_extend(forward_batch: Any, rank: int, world: int, heads_per_rank: int, *, mode: str | None = None,
-                costs: TokenParallelCosts | None = None, card: str | None = None) -> ExtendPlan:
+                costs: Costs | None = None, card: str | None = None) -> ExtendPlan:
     """The :class:`ExtendPlan` for this batch on ``rank`` of an attention TP group of ``world`` ranks.
 
     Reads ``forward_mode``, ``extend_prefix_lens_cpu`` and ``extend_seq_lens_cpu`` (host lists; no device
@@ -209,7 +208,7 @@ def plan_extend(forward_batch: Any, rank: int, world: int, heads_per_rank: int, 
 
 @functools.lru_cache(maxsize=256)
 def _decide(mode: str, world: int, prefix: tuple[int, ...], extend: tuple[int, ...], heads_per_rank: int,
-            costs: TokenParallelCosts | None) -> tuple[str, str, tuple[int, ...]]:
+            costs: Costs | None) -> tuple[str, str, tuple[int, ...]]:
     """Strategy, reason and row split of one batch shape: pure, so cached (the per-row work is ~40 ms of host
     time at 64K rows, and serving repeats shapes: chunked-prefill chunks, same-length prompts)."""
     strategy, reason = choose_extend_strategy(mode, world, list(prefix), list(extend), heads_per_rank, costs)
