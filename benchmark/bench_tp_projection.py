@@ -1,41 +1,30 @@
 """Per-rank cost of one DSA attention layer's prefill under ``--tp 2/4/8``, measured on ONE GPU (issues 13, 20).
 
-For each prompt length (``--tokens``: 8K, 32K, 128K; one request, causal, top-k 2048, 64 index heads of
-dim 128, DeepSeek-V3.2's 128 attention heads, d_qk 576) and each TP size ``N`` (heads per rank 128/N), the
-busiest rank's pieces, each timed on this GPU:
+Per prompt length (``--tokens``: 8K, 32K, 128K; one request, causal, top-k 2048, 64 index heads x 128, 128
+heads, d_qk 576) and TP size ``N`` (``128/N`` heads a rank), the busiest rank's pieces, timed on this GPU:
 
-- ``heads`` (upstream pure TP) runs **upstream's kernels as SGLang 0.5.17-0.5.23 calls them**: the indexer over
-  all ``T`` rows (nsa-tp's chunked loop: row chunks under ``--logits-budget-gb``, each over its key window) with
-  DeepGEMM's ``fp8_mqa_logits`` (the ``deep_gemm`` tier) and sgl-kernel's ``fast_topk_transform_ragged_fused``
-  called directly with SGLang's arguments (score, lengths, topk_indices_offset, topk, row_starts), plus the
-  sparse core for the rank's ``128/N`` heads through the ``flashmla`` tier, which pads them to FlashMLA's
-  multiple (64 on SM90), runs, and trims, as SGLang does. Every piece records the tiers that ran
-  (:func:`nsa_tp.ops.registry.record_tiers`); if any ``heads`` piece ran anything but upstream's kernel the run
-  fails and writes no JSON. (``--smoke`` on CPU: the top-k goes through the ``sgl_kernel`` tier, since the
-  wheel is absent; the tests install stand-in tiers under upstream's names.)
+- ``heads`` (upstream pure TP) runs **upstream's kernels as SGLang 0.5.17-0.5.23 calls them**: the chunked
+  indexer over all ``T`` rows with DeepGEMM's ``fp8_mqa_logits`` (``deep_gemm`` tier) and sgl-kernel's
+  ``fast_topk_transform_ragged_fused`` called directly with SGLang's arguments, plus the sparse core for the
+  rank's heads through the ``flashmla`` tier (pad to FlashMLA's multiple, run, trim). Every piece records the
+  tiers that ran; a ``heads`` piece that ran anything else fails the run and no JSON is written. (``--smoke`` on
+  CPU, where the wheel is absent, takes the ``sgl_kernel`` tier; the tests install stand-ins under upstream's
+  names.)
 - ``indexer``: the indexer (``--backend``, default ``auto``) over the busiest rank's rows of
   :func:`nsa_tp.token_parallel.plan_index_split` + the all-gather of ``T x 2048`` int32 ids + ``heads``' core.
-- ``tokens``: the indexer and the 128-head sparse core (``auto``) over the busiest rank's rows of the token
-  split (:func:`nsa_tp.token_parallel.plan_token_split`, weighted by the card's Costs record) + two all-to-alls
-  (q ``576`` and o ``512`` bf16 values per row and head).
+- ``tokens``: the indexer and the 128-head sparse core (``auto``) over the busiest rank's rows of the token split
+  (weighted by the card's Costs record) + two all-to-alls (q ``576``, o ``512`` bf16 values a row and head).
 
-"Busiest": the first and the last rank of each split are timed and the larger is kept. Collectives cannot run
-on one GPU: they use the one collective model, :mod:`nsa_tp.token_parallel.costs` (``latency + bytes /
-bandwidth``, the bytes the most any rank moves), with the latency and bandwidth of the card's Costs record
-(``--costs FILE``, default the committed ``ops/measured/costs_<card>.json`` via ``load_costs``; without one,
-the committed NCCL run that ``nsa-tp bench --costs`` cites). With a record, each case also carries the
-decider's own choice and predicted ms (:func:`nsa_tp.token_parallel.choose`) next to the measured projection.
+The first and the last rank of each split are timed, the larger kept. Collectives use the one collective model
+(:mod:`nsa_tp.token_parallel.costs`) with the latency and bandwidth of the card's Costs record (``--costs FILE``,
+default ``load_costs``; without one, the committed NCCL run the record cites); with a record each case also
+carries :func:`nsa_tp.token_parallel.choose`'s choice and predicted ms. Projected attention time per layer =
+the sum of each strategy's pieces; ratios against ``heads``; ``x61`` for DeepSeek-V3.2's layers. A piece that
+would not fit in free memory, fails, or would start after ``--time-limit-s`` is named in ``"skipped"``.
 
-Projected per-layer attention time of each strategy = the sum of its pieces; ratios ``tokens/heads`` and
-``indexer/heads``; ``x61`` = the attention share of TTFT for DeepSeek-V3.2's 61 layers. A piece whose buffers
-would not fit in free GPU memory, that fails, or that would start after ``--time-limit-s`` (200 s), is named in
-the case's ``"skipped"`` list (the case then has no projection).
-
-Run (one H100 or H200, < 4 minutes; /tmp/site holds flash_mla, deep_gemm, sgl_kernel):
+Run (one H100 or H200, < 4 minutes; /tmp/site holds flash_mla, deep_gemm, sgl_kernel; or benchmark/gpu_costs.sh):
 
     PYTHONPATH=/tmp/site:python python benchmark/bench_tp_projection.py --out /tmp/out/tp_projection.json
-
-``--smoke``: tiny shapes on CPU (CI runs it with stand-in upstream tiers: test/srt/test_bench_tp_projection.py).
 """
 
 from __future__ import annotations
@@ -58,17 +47,13 @@ import torch  # noqa: E402
 from nsa_tp import ops  # noqa: E402
 from nsa_tp.attention.indexer import build_prefill_index_batch  # noqa: E402
 from nsa_tp.bench.costs import DEFAULT_COMM_JSON, collectives_from_nccl_run  # noqa: E402
+from nsa_tp.bench.upstream import tiers_of, upstream_violations  # noqa: E402
+from nsa_tp.bench_cmd import _versions  # noqa: E402
 from nsa_tp.ops.capability import get_capability  # noqa: E402
 from nsa_tp.ops.registry import record_tiers  # noqa: E402
-from nsa_tp.ops.tuning import UPSTREAM  # noqa: E402
+from nsa_tp.ops.tuning import UPSTREAM  # noqa: E402 - the kernels the heads pieces must run
 from nsa_tp.parallel.layout import padded_heads  # noqa: E402
-from nsa_tp.token_parallel import (  # noqa: E402
-    BatchShape,
-    causal_key_counts,
-    choose,
-    plan_index_split,
-    plan_token_split,
-)
+from nsa_tp.token_parallel import BatchShape, causal_key_counts, choose, plan_index_split, plan_token_split  # noqa: E402
 from nsa_tp.token_parallel.costs import Costs, a2a_bytes, collective_ms, gather_bytes, load_costs  # noqa: E402
 from nsa_tp.token_parallel.policy import token_costs  # noqa: E402
 
@@ -81,8 +66,6 @@ UPSTREAM_TOPK = "sgl_kernel.fast_topk_transform_ragged_fused"  # what SGLang's D
 def _log(msg: str) -> None:
     print(f"[bench_tp_projection {time.strftime('%H:%M:%S')}] {msg}", file=sys.stderr, flush=True)
 
-
-# ------------------------------------------------------------------------------------------------ timing
 
 
 class Timer:
@@ -111,8 +94,6 @@ class Timer:
         reps = max(1, min(self.max_reps, int(self.target_ms / max(first, 1e-3))))
         return statistics.median(self._once(fn) for _ in range(reps)), calls
 
-
-# ------------------------------------------------------------------------------------------------ inputs
 
 
 class Prompt:
@@ -175,7 +156,7 @@ def indexer_fn(p: Prompt, rows: range, budget_bytes: int, backend: str) -> Calla
                                                         backend=topk_tier)
         return out
 
-    run.direct = {"topk": UPSTREAM_TOPK} if fused is not None else {}  # type: ignore[attr-defined]
+    run.direct = {"topk_transform_ragged": UPSTREAM_TOPK} if fused is not None else {}  # type: ignore[attr-defined]
     if backend == "upstream" and fused is None and p.device.type == "cuda":
         raise RuntimeError(f"{UPSTREAM_TOPK} is not importable: install sglang-kernel (the heads baseline must be "
                            "upstream's kernel)")
@@ -200,8 +181,6 @@ def _indexer_bytes(rows: int, topk: int, budget: int) -> int:
     return rows * topk * 4 + budget + rows * IDX_HEADS * 5  # top-k buffer, one logits chunk, q8 + weights
 
 
-# ------------------------------------------------------------------------------------------------ the run
-
 
 class Bench:
     def __init__(self, args: argparse.Namespace, device: torch.device, costs: Costs | None,
@@ -215,12 +194,8 @@ class Bench:
         self.t0 = time.perf_counter()
 
     def fits(self, nbytes: int) -> str | None:
-        if self.device.type != "cuda":
-            return None
-        free, _ = torch.cuda.mem_get_info(self.device)
-        if nbytes > 0.9 * free:
-            return f"needs ~{nbytes / 2**30:.1f} GiB, {free / 2**30:.1f} GiB free"
-        return None
+        free = torch.cuda.mem_get_info(self.device)[0] if self.device.type == "cuda" else float("inf")
+        return f"needs ~{nbytes / 2**30:.1f} GiB, {free / 2**30:.1f} GiB free" if nbytes > 0.9 * free else None
 
     def timed(self, key: tuple, what: str, nbytes: int, make: Callable[[], Callable[[], object]]) -> float | str:
         """ms of the piece (cached by ``key``), or the reason it was skipped."""
@@ -237,7 +212,7 @@ class Bench:
         try:
             fn = make()
             ms, calls = self.timer(fn)
-            self.tiers[key] = _tiers_of(calls, getattr(fn, "direct", {}))
+            self.tiers[key] = tiers_of(calls, getattr(fn, "direct", {}))
         except torch.cuda.OutOfMemoryError as e:  # an estimate that was too low: say so, keep going
             _log(f"skip {what}: out of memory ({e})")
             self.cache[key] = "skipped: out of memory"
@@ -300,9 +275,10 @@ class Bench:
         rt = max(ranks, key=lambda r: tok_rank[r][0] + tok_rank[r][1])
         pieces.update(indexer_index_split=idx_rank[ri], indexer_token_split=tok_rank[rt][0],
                       sparse_all_heads=tok_rank[rt][1])
-        tiers["indexer_index_split"] = self.tiers.get(("idx", T, *_ends(isplit.rows(ri)), a.backend), {})
-        tiers["indexer_token_split"] = self.tiers.get(("idx", T, *_ends(tsplit.rows(rt)), a.backend), {})
-        tiers["sparse_all_heads"] = self.tiers.get(("sparse", T, *_ends(tsplit.rows(rt)), HEADS, a.sparse_backend), {})
+        ir, tr = isplit.rows(ri), tsplit.rows(rt)
+        tiers["indexer_index_split"] = self.tiers.get(("idx", T, ir.start, ir.stop, a.backend), {})
+        tiers["indexer_token_split"] = self.tiers.get(("idx", T, tr.start, tr.stop, a.backend), {})
+        tiers["sparse_all_heads"] = self.tiers.get(("sparse", T, tr.start, tr.stop, HEADS, a.sparse_backend), {})
         out.update(busiest_rank=dict(indexer=ri, tokens=rt), measured_ms=pieces)
         heads = pieces["heads_indexer_all_rows"] + pieces["heads_sparse_padded"]
         indexer = pieces["indexer_index_split"] + modeled["all_gather_ids"] + pieces["heads_sparse_padded"]
@@ -324,59 +300,34 @@ def _modeled(isplit: tuple[int, ...], tsplit: tuple[int, ...], h: int, K: int,
     return nbytes, {k: collective_ms(b, *(gather if k == "all_gather_ids" else a2a)) for k, b in nbytes.items()}
 
 
-def _ends(r: range) -> tuple[int, int]:
-    return r.start, r.stop
-
-
-def _tiers_of(calls: list[tuple[str, str]], direct: dict[str, str]) -> dict[str, str]:
-    """``{op: tier(s) that ran}`` of one piece: the dispatcher's record plus kernels called directly."""
-    ran: dict[str, set[str]] = {}
-    for op, tier in calls:
-        ran.setdefault(op, set()).add(tier)
-    out = {op: "+".join(sorted(t)) for op, t in ran.items()}
-    out.update({"topk_transform_ragged" if k == "topk" else k: f"{v} (direct call)" for k, v in direct.items()})
-    return out
-
-
-# The ops each heads piece must run, and nothing but upstream's kernel for them.
 HEADS_OPS = {"heads_indexer_all_rows": ("fp8_mqa_logits", "topk_transform_ragged"),
              "heads_sparse_padded": ("sparse_mla_fwd",)}
 
 
-def upstream_violations(cases: list[dict[str, Any]]) -> list[str]:
-    """Every heads piece that ran something other than upstream's kernel (or did not run its ops at all)."""
-    bad = []
-    for c in cases:
-        for piece, want_ops in HEADS_OPS.items():
-            if not isinstance(c["measured_ms"].get(piece), float):
-                continue  # skipped or failed: named in the case, not a mislabelled measurement
-            got = c["tiers"].get(piece, {})
-            for op in set(want_ops) | set(got):
-                ok = got.get(op) == UPSTREAM.get(op) or (op == "topk_transform_ragged" and got.get(op) ==
-                                                          f"{UPSTREAM_TOPK} (direct call)")
-                if not ok:
-                    bad.append(f"T={c['tokens']} tp={c['tp']} {piece}: {op} ran {got.get(op, 'nothing')!r}, "
-                               f"upstream's is {UPSTREAM.get(op)!r}")
-    return bad
+def heads_violations(cases: list[dict[str, Any]]) -> list[str]:
+    """Every heads piece that ran something other than upstream's kernel (skipped or failed pieces are named in
+    their case instead)."""
+    return [line for c in cases for piece, ops_ in HEADS_OPS.items() if isinstance(c["measured_ms"].get(piece), float)
+            for line in upstream_violations(f"T={c['tokens']} tp={c['tp']} {piece}", c["tiers"].get(piece, {}), ops_,
+                                            {"topk_transform_ragged": UPSTREAM_TOPK})]
 
 
 def _table(cases: list[dict]) -> str:
-    head = (f"{'T':>7} {'tp':>3} {'h':>3} {'idx all':>9} {'sparse pad':>10} {'idx /N':>8} {'gather':>7} "
-            f"{'idx tok':>8} {'sparse128':>9} {'a2a q+o':>8} | {'heads':>9} {'indexer':>9} {'tokens':>9} "
-            f"{'tok/hd':>6} {'idx/hd':>6}")
+    cols = [("idx all", "heads_indexer_all_rows"), ("sparse pad", "heads_sparse_padded"),
+            ("idx /N", "indexer_index_split"), ("gather", "all_gather_ids"), ("idx tok", "indexer_token_split"),
+            ("sparse128", "sparse_all_heads"), ("a2a q", "all_to_all_q"), ("a2a o", "all_to_all_o")]
+    head = (f"{'T':>7} {'tp':>3} {'h':>3} " + " ".join(f"{n:>10}" for n, _ in cols) + " | "
+            + " ".join(f"{n:>9}" for n in ("heads", "indexer", "tokens", "tok/hd", "idx/hd")))
     lines = [head, "-" * len(head)]
     for c in cases:
-        m, mod = c["measured_ms"], c["modeled_ms"]
+        m = {**c["measured_ms"], **c["modeled_ms"]}
+        row = f"{c['tokens']:>7} {c['tp']:>3} {c['heads_per_rank']:>3} "
         if not c["projected_ms"]:
-            lines.append(f"{c['tokens']:>7} {c['tp']:>3} {c['heads_per_rank']:>3}  skipped: {'; '.join(c['skipped'])}")
+            lines.append(row + f" skipped: {'; '.join(c['skipped'])}")
             continue
         p, r = c["projected_ms"], c["ratio"]
-        lines.append(
-            f"{c['tokens']:>7} {c['tp']:>3} {c['heads_per_rank']:>3} {m['heads_indexer_all_rows']:>9.3f} "
-            f"{m['heads_sparse_padded']:>10.3f} {m['indexer_index_split']:>8.3f} {mod['all_gather_ids']:>7.3f} "
-            f"{m['indexer_token_split']:>8.3f} {m['sparse_all_heads']:>9.3f} "
-            f"{mod['all_to_all_q'] + mod['all_to_all_o']:>8.3f} | {p['heads']:>9.3f} {p['indexer']:>9.3f} "
-            f"{p['tokens']:>9.3f} {r['tokens_over_heads']:>6.3f} {r['indexer_over_heads']:>6.3f}")
+        ends = (p["heads"], p["indexer"], p["tokens"], r["tokens_over_heads"], r["indexer_over_heads"])
+        lines.append(row + " ".join(f"{m[k]:>10.3f}" for _, k in cols) + " | " + " ".join(f"{v:>9.3f}" for v in ends))
     return "\n".join(lines)
 
 
@@ -457,7 +408,7 @@ def main(argv: list[str] | None = None) -> int:
         del p
         if device.type == "cuda":
             torch.cuda.empty_cache()
-    bad = upstream_violations(cases)
+    bad = heads_violations(cases)
     if bad:
         for line in bad:
             _log(f"ERROR {line}")
@@ -480,16 +431,6 @@ def main(argv: list[str] | None = None) -> int:
                "indexer = fp8 logits + top-k (chunked), without the q/k projections and the key gather"]))
     _log(f"wrote {args.out} ({time.perf_counter() - t0:.1f} s)")
     return 0
-
-
-def _versions() -> dict[str, str | None]:
-    out: dict[str, str | None] = {}
-    for name in ("triton", "flash_mla", "deep_gemm", "sgl_kernel"):
-        try:
-            out[name] = getattr(__import__(name), "__version__", "installed")
-        except Exception:  # noqa: BLE001 - absent or broken: recorded as None
-            out[name] = None
-    return out
 
 
 def _write(path: str, data: dict) -> None:

@@ -324,7 +324,7 @@ def _kernels_main(args: argparse.Namespace, device: Any, card: str, now: Any, co
              "sources": [{"file": stem + ".json", "command": command}],
              "note": "sums of per-case medians (ms) per op and shape class, written by nsa-tp bench (never by hand)",
              "times": tuning.table_from_rows(dicts)}
-    auto_rows = _auto_pass(sections, dicts, table, args.out)
+    auto_rows = _auto_pass(sections, dicts, table)
     if _refuse_mislabelled(auto_rows, "auto rows"):
         return 1
     check = auto_check([r.to_dict() for r in auto_rows])
@@ -358,8 +358,7 @@ def _refuse_mislabelled(rows: list[Any], what: str) -> bool:
     return bool(bad)
 
 
-def _auto_pass(sections: list[tuple[str, Any]], dicts: list[dict[str, Any]], table: dict[str, Any],
-               out: str) -> list[Any]:
+def _auto_pass(sections: list[tuple[str, Any]], dicts: list[dict[str, Any]], table: dict[str, Any]) -> list[Any]:
     """Every case again with this run's table loaded: ``auto`` and the case's fastest tier, both timed."""
     import tempfile
 
