@@ -75,7 +75,7 @@ EOF
   esac
 }
 
-echo "sglang_multi_gpu: $N GPUs, models: $MODELS, runs:$RUNS, lens $LENS, context $SGL_CONTEXT, auto costs: ${COSTS:-none}"
+echo "sglang_multi_gpu: $N GPUs, models: $MODELS, runs:$RUNS, lens $LENS, context $SGL_CONTEXT, auto costs: ${COSTS:-the committed record of the card}"
 for model in $MODELS; do
   cfg=$(model_config "$model") || continue
   echo "=== model $model ($cfg) $(date -u +%H:%M:%S)"
