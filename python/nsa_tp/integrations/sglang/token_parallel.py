@@ -110,6 +110,9 @@ def add_cli_flag(parser: argparse.ArgumentParser) -> None:
     )
 
 
+# --------------------------------------------------------------------------------------------------- adapter
+
+
 def choose_extend_strategy(mode: str, world: int, prefix_lens: list[int], extend_lens: list[int],
                            heads_per_rank: int, costs: Costs | None) -> tuple[str, str]:
     """Pure: the strategy for one extend batch (``heads`` | ``indexer`` | ``tokens``) and the reason.
