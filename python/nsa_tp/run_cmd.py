@@ -30,7 +30,8 @@ from nsa_tp.cli import UsageError, add_layout_args, int_at_least, layout_from_ar
 from nsa_tp.config import NSAConfig
 from nsa_tp.model.core import CORE_MODES
 from nsa_tp.model.runner import CaseResult, Request, RunCase, compare_results, run_layouts
-from nsa_tp.token_parallel.policy import choose_strategy
+from nsa_tp.token_parallel.costs import load_costs
+from nsa_tp.token_parallel.policy import BatchShape, choose
 
 __all__ = ["add_arguments", "main", "default_layouts", "default_requests", "case_strategies", "verdict", "COLUMNS"]
 
@@ -149,23 +150,32 @@ def case_strategies(case: RunCase) -> str:
     """What a :class:`~nsa_tp.model.runner.RunCase`'s core splits over the attention TP group, as
     ``"<prefill>/<decode>"`` per attention DP group (distinct values joined by ``,``): ``heads`` (pure TP),
     ``indexer``, ``tokens`` or ``keys``; ``-`` for a core that is not token-parallel aware. The same pure
-    policy the core runs (``choose_strategy``), for the run table."""
+    policy the core runs (``choose`` with this machine's measured costs), for the run table."""
     if case.core not in CORE_MODES:
         return "-"
     lay = case.layout()
     mode = CORE_MODES[case.core]
+    costs = load_costs(_card())[0]
     seen: list[str] = []
     for reqs in case.groups_of_requests(lay.attn_dp_size):
         if not reqs:
             continue  # an idle attention DP group runs no core
         rs = [case.requests[i] for i in reqs]
         keys = [r.prefix_len + i + 1 for r in rs for i in range(r.new_len)]
-        pre = choose_strategy(lay, len(keys), sum(keys) / len(keys), mode, max_keys=max(keys))
+        pre = choose(BatchShape.of(lay, len(keys), sum(keys) / len(keys), max(keys)), costs, mode).strategy
         ctx = [r.prefix_len + r.new_len + 1 for r in rs]
-        dec = choose_strategy(lay, len(rs), sum(ctx) / len(ctx), mode, max_keys=max(ctx), is_decode=True)
+        dec = choose(BatchShape.of(lay, len(rs), sum(ctx) / len(ctx), max(ctx), is_decode=True), costs, mode).strategy
         if f"{pre}/{dec}" not in seen:
             seen.append(f"{pre}/{dec}")
     return ",".join(seen) or "-"
+
+
+def _card() -> str | None:
+    import torch
+
+    from nsa_tp.ops.capability import get_capability
+
+    return get_capability().name if torch.cuda.is_available() else None
 
 
 def _row(case: RunCase, ranks: list[CaseResult], ref: CaseResult) -> dict[str, Any]:
