@@ -117,8 +117,9 @@ def mislabelled(rows: Sequence[Row]) -> list[str]:
     return bad
 
 
-def _timed(fn: Callable[[], object], graph: bool = False) -> tuple[float | None, str, list[str]]:
-    """Median ms of ``fn()`` (None and the reason where it could not run) and the tiers its first call ran.
+def _timer(fn: Callable[[], object], graph: bool = False) -> tuple[Callable[[], float] | None, str, list[str]]:
+    """A timer for ``fn()`` (it returns the median ms of one pass), or None and the reason where ``fn`` could
+    not run; the note; and the tiers its first call ran.
 
     ``graph=True`` times replays of ``fn`` captured in a CUDA graph: how SGLang runs decode (CUDA graphs are
     on by default), where the host-side cost of a launch is gone and small batches are GPU time only. If the
@@ -137,11 +138,33 @@ def _timed(fn: Callable[[], object], graph: bool = False) -> tuple[float | None,
             with torch.cuda.graph(g):
                 fn()
             torch.cuda.synchronize()
-            return median_ms(g.replay), "CUDA graph replay", ran
+            return (lambda: median_ms(g.replay)), "CUDA graph replay", ran
         except Exception as e:  # noqa: BLE001 - e.g. a host sync inside: time it eagerly, say so
             torch.cuda.synchronize()
-            return median_ms(fn), f"eager (graph capture failed: {type(e).__name__})", ran
-    return median_ms(fn), "", ran
+            return (lambda: median_ms(fn)), f"eager (graph capture failed: {type(e).__name__})", ran
+    return (lambda: median_ms(fn)), "", ran
+
+
+def _timed(fn: Callable[[], object], graph: bool = False) -> tuple[float | None, str, list[str]]:
+    """:func:`_timer` run once: the median ms (None where ``fn`` could not run), the note, the tiers that ran."""
+    timer, note, ran = _timer(fn, graph)
+    return (timer() if timer else None), note, ran
+
+
+# The auto check's rounds: the fastest tier and auto are timed alternately this many times and each keeps its
+# median, so a clock or temperature drift during the case hits both alike. (One pass each, back to back,
+# measured the same FlashMLA kernel 9% apart on an H100, 2026-12-06: drift, not a routing error.)
+AUTO_CHECK_ROUNDS = 7
+
+
+def _interleaved(timers: Sequence[Callable[[], float] | None], rounds: int) -> list[float | None]:
+    """Median over ``rounds`` alternating passes of every timer (None stays None)."""
+    samples: list[list[float]] = [[] for _ in timers]
+    for _ in range(rounds):
+        for s, t in zip(samples, timers, strict=True):
+            if t is not None:
+                s.append(t())
+    return [sorted(s)[len(s) // 2] if s else None for s in samples]
 
 
 def _rate(amount: float, ms: float | None, unit: float) -> float | None:
@@ -202,20 +225,25 @@ def _case_rows(
     if fastest is not None:
         best = fastest.get(case_key(op, shape))
         tiers = [best, "auto"] if best in tiers else []
-    rows: list[Row] = []
+    timed = []
     for tier in tiers:
         thunk = _thunk(op, tier, args, kwargs, call)
-        if isinstance(thunk, str):
-            rows.append(Row(op, tier, shape, None, note=thunk[:300], cls=cls))
+        prepared = _timer(thunk, graph) if not isinstance(thunk, str) else (None, thunk[:300], [])
+        timed.append((tier, thunk, *prepared))
+    timers = [t[2] for t in timed]
+    times = _interleaved(timers, AUTO_CHECK_ROUNDS) if fastest is not None else [t and t() for t in timers]
+    rows: list[Row] = []
+    for (tier, _, timer, note, ran), ms in zip(timed, times, strict=True):
+        if timer is None:
+            rows.append(Row(op, tier, shape, None, note=note, cls=cls))
             continue
-        ms, note, ran = _timed(thunk, graph)
         if tier == "auto":
             note = f"auto runs {_auto_choice(op, args, kwargs)}; {note}".rstrip("; ")
         tf = _rate(useful_flops, ms, 1e12) if useful_flops else None
         gb = _rate(moved_bytes, ms, 1e9)
         rows.append(Row(op, tier, shape, ms, tf, gb, _frac(tf if compute_bound else gb, ceiling), note,
                         cls if tier != "auto" else None, ran=ran))
-        del thunk
+    del timed, timers
     up = tuning.UPSTREAM.get(op)
     up_ms = next((r.ms for r in rows if r.tier == up), None)
     for r in rows:
