@@ -21,6 +21,7 @@ import pytest
 import torch
 
 from nsa_tp.integrations.sglang import _compat, _version, attention_hooks, layout_check, token_parallel
+from nsa_tp.integrations.sglang._switch import ENV_MODE
 from nsa_tp.integrations.sglang import _log as plugin_log
 from nsa_tp.integrations.sglang._log import logger as plugin_logger
 from nsa_tp.integrations.sglang._switch import ENV_VAR
@@ -227,7 +228,15 @@ def sglang_hooks():
     saved_hooks = {k: list(v) for k, v in HookRegistry._hooks.items()}
     saved_patched = set(HookRegistry._patched)
     saved_dsa = ATTENTION_BACKENDS["dsa"]  # register() points "dsa" at nsa-tp's backend subclass
-    specs = register(role="scheduler")
+    saved_mode = os.environ.get(ENV_MODE)
+    os.environ[ENV_MODE] = "on"  # token-parallel registers only where a plan other than heads is possible
+    try:
+        specs = register(role="scheduler")
+    finally:
+        if saved_mode is None:
+            os.environ.pop(ENV_MODE, None)
+        else:
+            os.environ[ENV_MODE] = saved_mode
     originals = {}
     for spec in specs:
         owner_path, _, attr = spec.target.rpartition(".")
