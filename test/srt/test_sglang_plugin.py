@@ -21,10 +21,9 @@ import pytest
 import torch
 
 from nsa_tp.integrations.sglang import _compat, _version, attention_hooks, layout_check, token_parallel
-from nsa_tp.integrations.sglang._switch import ENV_MODE
 from nsa_tp.integrations.sglang import _log as plugin_log
 from nsa_tp.integrations.sglang._log import logger as plugin_logger
-from nsa_tp.integrations.sglang._switch import ENV_VAR
+from nsa_tp.integrations.sglang._switch import ENV_MODE, ENV_VAR
 from nsa_tp.ops import reference
 from nsa_tp.ops.kv_format import pack_fp8_kv, unpack_fp8_kv
 from nsa_tp.parallel import LayoutError
