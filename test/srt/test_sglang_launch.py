@@ -253,3 +253,77 @@ def test_summary_ratios_strategies_and_verify(tmp_path):
     assert runs["tokens"]["log"]["paths_active"] == ["sparse core"]
     assert runs["verify"]["log"]["verify_worst"] == pytest.approx(3.1e-3) and runs["verify"]["log"]["verify_lines"] == 3
     assert runs["cp"]["log"]["cp_active"] and not runs["off"]["log"]["cp_active"]
+
+
+_FAKE_SERVER = '''
+import json, sys
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+port = int(sys.argv[sys.argv.index("--port") + 1])
+print("[t] [nsa-tp pid=1] plugin loaded: sglang 0.5.17, role=scheduler, hooks: x", flush=True)
+print("[t] [nsa-tp pid=1] token-parallel extend: strategy=tokens (forced (on)), attn_tp=2, rows (3, 3)", flush=True)
+class H(BaseHTTPRequestHandler):
+    def log_message(self, *a):
+        pass
+    def _send(self, body):
+        data = json.dumps(body).encode()
+        self.send_response(200); self.send_header("Content-Length", str(len(data))); self.end_headers()
+        self.wfile.write(data)
+    def do_GET(self):
+        self._send({})
+    def do_POST(self):
+        req = json.loads(self.rfile.read(int(self.headers["Content-Length"])))
+        new = req["sampling_params"]["max_new_tokens"]
+        self._send({"output_ids": [len(req["input_ids"]) % 97 + i for i in range(new)]})
+ThreadingHTTPServer(("127.0.0.1", port), H).serve_forever()
+'''
+
+
+def test_run_against_a_stand_in_server(tmp_path, monkeypatch):
+    """The multi-GPU loop end to end on CPU: a stand-in for ``sglang.launch_server`` (an HTTP server answering
+    /health and /generate, logging two plugin lines) per STATE:LAYOUT; results, proof lines, the summary."""
+    fake = tmp_path / "fake" / "sglang"
+    fake.mkdir(parents=True)
+    (fake / "__init__.py").write_text("")
+    (fake / "launch_server.py").write_text(_FAKE_SERVER)
+    bin_dir = tmp_path / "bin"
+    bin_dir.mkdir()
+    (bin_dir / "config-v32-1layer.json").write_text("{}")
+    monkeypatch.setattr(e2e, "BIN", bin_dir)
+    monkeypatch.setattr(e2e, "SITE", tmp_path / "site")
+    monkeypatch.setattr(e2e, "install_plugin", lambda probe=False: "entry point: x | gpu Stand-in GPU\n")
+    monkeypatch.setattr(client, "GREEDY_LEN", 256)
+    monkeypatch.setattr(client, "PREFIX_LEN", 64)
+    monkeypatch.setenv("PYTHONPATH", str(tmp_path / "fake"))
+    monkeypatch.setenv("OUT", str(tmp_path / "out"))
+    monkeypatch.setenv("MODELS", "1layer")
+    monkeypatch.setenv("LENS", "64,128")
+    monkeypatch.setenv("E2E_TIMEOUT", "60")
+    monkeypatch.setenv("PORT_BASE", str(34000 + os.getpid() % 1000))
+    monkeypatch.setenv("COSTS", "")
+    assert e2e.run_servers(2, ["off:tp2", "tokens:tp2"], "multi", False, "0.5.17") == 0
+    out = tmp_path / "out"
+    res = json.loads((out / "1layer" / "tokens" / "e2e_tp2.json").read_text())
+    assert res["up"] and [r["prompt"] for r in res["ttft"]] == [64, 128] and res["concurrent"]["errors"] == 0
+    assert "strategy=tokens" in (out / "1layer" / "tokens" / "proof_tp2.txt").read_text()
+    s = json.loads((out / "summary_2gpu.json").read_text())
+    assert s["card"] == "Stand-in GPU" and {r["state"] for r in s["runs"]} == {"off", "tokens"}
+    (row,) = [r for r in s["ratios"] if r["prompt"] == 128]
+    assert row["greedy_matches_upstream"] is True and row["vs_upstream_tp"] is not None
+
+
+def test_e2e_workload_against_a_stand_in_server(tmp_path, monkeypatch):
+    """The fixed-prompt workload end to end: on/off servers, then the e2e summary of ``$OUT/<model>``."""
+    fake = tmp_path / "fake" / "sglang"
+    fake.mkdir(parents=True)
+    (fake / "__init__.py").write_text("")
+    (fake / "launch_server.py").write_text(_FAKE_SERVER)
+    monkeypatch.setattr(e2e, "BIN", tmp_path)
+    (tmp_path / "config-v32-1layer.json").write_text("{}")
+    monkeypatch.setattr(e2e, "install_plugin", lambda probe=False: "entry point: x | gpu Stand-in GPU\n")
+    for k, v in {"PYTHONPATH": str(tmp_path / "fake"), "OUT": str(tmp_path / "out"), "MODELS": "1layer",
+                 "LENS": "64", "E2E_TIMEOUT": "60", "PORT_BASE": str(35000 + os.getpid() % 1000)}.items():
+        monkeypatch.setenv(k, v)
+    assert e2e.run_servers(2, ["on:tp2", "off:tp2"], "e2e", False, "0.5.23") == 0
+    s = json.loads((tmp_path / "out" / "summary_2gpu.json").read_text())
+    (row,) = s["modes"]["tp2"]["lengths"]
+    assert row["tokens_match"] is True and s["modes"]["tp2"]["plugin_on"]["schedulers_loaded"] == 1
