@@ -433,3 +433,27 @@ def test_disable_flag_leaves_upstream_alone(resolve, v32_model, monkeypatch):
     with pytest.raises(AssertionError):
         resolve(v32_model, "--tp", "8", "--dp", "3", "--enable-dp-attention", "--disable-nsa-tp")
     assert os.environ[ENV_VAR] == "0"
+
+
+def test_every_sglang_name_is_in_compat():
+    """Issue 22: every SGLang module path the plugin hooks or imports is spelled once, in ``_compat.py`` (docstrings
+    and comments may name them; code may not)."""
+    import ast
+
+    root = Path(_compat.__file__).parent
+    found = []
+    for path in sorted(root.rglob("*.py")):
+        if path.name == "_compat.py":
+            continue
+        tree = ast.parse(path.read_text())
+        docs = {id(n.body[0].value) for n in ast.walk(tree)
+                if isinstance(n, (ast.Module, ast.ClassDef, ast.FunctionDef)) and n.body
+                and isinstance(n.body[0], ast.Expr) and isinstance(n.body[0].value, ast.Constant)}
+        for n in ast.walk(tree):
+            if isinstance(n, ast.Constant) and isinstance(n.value, str) and id(n) not in docs \
+                    and n.value.startswith("sglang."):
+                found.append(f"{path.relative_to(root)}:{n.lineno}: {n.value!r}")
+            if isinstance(n, (ast.Import, ast.ImportFrom)):
+                names = [n.module or ""] if isinstance(n, ast.ImportFrom) else [a.name for a in n.names]
+                found += [f"{path.relative_to(root)}:{n.lineno}: import {m}" for m in names if m.startswith("sglang")]
+    assert not found, "SGLang names outside _compat.py:\n" + "\n".join(found)

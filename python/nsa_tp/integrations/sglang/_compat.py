@@ -12,15 +12,23 @@ import importlib
 from typing import Any
 
 __all__ = [
-    "CHECKED_VERSIONS", "HOOK_REGISTRY", "ADD_CLI_ARGS", "LAYOUT_TARGETS", "ATTENTION_CLASS", "FLASHMLA_SPARSE",
-    "FLASHMLA_KV", "ATTENTION_REGISTRY", "ATTN_TP_GROUP", "INDEXER_TARGET", "SGLANG_ENVS", "INDEXER_CAPTURER",
-    "IS_DEEPSEEK_DSA", "MODEL_CONFIG_OF", "BACKEND_NAME", "ROUTED_IMPLS", "resolve", "model_config_of",
-    "dsa_num_attention_heads",
+    "CHECKED_VERSIONS", "VERSION_MODULE", "ROLE_FUNCTIONS", "HOOK_REGISTRY", "ADD_CLI_ARGS", "LAYOUT_TARGETS",
+    "ATTENTION_CLASS", "FLASHMLA_SPARSE", "FLASHMLA_KV", "ATTENTION_REGISTRY", "ATTN_TP_GROUP", "INDEXER_TARGET",
+    "SGLANG_ENVS", "INDEXER_CAPTURER", "IS_DEEPSEEK_DSA", "MODEL_CONFIG_OF", "BACKEND_NAME", "ROUTED_IMPLS",
+    "resolve", "model_config_of", "dsa_num_attention_heads",
 ]
 
 CHECKED_VERSIONS = ("0.5.17", "0.5.23")
 
 # --- plugin machinery (0.5.17, 0.5.23)
+VERSION_MODULE = "sglang.version"  # __version__, for an unpacked tree without dist-info
+# SGLang function that calls ``load_plugins()`` -> the role of the process it runs in (read from the call stack).
+ROLE_FUNCTIONS = {
+    "run_scheduler_process": "scheduler",
+    "run_data_parallel_controller_process": "dp_controller",
+    "run_detokenizer_process": "detokenizer",
+    "_launch_subprocesses": "launcher",
+}
 HOOK_REGISTRY = "sglang.srt.plugins.hook_registry"  # HookRegistry.register(target, fn, HookType[...])
 ADD_CLI_ARGS = "sglang.srt.server_args.ServerArgs.add_cli_args"  # AFTER: our two launch flags
 
