@@ -171,14 +171,13 @@ def _sparse_kernels(
     extra: dict[str, Any],
 ) -> torch.Tensor:
     """The routed kernel path of :func:`around_flashmla_sparse` (module docstring)."""
-    extra = dict(extra)
     reason = None if plugin_enabled() else "plugin switched off"
     reason = reason or ("extra arguments " + ", ".join(extra) if extra else None)
     reason = reason or sparse_fwd_unsupported(q_all, kv_cache, v_head_dim, page_table_1, attn_sink)
     if reason is not None:
         _fallback("_forward_flashmla_sparse", reason)
         if attn_sink is not None:
-            extra["attn_sink"] = attn_sink  # 0.5.17's signature has no attn_sink: pass it only when given
+            extra = {**extra, "attn_sink": attn_sink}  # 0.5.17's signature has no attn_sink: pass it only when given
         return original(backend, q_all, kv_cache, v_head_dim, page_table_1, sm_scale, topk_length=topk_length, **extra)
 
     T, H, _ = q_all.shape
