@@ -7,8 +7,8 @@ then every layout the hardware allows — up to the GPU count with NCCL, else 2 
 compares each layout's output with the reference per request, and prints a table (progress on stderr).
 Each layout runs its batch once untimed first (compiles, allocator, caches), then the timed run. The table
 ends with a footer that explains the columns and one PASS/FAIL line naming the worst layout.
-``--tp/--dp/--enable-dp-attention`` pick one layout. Exit code 0 PASS, 1 if any layout misses the tolerance,
-2 for a flag that cannot work (one line naming the flag and the fix).
+``--tp/--attn-dp-size`` (or ``--tp/--dp/--enable-dp-attention``) pick one layout. Exit code 0 PASS, 1 if any
+layout misses the tolerance, 2 for a flag that cannot work (one line naming the flag and the fix).
 """
 
 from __future__ import annotations
@@ -256,8 +256,8 @@ def _plan(args: argparse.Namespace, gpus: int) -> tuple[NSAConfig, tuple[Request
         layouts = [(lay.tp_size, 1 if lay.num_replicas > 1 else lay.dp_size, lay.enable_dp_attention)]
     else:
         layouts = default_layouts(args.max_ranks if args.max_ranks is not None else (gpus if on_gpu else 4))
-    kv = layout_from_args(argparse.Namespace(**{**vars(args), "tp": 1, "dp": 1, "enable_dp_attention": False}),
-                          cfg.num_attention_heads).kv_cache_dtype
+    one_rank = {"tp": 1, "dp": 1, "enable_dp_attention": False, "attn_dp_size": None}
+    kv = layout_from_args(argparse.Namespace(**{**vars(args), **one_rank}), cfg.num_attention_heads).kv_cache_dtype
 
     # --nsa-token-parallel on (with the default core) runs the token-parallel core, forced on
     core = "token_parallel_on" if args.core == "heads" and args.nsa_token_parallel == "on" else args.core
@@ -328,7 +328,8 @@ def main(args: argparse.Namespace) -> int:
 def _footer(meta: dict[str, Any], replicas: int) -> str:
     """What the columns mean (printed under the table)."""
     lines = [
-        "layout: TPn = pure TP over n ranks; DPaxTPb = a attention groups of b ranks (--dp a --enable-dp-attention); "
+        "layout: TPn = pure TP over n ranks; DPaxTPb = a attention groups of b ranks (--attn-dp-size a, or "
+        "--dp a --enable-dp-attention); "
         "DPa = full DP attention. ranks: processes run here (one per GPU; gloo processes on CPU).",
         "heads/rank: attention heads each rank computes. split pre/dec: what the attention TP group splits in "
         "prefill/decode (heads = pure TP; tokens or keys = token-parallel).",
