@@ -33,7 +33,8 @@ STATE: ``off`` (plugin off) | ``on`` (plugin on; token-parallel as ``NSA_TP_TOKE
 ``tokens`` | ``indexer`` (plugin on, ``NSA_TP_TOKEN_PARALLEL=auto|on|indexer``) | ``verify`` (plugin on,
 token-parallel on, ``NSA_TP_SGLANG_VERIFY=1``). LAYOUT: ``tpN`` (``--tp N``), ``tpNdpD`` / ``dpN`` (DP attention,
 ``D`` groups): spelled ``--dp D --enable-dp-attention`` for SGLang before 0.5.23 (0.5.17 knows nothing else) and
-``--attn-dp-size D`` from 0.5.23 on (:func:`parallel_flags`, by the installed SGLang's version).
+``--attn-dp-size D`` from 0.5.23 on (:func:`parallel_flags`; the installed SGLang's server arguments decide,
+``--sglang-version`` overrides).
 Per model (``MODELS``: ``1layer``, ``4layer``, ``full`` = 61 layers) results land in
 ``$OUT/<model>/<state>/``: ``e2e_<layout>.json``, ``server_<layout>.log``, ``proof_<layout>.txt`` (every nsa-tp
 line plus upstream's DSA TP and CP lines), then ``$OUT/summary_<N>gpu.json``.
@@ -58,7 +59,6 @@ import subprocess
 import sys
 import tarfile
 import time
-from importlib import metadata
 from pathlib import Path
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))  # the client and summary beside this file
@@ -81,26 +81,34 @@ MULTI_FLAGS = ("--kv-cache-dtype bfloat16 --dsa-prefill-backend flashmla_sparse 
 # ------------------------------------------------------------------------------------------- shared
 
 
-def sglang_version() -> str | None:
-    """The installed SGLang's version (from /tmp/site on the device), or None."""
-    try:
-        return metadata.version("sglang")
-    except metadata.PackageNotFoundError:
-        return None
+def attn_dp_spelling(version: str | None = None) -> tuple[bool, str]:
+    """``(new, what)``: whether the SGLang the servers will run spells DP attention ``--attn-dp-size`` (0.5.23 on),
+    and a few words for the log. ``version`` (``--sglang-version``) decides without looking; otherwise the SGLang
+    in /tmp/site (or on sys.path) is read from its files by :func:`nsa_tp.integrations.sglang.launch.installed_sglang`
+    (its server arguments declare ``attn_dp_size``), not by its version number."""
+    if version:
+        return _release(version) >= (0, 5, 23), f"sglang {version} (given)"
+    for path in (str(REPO / "python"), str(SITE)):
+        if path not in sys.path:
+            sys.path.insert(0, path)
+    from nsa_tp.integrations.sglang.launch import installed_sglang
+
+    found = installed_sglang()
+    spelling = "--attn-dp-size" if found.has_attn_dp_size else "--dp D --enable-dp-attention"
+    return found.has_attn_dp_size, f"sglang {found.version} ({spelling})"
 
 
-def _release(version: str | None) -> tuple[int, ...]:
-    m = re.match(r"(\d+)\.(\d+)(?:\.(\d+))?", version or "")
+def _release(version: str) -> tuple[int, ...]:
+    m = re.match(r"(\d+)\.(\d+)(?:\.(\d+))?", version)
     return tuple(int(g or 0) for g in m.groups()) if m else (0, 0, 0)
 
 
-def parallel_flags(tp: int, dp: int, version: str | None) -> list[str]:
+def parallel_flags(tp: int, dp: int, attn_dp_size: bool) -> list[str]:
     """``--tp`` and DP attention in the installed SGLang's spelling: 0.5.23 prefers ``--attn-dp-size D`` (and
     deprecates ``--enable-dp-attention``); 0.5.17 knows only ``--dp D --enable-dp-attention``."""
     flags = ["--tp", str(tp)]
     if dp > 1:
-        flags += ["--attn-dp-size", str(dp)] if _release(version) >= (0, 5, 23) else \
-            ["--dp", str(dp), "--enable-dp-attention"]
+        flags += ["--attn-dp-size", str(dp)] if attn_dp_size else ["--dp", str(dp), "--enable-dp-attention"]
     return flags
 
 
@@ -384,7 +392,7 @@ def model_config(model: str, write: bool) -> Path:
     return path
 
 
-def run_command(run: str, port: int, *, version: str | None, flags: str, context: int,
+def run_command(run: str, port: int, *, attn_dp_size: bool, flags: str, context: int,
                 model_dir: Path) -> tuple[list[str], dict[str, str]]:
     """One multi-GPU server's launch command and environment additions (``run`` = ``STATE:LAYOUT``)."""
     state, _, layout = run.partition(":")
@@ -393,7 +401,7 @@ def run_command(run: str, port: int, *, version: str | None, flags: str, context
     plugin, tp_mode, verify, extra = STATES[state]
     tp, dp = parse_layout(layout)
     cmd = [sys.executable, "-m", "sglang.launch_server", "--model-path", str(model_dir), "--load-format", "dummy",
-           *parallel_flags(tp, dp, version), "--skip-tokenizer-init", "--sampling-backend", "pytorch",
+           *parallel_flags(tp, dp, attn_dp_size), "--skip-tokenizer-init", "--sampling-backend", "pytorch",
            *shlex.split(flags), "--host", "127.0.0.1", "--port", str(port), "--mem-fraction-static", "0.6",
            "--context-length", str(context), "--disable-custom-all-reduce",
            *shlex.split(os.environ.get("SGL_EXTRA", "")), *extra]
@@ -402,7 +410,7 @@ def run_command(run: str, port: int, *, version: str | None, flags: str, context
     return cmd, env
 
 
-def run_servers(gpus: int, runs: list[str], workload: str, smoke: bool, version: str | None) -> int:
+def run_servers(gpus: int, runs: list[str], workload: str, smoke: bool, version: str | None = None) -> int:
     """Every ``STATE:LAYOUT`` of every model, one server at a time, then the summary (module docstring)."""
     if gpus not in GPU_LAYOUTS:
         print(f"sglang_launch.py: --gpus {gpus}: needs 1 (shared card), 2, 4 or 8 GPUs", file=sys.stderr)
@@ -417,7 +425,8 @@ def run_servers(gpus: int, runs: list[str], workload: str, smoke: bool, version:
     costs = os.environ.get("COSTS", str(COSTS_DEFAULT))
     if costs:
         os.environ["NSA_TP_TOKEN_PARALLEL_COSTS"] = costs
-    print(f"sglang_launch: {gpus} GPUs, sglang {version}, models: {' '.join(models)}, runs: {' '.join(runs)}, "
+    attn_dp_size, spelled = attn_dp_spelling(version)
+    print(f"sglang_launch: {gpus} GPUs, {spelled}, models: {' '.join(models)}, runs: {' '.join(runs)}, "
           f"workload {workload}, lens {lens}, context {context}, auto costs: {costs or 'none'}", flush=True)
     installed = "" if smoke else install_plugin(probe=True)
     port = int(os.environ.get("PORT_BASE", "30000"))
@@ -433,7 +442,8 @@ def run_servers(gpus: int, runs: list[str], workload: str, smoke: bool, version:
         for run in runs:
             port += 1
             try:
-                cmd, env = run_command(run, port, version=version, flags=flags, context=context, model_dir=model_dir)
+                cmd, env = run_command(run, port, attn_dp_size=attn_dp_size, flags=flags, context=context,
+                                       model_dir=model_dir)
             except ValueError as e:
                 print(f"skipped: {e}", flush=True)
                 continue
@@ -506,7 +516,7 @@ def main(argv: list[str] | None = None) -> int:
         return measure(a.timeout, a.name)
     if a.cmd == "stop":
         return stop()
-    return run_servers(a.gpus, a.runs, a.workload, a.smoke, a.sglang_version or sglang_version())
+    return run_servers(a.gpus, a.runs, a.workload, a.smoke, a.sglang_version)
 
 
 if __name__ == "__main__":
