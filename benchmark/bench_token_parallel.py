@@ -41,6 +41,7 @@ import sys
 import tempfile
 import time
 from collections.abc import Callable
+from typing import Any
 
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), os.pardir, "python"))
 
@@ -190,226 +191,318 @@ def _progress(rank: int, what: str) -> None:
         print(f"[{time.perf_counter() - _T0:7.1f}s] {what}", file=sys.stderr, flush=True)
 
 
+class _Rank:
+    """What every phase of one rank's run shares: the group, the layout, the backends and the timing helpers.
+    (A plain class: the tests load this script without registering it as a module, which dataclasses need.)"""
+
+    def __init__(self, args: argparse.Namespace, dev: Any, r: int, W: int, group: Any, layout: Any, *,
+                 pure_be: Any, tp_be: Any, tp_pipe: Any, tp_fp8: Any, sm_scale: float) -> None:
+        self.args, self.dev, self.r, self.W, self.group, self.layout = args, dev, r, W, group, layout
+        self.pure_be, self.tp_be, self.tp_pipe, self.tp_fp8 = pure_be, tp_be, tp_pipe, tp_fp8
+        self.sm_scale = sm_scale
+
+    @property
+    def h(self) -> int:
+        return self.layout.heads_per_rank
+
+    @property
+    def mine(self) -> slice:
+        return slice(self.r * self.h, (self.r + 1) * self.h)
+
+    def barrier(self) -> None:
+        if self.W > 1:
+            import torch.distributed as dist
+
+            dist.barrier()
+
+    def tmax(self, ms: float) -> float:  # the layer finishes when the slowest rank does
+        if self.W == 1:
+            return ms
+        import torch
+        import torch.distributed as dist
+
+        t = torch.tensor([ms], dtype=torch.float64, device=self.dev)
+        dist.all_reduce(t, op=dist.ReduceOp.MAX)
+        return float(t)
+
+    def timed(self, fn: Callable[[], object]) -> float:
+        """The slowest rank's median time of ``fn``."""
+        return self.tmax(_time_ms(fn, self.args.warmup, self.args.reps, self.barrier))
+
+    def free(self) -> None:
+        import torch
+
+        torch.cuda.empty_cache() if self.dev.type == "cuda" else None
+
+
+def _rel(a, b) -> float:
+    return float((a.float() - b.float()).norm() / b.float().norm().clamp_min(1e-30))
+
+
 def _rank_main(ctx, args: argparse.Namespace) -> dict:
     import torch
     import torch.distributed as dist
 
-    from nsa_tp import ops
     from nsa_tp.attention.backend import NSABackend
-    from nsa_tp.parallel.collectives import a2a_bytes_per_rank, all_gather_stack, heads_to_tokens, tokens_to_heads
     from nsa_tp.parallel.layout import resolve_layout
-    from nsa_tp.token_parallel.backend import TokenParallelBackend, build_token_parallel_metadata
-    from nsa_tp.token_parallel.core import Unabsorbed, key_sharded_decode_topk, shard_page_table
-    from nsa_tp.token_parallel.costs import load_costs
-    from nsa_tp.token_parallel.merge import merge_topk
-    from nsa_tp.token_parallel.plan import plan_token_split
-    from nsa_tp.token_parallel.policy import token_costs
+    from nsa_tp.token_parallel.backend import TokenParallelBackend
 
-    dev, r, W = ctx.device, ctx.rank, ctx.world_size
-    group = dist.group.WORLD if W > 1 else None
+    dev, W = ctx.device, ctx.world_size
     sm = torch.cuda.get_device_capability(dev)[0] if dev.type == "cuda" else 9
-    layout = resolve_layout(W, sm_major=sm, kv_cache_dtype=args.kv_cache_dtype, token_parallel="on")
-    h, mine = layout.heads_per_rank, slice(r * layout.heads_per_rank, (r + 1) * layout.heads_per_rank)
     sm_scale = 192**-0.5
-    pure_be = NSABackend(sm_scale=sm_scale)
-    tp_be = TokenParallelBackend(sm_scale=sm_scale, fp8_q=args.fp8_q)
-    tp_pipe = TokenParallelBackend(sm_scale=sm_scale, fp8_q=args.fp8_q, out_chunks=args.out_chunks)
-    tp_fp8 = TokenParallelBackend(sm_scale=sm_scale, fp8_q=True)  # timed too: the lossy traffic cut
-    out: dict = {"rank": r, "prefill": [], "decode": {}, "a2a": [], "projection_parts": [], "tiers": {}}
+    rk = _Rank(
+        args, dev, ctx.rank, W, dist.group.WORLD if W > 1 else None,
+        resolve_layout(W, sm_major=sm, kv_cache_dtype=args.kv_cache_dtype, token_parallel="on"),
+        pure_be=NSABackend(sm_scale=sm_scale),
+        tp_be=TokenParallelBackend(sm_scale=sm_scale, fp8_q=args.fp8_q),
+        tp_pipe=TokenParallelBackend(sm_scale=sm_scale, fp8_q=args.fp8_q, out_chunks=args.out_chunks),
+        tp_fp8=TokenParallelBackend(sm_scale=sm_scale, fp8_q=True),  # timed too: the lossy traffic cut
+        sm_scale=sm_scale,
+    )
+    out: dict = {"rank": rk.r, "prefill": [], "decode": {}, "a2a": [], "projection_parts": [], "tiers": {}}
+    for T in args.prefill_tokens:  # 1. prefill
+        _progress(rk.r, f"prefill {T} tokens: pure TP vs token-parallel")
+        row, tiers = _prefill_case(rk, T)
+        out["prefill"].append(row)
+        out["tiers"].update(tiers)
+    for L in (args.decode_context_small, args.decode_context):  # 2. decode, batch 1
+        _progress(rk.r, f"decode batch 1, context {L}: replicated vs key-sharded indexer")
+        out["decode"][str(L)] = _decode_case(rk, L)
+    _progress(rk.r, "all-to-all latency and bandwidth")  # 3.
+    out["a2a"] = _a2a_cases(rk)
+    # 4. single-GPU parts for the TP4/TP8 projection (rank 0 measures, the others wait)
+    _progress(rk.r, f"single-GPU parts of the TP{'/TP'.join(map(str, args.project_to))} projection")
+    if rk.r == 0 and not args.skip_projection:
+        for T in args.prefill_tokens:
+            out["projection_parts"] += _projection_parts(rk, T)
+    rk.barrier()
+    return out
 
-    def barrier() -> None:
-        if W > 1:
-            dist.barrier()
 
-    def tmax(ms: float) -> float:  # the layer finishes when the slowest rank does
-        if W == 1:
-            return ms
-        t = torch.tensor([ms], dtype=torch.float64, device=dev)
-        dist.all_reduce(t, op=dist.ReduceOp.MAX)
-        return float(t)
+def _prefill_case(rk: _Rank, T: int) -> tuple[dict, dict]:
+    """Pure TP against token-parallel (plain, pipelined, fp8 q, unabsorbed) on one ``T``-token prompt: the row,
+    and rank 0's tier explanation."""
+    import torch
 
-    def rel(a, b) -> float:
-        return float((a.float() - b.float()).norm() / b.float().norm().clamp_min(1e-30))
+    from nsa_tp import ops
+    from nsa_tp.parallel.collectives import a2a_bytes_per_rank, heads_to_tokens, tokens_to_heads
+    from nsa_tp.token_parallel.backend import build_token_parallel_metadata
+    from nsa_tp.token_parallel.core import Unabsorbed
 
-    # ---- 1. prefill
-    for T in args.prefill_tokens:
-        _progress(r, f"prefill {T} tokens: pure TP vs token-parallel")
-        s = _Setup(dev, T, args.topk, layout.kv_cache_dtype, args.logits_budget_mb)
-        q = s.q_all[:, mine].contiguous()
-        meta = s.builder(h).prefill([T], [0], s.page_table)
-        tpm = build_token_parallel_metadata(s.builder(h), layout, r, seq_lens=[T], prefix_lens=[0],
-                                            page_table=s.page_table)
+    args, dev, r, W, group, layout, h, mine = rk.args, rk.dev, rk.r, rk.W, rk.group, rk.layout, rk.h, rk.mine
+    pure_be, tp_be, tp_pipe, tp_fp8 = rk.pure_be, rk.tp_be, rk.tp_pipe, rk.tp_fp8
+    barrier, tmax, rel = rk.barrier, rk.tmax, _rel
+    tiers: dict = {}
+    s = _Setup(dev, T, args.topk, layout.kv_cache_dtype, args.logits_budget_mb)
+    q = s.q_all[:, mine].contiguous()
+    meta = s.builder(h).prefill([T], [0], s.page_table)
+    tpm = build_token_parallel_metadata(s.builder(h), layout, r, seq_lens=[T], prefix_lens=[0],
+                                        page_table=s.page_table)
 
-        def pure(s=s, q=q, meta=meta):
-            return pure_be.forward(q, s.x, s.q_lora, s.cos, s.sin, s.indexer, s.latent, s.index_k, meta)
+    def pure(s=s, q=q, meta=meta):
+        return pure_be.forward(q, s.x, s.q_lora, s.cos, s.sin, s.indexer, s.latent, s.index_k, meta)
 
-        def tok(s=s, q=q, tpm=tpm):
-            return tp_be.forward(q, s.x, s.q_lora, s.cos, s.sin, s.indexer, s.latent, s.index_k, tpm, group)
+    def tok(s=s, q=q, tpm=tpm):
+        return tp_be.forward(q, s.x, s.q_lora, s.cos, s.sin, s.indexer, s.latent, s.index_k, tpm, group)
 
-        def pipe(s=s, q=q, tpm=tpm):
-            return tp_pipe.forward(q, s.x, s.q_lora, s.cos, s.sin, s.indexer, s.latent, s.index_k, tpm, group)
+    def pipe(s=s, q=q, tpm=tpm):
+        return tp_pipe.forward(q, s.x, s.q_lora, s.cos, s.sin, s.indexer, s.latent, s.index_k, tpm, group)
 
-        def fp8q(s=s, q=q, tpm=tpm):
-            return tp_fp8.forward(q, s.x, s.q_lora, s.cos, s.sin, s.indexer, s.latent, s.index_k, tpm, group)
+    def fp8q(s=s, q=q, tpm=tpm):
+        return tp_fp8.forward(q, s.x, s.q_lora, s.cos, s.sin, s.indexer, s.latent, s.index_k, tpm, group)
 
-        # The unabsorbed exchange needs q before W_UK and gives the output after W_UV: compare it with pure TP
-        # doing that absorption and projection on its own heads (the same FLOPs per rank).
-        gen = torch.Generator(device=dev).manual_seed(7)
-        un_all = Unabsorbed(
-            torch.randn(HEADS, 128, 512, generator=gen, device=dev, dtype=torch.bfloat16) * 128**-0.5,
-            torch.randn(HEADS, 512, 128, generator=gen, device=dev, dtype=torch.bfloat16) * 512**-0.5)
-        un_local = un_all.heads(r * h, h)
-        q_un = torch.randn(T, HEADS, 192, generator=gen, device=dev, dtype=torch.bfloat16)[:, mine].contiguous()
+    # The unabsorbed exchange needs q before W_UK and gives the output after W_UV: compare it with pure TP
+    # doing that absorption and projection on its own heads (the same FLOPs per rank).
+    gen = torch.Generator(device=dev).manual_seed(7)
+    un_all = Unabsorbed(
+        torch.randn(HEADS, 128, 512, generator=gen, device=dev, dtype=torch.bfloat16) * 128**-0.5,
+        torch.randn(HEADS, 512, 128, generator=gen, device=dev, dtype=torch.bfloat16) * 512**-0.5)
+    un_local = un_all.heads(r * h, h)
+    q_un = torch.randn(T, HEADS, 192, generator=gen, device=dev, dtype=torch.bfloat16)[:, mine].contiguous()
 
-        def pure_absorb(s=s, q_un=q_un, meta=meta, un=un_local):
-            return un.project(pure_be.forward(un.absorb(q_un), s.x, s.q_lora, s.cos, s.sin, s.indexer, s.latent,
-                                              s.index_k, meta))
+    def pure_absorb(s=s, q_un=q_un, meta=meta, un=un_local):
+        return un.project(pure_be.forward(un.absorb(q_un), s.x, s.q_lora, s.cos, s.sin, s.indexer, s.latent,
+                                          s.index_k, meta))
 
-        def tok_unabsorbed(s=s, q_un=q_un, tpm=tpm, un=un_all):
-            return tp_be.forward(q_un, s.x, s.q_lora, s.cos, s.sin, s.indexer, s.latent, s.index_k, tpm, group,
-                                 unabsorbed=un)
+    def tok_unabsorbed(s=s, q_un=q_un, tpm=tpm, un=un_all):
+        return tp_be.forward(q_un, s.x, s.q_lora, s.cos, s.sin, s.indexer, s.latent, s.index_k, tpm, group,
+                             unabsorbed=un)
 
-        ref_out = pure()
-        diff, diff_pipe, diff_fp8 = rel(tok(), ref_out), rel(pipe(), ref_out), rel(fp8q(), ref_out)
-        del ref_out
-        diff_un = rel(tok_unabsorbed(), pure_absorb())
-        pure_ms = tmax(_time_ms(pure, args.warmup, args.reps, barrier))
-        tok_ms = tmax(_time_ms(tok, args.warmup, args.reps, barrier))
-        pipe_ms = tmax(_time_ms(pipe, args.warmup, args.reps, barrier))
-        fp8_ms = tmax(_time_ms(fp8q, args.warmup, args.reps, barrier))
-        pure_absorb_ms = tmax(_time_ms(pure_absorb, args.warmup, args.reps, barrier))
-        un_ms = tmax(_time_ms(tok_unabsorbed, args.warmup, args.reps, barrier))
-        split = tpm.split.splits
-        a2a_ms = tmax(_time_ms(lambda q=q, split=split: tokens_to_heads(
-            heads_to_tokens(q, group, split, fp8=args.fp8_q)[..., :512].contiguous(), group, split),
-            args.warmup, args.reps, barrier))
-        out["prefill"].append(dict(
-            tokens=T, pure_tp_ms=pure_ms, token_parallel_ms=tok_ms, speedup=pure_ms / tok_ms, all_to_all_ms=a2a_ms,
-            out_chunks=args.out_chunks, token_parallel_pipelined_ms=pipe_ms, rel_diff_pipelined=diff_pipe,
-            token_parallel_fp8_q_ms=fp8_ms, rel_diff_fp8_q=diff_fp8,
-            pure_tp_with_absorb_ms=pure_absorb_ms, token_parallel_unabsorbed_ms=un_ms,
-            speedup_unabsorbed=pure_absorb_ms / un_ms, rel_diff_unabsorbed=diff_un,
-            a2a_bytes_per_rank_unabsorbed=a2a_bytes_per_rank(T, h, 192, W) + a2a_bytes_per_rank(T, h, 128, W),
-            pure_tp_peak_mb=_peak_mb(pure), token_parallel_peak_mb=_peak_mb(tok), rel_diff=diff, splits=list(split),
-            a2a_bytes_per_rank=a2a_bytes_per_rank(T, h, D_QK, W, fp8=args.fp8_q) + a2a_bytes_per_rank(T, h, 512, W),
-        ))
-        if r == 0:
-            out["tiers"]["fp8_mqa_logits"] = ops.explain("fp8_mqa_logits", *_explain_logits_args(s))
-        del s, meta, tpm
-        torch.cuda.empty_cache() if dev.type == "cuda" else None
+    ref_out = pure()
+    diff, diff_pipe, diff_fp8 = rel(tok(), ref_out), rel(pipe(), ref_out), rel(fp8q(), ref_out)
+    del ref_out
+    diff_un = rel(tok_unabsorbed(), pure_absorb())
+    pure_ms = tmax(_time_ms(pure, args.warmup, args.reps, barrier))
+    tok_ms = tmax(_time_ms(tok, args.warmup, args.reps, barrier))
+    pipe_ms = tmax(_time_ms(pipe, args.warmup, args.reps, barrier))
+    fp8_ms = tmax(_time_ms(fp8q, args.warmup, args.reps, barrier))
+    pure_absorb_ms = tmax(_time_ms(pure_absorb, args.warmup, args.reps, barrier))
+    un_ms = tmax(_time_ms(tok_unabsorbed, args.warmup, args.reps, barrier))
+    split = tpm.split.splits
+    a2a_ms = tmax(_time_ms(lambda q=q, split=split: tokens_to_heads(
+        heads_to_tokens(q, group, split, fp8=args.fp8_q)[..., :512].contiguous(), group, split),
+        args.warmup, args.reps, barrier))
+    row = dict(
+        tokens=T, pure_tp_ms=pure_ms, token_parallel_ms=tok_ms, speedup=pure_ms / tok_ms, all_to_all_ms=a2a_ms,
+        out_chunks=args.out_chunks, token_parallel_pipelined_ms=pipe_ms, rel_diff_pipelined=diff_pipe,
+        token_parallel_fp8_q_ms=fp8_ms, rel_diff_fp8_q=diff_fp8,
+        pure_tp_with_absorb_ms=pure_absorb_ms, token_parallel_unabsorbed_ms=un_ms,
+        speedup_unabsorbed=pure_absorb_ms / un_ms, rel_diff_unabsorbed=diff_un,
+        a2a_bytes_per_rank_unabsorbed=a2a_bytes_per_rank(T, h, 192, W) + a2a_bytes_per_rank(T, h, 128, W),
+        pure_tp_peak_mb=_peak_mb(pure), token_parallel_peak_mb=_peak_mb(tok), rel_diff=diff, splits=list(split),
+        a2a_bytes_per_rank=a2a_bytes_per_rank(T, h, D_QK, W, fp8=args.fp8_q) + a2a_bytes_per_rank(T, h, 512, W),
+    )
+    if r == 0:
+        tiers["fp8_mqa_logits"] = ops.explain("fp8_mqa_logits", *_explain_logits_args(s))
+    del s, meta, tpm
+    rk.free()
+    return row, tiers
 
-    # ---- 2. decode, batch 1
-    for L in (args.decode_context_small, args.decode_context):
-        _progress(r, f"decode batch 1, context {L}: replicated vs key-sharded indexer")
-        s = _Setup(dev, L, args.topk, layout.kv_cache_dtype, args.logits_budget_mb, seed=1, q_rows=1)
-        s.indexer.forward(s.x, s.q_lora, s.cos, s.sin, s.index_k,
-                          s.builder(h).prefill([L], [0], s.page_table, index_rows=slice(0, 0)).index)  # keys
-        last = slice(L - 1, L)
-        q8, w = s.indexer.project_q(s.q_lora[last], s.x[last], s.cos[last], s.sin[last])
-        dmeta = s.builder(h).decode([L], s.page_table)
-        seq = dmeta.index.seq_lens
 
-        def replicated(s=s, q8=q8, w=w, dmeta=dmeta):
-            return s.indexer.topk_decode(q8, w, s.index_k, dmeta.index)
 
-        shard = shard_page_table(s.page_table, seq, r, W)  # once per batch, as the backend's metadata holds it
+def _decode_case(rk: _Rank, L: int) -> dict:
+    """Decode of one request over ``L`` tokens: the replicated indexer against the key-sharded one, and the
+    layer's core both ways."""
+    import torch
 
-        def sharded(s=s, q8=q8, w=w, seq=seq, shard=shard):
-            return key_sharded_decode_topk(q8, s.index_k, w, seq, s.page_table, s.topk, group, shard=shard)
+    from nsa_tp.parallel.collectives import all_gather_stack
+    from nsa_tp.token_parallel.backend import build_token_parallel_metadata
+    from nsa_tp.token_parallel.core import key_sharded_decode_topk, shard_page_table
+    from nsa_tp.token_parallel.merge import merge_topk
 
-        a, b = replicated(), sharded()
-        same = bool(torch.equal(a.sort(dim=1).values, b.sort(dim=1).values))
-        rep_ms = tmax(_time_ms(replicated, args.warmup, args.reps, barrier))
-        sh_ms = tmax(_time_ms(sharded, args.warmup, args.reps, barrier))
-        qd = s.q_all[:, mine].contiguous()  # the decode token's query
-        tpm = build_token_parallel_metadata(s.builder(h), layout, r, seq_lens=[L], page_table=s.page_table)
-        xs, qls, cs, sn = s.x[last], s.q_lora[last], s.cos[last], s.sin[last]
+    args, dev, r, W, group, layout, h, mine = rk.args, rk.dev, rk.r, rk.W, rk.group, rk.layout, rk.h, rk.mine
+    pure_be, tp_be = rk.pure_be, rk.tp_be
+    barrier, tmax = rk.barrier, rk.tmax
+    s = _Setup(dev, L, args.topk, layout.kv_cache_dtype, args.logits_budget_mb, seed=1, q_rows=1)
+    s.indexer.forward(s.x, s.q_lora, s.cos, s.sin, s.index_k,
+                      s.builder(h).prefill([L], [0], s.page_table, index_rows=slice(0, 0)).index)  # keys
+    last = slice(L - 1, L)
+    q8, w = s.indexer.project_q(s.q_lora[last], s.x[last], s.cos[last], s.sin[last])
+    dmeta = s.builder(h).decode([L], s.page_table)
+    seq = dmeta.index.seq_lens
 
-        def core_heads(s=s, qd=qd, xs=xs, qls=qls, cs=cs, sn=sn, dmeta=dmeta):
-            return pure_be.forward(qd, xs, qls, cs, sn, s.indexer, s.latent, s.index_k, dmeta)
+    def replicated(s=s, q8=q8, w=w, dmeta=dmeta):
+        return s.indexer.topk_decode(q8, w, s.index_k, dmeta.index)
 
-        def core_keys_fn(s=s, qd=qd, xs=xs, qls=qls, cs=cs, sn=sn, tpm=tpm):
-            return tp_be.forward(qd, xs, qls, cs, sn, s.indexer, s.latent, s.index_k, tpm, group)
+    shard = shard_page_table(s.page_table, seq, r, W)  # once per batch, as the backend's metadata holds it
 
-        core_pure = tmax(_time_ms(core_heads, args.warmup, args.reps, barrier))
-        core_keys = tmax(_time_ms(core_keys_fn, args.warmup, args.reps, barrier))
-        sc = torch.randn(1, s.topk, device=dev)
-        pos = torch.arange(s.topk, device=dev)[None] + r * s.topk
+    def sharded(s=s, q8=q8, w=w, seq=seq, shard=shard):
+        return key_sharded_decode_topk(q8, s.index_k, w, seq, s.page_table, s.topk, group, shard=shard)
 
-        def gather_merge(sc=sc, pos=pos, k=s.topk):
-            return merge_topk(all_gather_stack(sc, group), all_gather_stack(pos, group), k)
+    a, b = replicated(), sharded()
+    same = bool(torch.equal(a.sort(dim=1).values, b.sort(dim=1).values))
+    rep_ms = tmax(_time_ms(replicated, args.warmup, args.reps, barrier))
+    sh_ms = tmax(_time_ms(sharded, args.warmup, args.reps, barrier))
+    qd = s.q_all[:, mine].contiguous()  # the decode token's query
+    tpm = build_token_parallel_metadata(s.builder(h), layout, r, seq_lens=[L], page_table=s.page_table)
+    xs, qls, cs, sn = s.x[last], s.q_lora[last], s.cos[last], s.sin[last]
 
-        gm = tmax(_time_ms(gather_merge, args.warmup, args.reps, barrier))
-        # Decode is served under CUDA graphs: launch overhead gone, what is left is the kernels' time.
-        if args.no_graphs:
-            rep_graph, rep_why = sh_graph, sh_why = float("nan"), "--no-graphs"
-        else:  # last: a failed capture must not spoil the eager numbers above
-            rep_graph, rep_why = _graph_ms(replicated, args.warmup, args.reps, barrier)
-            sh_graph, sh_why = _graph_ms(sharded, args.warmup, args.reps, barrier)
-        graphs = dict(replicated_indexer_graph_ms=tmax(rep_graph) if rep_why is None else None,
-                      key_sharded_indexer_graph_ms=tmax(sh_graph) if sh_why is None else None,
-                      graph_unavailable=rep_why or sh_why)
-        if rep_why is None and sh_why is None:
-            graphs["graph_speedup"] = graphs["replicated_indexer_graph_ms"] / graphs["key_sharded_indexer_graph_ms"]
-        out["decode"][str(L)] = dict(context=L, replicated_indexer_ms=rep_ms, key_sharded_indexer_ms=sh_ms,
-                                     speedup=rep_ms / sh_ms, topk_sets_equal=same, core_pure_tp_ms=core_pure,
-                                     core_key_sharded_ms=core_keys, gather_merge_ms=gm, strategy=tpm.strategy,
-                                     **graphs)
-        del s
-        torch.cuda.empty_cache() if dev.type == "cuda" else None
+    def core_heads(s=s, qd=qd, xs=xs, qls=qls, cs=cs, sn=sn, dmeta=dmeta):
+        return pure_be.forward(qd, xs, qls, cs, sn, s.indexer, s.latent, s.index_k, dmeta)
 
-    # ---- 3. all-to-all latency and bandwidth
-    _progress(r, "all-to-all latency and bandwidth")
+    def core_keys_fn(s=s, qd=qd, xs=xs, qls=qls, cs=cs, sn=sn, tpm=tpm):
+        return tp_be.forward(qd, xs, qls, cs, sn, s.indexer, s.latent, s.index_k, tpm, group)
+
+    core_pure = tmax(_time_ms(core_heads, args.warmup, args.reps, barrier))
+    core_keys = tmax(_time_ms(core_keys_fn, args.warmup, args.reps, barrier))
+    sc = torch.randn(1, s.topk, device=dev)
+    pos = torch.arange(s.topk, device=dev)[None] + r * s.topk
+
+    def gather_merge(sc=sc, pos=pos, k=s.topk):
+        return merge_topk(all_gather_stack(sc, group), all_gather_stack(pos, group), k)
+
+    gm = tmax(_time_ms(gather_merge, args.warmup, args.reps, barrier))
+    # Decode is served under CUDA graphs: launch overhead gone, what is left is the kernels' time.
+    if args.no_graphs:
+        rep_graph, rep_why = sh_graph, sh_why = float("nan"), "--no-graphs"
+    else:  # last: a failed capture must not spoil the eager numbers above
+        rep_graph, rep_why = _graph_ms(replicated, args.warmup, args.reps, barrier)
+        sh_graph, sh_why = _graph_ms(sharded, args.warmup, args.reps, barrier)
+    graphs = dict(replicated_indexer_graph_ms=tmax(rep_graph) if rep_why is None else None,
+                  key_sharded_indexer_graph_ms=tmax(sh_graph) if sh_why is None else None,
+                  graph_unavailable=rep_why or sh_why)
+    if rep_why is None and sh_why is None:
+        graphs["graph_speedup"] = graphs["replicated_indexer_graph_ms"] / graphs["key_sharded_indexer_graph_ms"]
+    row = dict(context=L, replicated_indexer_ms=rep_ms, key_sharded_indexer_ms=sh_ms,
+                                 speedup=rep_ms / sh_ms, topk_sets_equal=same, core_pure_tp_ms=core_pure,
+                                 core_key_sharded_ms=core_keys, gather_merge_ms=gm, strategy=tpm.strategy,
+                                 **graphs)
+    del s
+    rk.free()
+    return row
+
+
+
+def _a2a_cases(rk: _Rank) -> list[dict]:
+    """The heads -> tokens all-to-all at 64 tokens (latency) and ``--a2a-tokens`` (bandwidth)."""
+    import torch
+
+    from nsa_tp.parallel.collectives import a2a_bytes_per_rank, heads_to_tokens
+    from nsa_tp.token_parallel.plan import plan_token_split
+
+    args, dev, W, group, h = rk.args, rk.dev, rk.W, rk.group, rk.h
+    rows = []
     for T in (64, args.a2a_tokens):
         x = torch.randn(T, h, D_QK, device=dev).to(torch.bfloat16)
         split = plan_token_split(T, W).splits
-        ms = tmax(_time_ms(lambda x=x, split=split: heads_to_tokens(x, group, split), args.warmup, args.reps, barrier))
-        out["a2a"].append(dict(tokens=T, heads_per_rank=h, bytes_per_rank=a2a_bytes_per_rank(T, h, D_QK, W), ms=ms))
+        ms = rk.tmax(_time_ms(lambda x=x, split=split: heads_to_tokens(x, group, split), args.warmup, args.reps,
+                              rk.barrier))
+        rows.append(dict(tokens=T, heads_per_rank=h, bytes_per_rank=a2a_bytes_per_rank(T, h, D_QK, W), ms=ms))
+    return rows
 
-    # ---- 4. single-GPU parts for the TP4/TP8 projection (rank 0 measures, the others wait)
-    _progress(r, f"single-GPU parts of the TP{'/TP'.join(map(str, args.project_to))} projection")
-    if r == 0 and not args.skip_projection:
-        for T in args.prefill_tokens:
-            s = _Setup(dev, T, args.topk, layout.kv_cache_dtype, args.logits_budget_mb)
-            keys = [t + 1 for t in range(T)]
-            for Wp in args.project_to:
-                hp = HEADS // Wp
-                part = dict(tokens=T, world=Wp, heads_per_rank=hp)
-                b_pure = s.builder(hp)
-                meta = b_pure.prefill([T], [0], s.page_table)
-                part["pure_indexer_ms"] = _time_ms(lambda s=s, meta=meta: s.indexer.forward(
-                    s.x, s.q_lora, s.cos, s.sin, s.index_k, meta.index), args.warmup, args.reps)
-                topk_all = s.indexer.forward(s.x, s.q_lora, s.cos, s.sin, s.index_k, meta.index)
-                flat = s.latent.view(-1, 1, s.latent.shape[-1])
-                qh = s.q_all[:, :hp].contiguous()
-                part["pure_sparse_ms"] = _time_ms(lambda qh=qh, flat=flat, tk=topk_all: ops.sparse_mla_fwd(
-                    qh, flat, tk[:, None], sm_scale), args.warmup, args.reps)
-                card = torch.cuda.get_device_name(dev) if dev.type == "cuda" else None
-                split = plan_token_split(T, Wp, costs=token_costs(keys, load_costs(card)[0]))
-                idx_ms, sp_ms = [], []
-                for rr in range(Wp):
-                    rows = split.rows(rr)
-                    if not len(rows):
-                        continue
-                    m = b_pure.prefill([T], [0], s.page_table, index_rows=slice(rows.start, rows.stop))
-                    idx_ms.append(_time_ms(lambda s=s, m=m: s.indexer.forward(
-                        s.x, s.q_lora, s.cos, s.sin, s.index_k, m.index), args.warmup, args.reps))
-                    qt, tk = s.q_all[rows.start : rows.stop], topk_all[rows.start : rows.stop]
-                    sp_ms.append(_time_ms(lambda qt=qt, tk=tk, flat=flat: ops.sparse_mla_fwd(
-                        qt, flat, tk[:, None], sm_scale), args.warmup, args.reps))
-                # a rank's indexer and sparse core run back to back: the busiest rank bounds the layer
-                part["tp_rank_ms"] = max(a + b for a, b in zip(idx_ms, sp_ms, strict=True))
-                part["tp_sparse_ns_per_token"] = sum(sp_ms) * 1e6 / T  # 128 heads, all ranks' slices
-                part["tp_indexer_ms_max"], part["tp_sparse_ms_max"] = max(idx_ms), max(sp_ms)
-                part["a2a_bytes_per_rank"] = (a2a_bytes_per_rank(T, hp, D_QK, Wp, fp8=args.fp8_q)
-                                              + a2a_bytes_per_rank(T, hp, 512, Wp))
-                part["a2a_bytes_per_rank_unabsorbed"] = (a2a_bytes_per_rank(T, hp, 192, Wp)
-                                                         + a2a_bytes_per_rank(T, hp, 128, Wp))
-                out["projection_parts"].append(part)
-            del s
-            torch.cuda.empty_cache() if dev.type == "cuda" else None
-    barrier()
-    return out
+
+def _projection_parts(rk: _Rank, T: int) -> list[dict]:
+    """One GPU's share of the TP4/TP8 projection at ``T`` tokens (rank 0 only): pure TP's indexer and sparse core
+    at ``128 / Wp`` heads, and each token-parallel rank's rows with all heads."""
+    import torch
+
+    from nsa_tp import ops
+    from nsa_tp.parallel.collectives import a2a_bytes_per_rank
+    from nsa_tp.token_parallel.costs import load_costs
+    from nsa_tp.token_parallel.plan import plan_token_split
+    from nsa_tp.token_parallel.policy import token_costs
+
+    args, dev, layout, sm_scale = rk.args, rk.dev, rk.layout, rk.sm_scale
+    parts = []
+    s = _Setup(dev, T, args.topk, layout.kv_cache_dtype, args.logits_budget_mb)
+    keys = [t + 1 for t in range(T)]
+    card = torch.cuda.get_device_name(dev) if dev.type == "cuda" else None
+    for Wp in args.project_to:
+        hp = HEADS // Wp
+        part = dict(tokens=T, world=Wp, heads_per_rank=hp)
+        b_pure = s.builder(hp)
+        meta = b_pure.prefill([T], [0], s.page_table)
+        part["pure_indexer_ms"] = _time_ms(lambda s=s, meta=meta: s.indexer.forward(
+            s.x, s.q_lora, s.cos, s.sin, s.index_k, meta.index), args.warmup, args.reps)
+        topk_all = s.indexer.forward(s.x, s.q_lora, s.cos, s.sin, s.index_k, meta.index)
+        flat = s.latent.view(-1, 1, s.latent.shape[-1])
+        qh = s.q_all[:, :hp].contiguous()
+        part["pure_sparse_ms"] = _time_ms(lambda qh=qh, flat=flat, tk=topk_all: ops.sparse_mla_fwd(
+            qh, flat, tk[:, None], sm_scale), args.warmup, args.reps)
+        split = plan_token_split(T, Wp, costs=token_costs(keys, load_costs(card)[0]))
+        idx_ms, sp_ms = [], []
+        for rr in range(Wp):
+            rows = split.rows(rr)
+            if not len(rows):
+                continue
+            m = b_pure.prefill([T], [0], s.page_table, index_rows=slice(rows.start, rows.stop))
+            idx_ms.append(_time_ms(lambda s=s, m=m: s.indexer.forward(
+                s.x, s.q_lora, s.cos, s.sin, s.index_k, m.index), args.warmup, args.reps))
+            qt, tk = s.q_all[rows.start : rows.stop], topk_all[rows.start : rows.stop]
+            sp_ms.append(_time_ms(lambda qt=qt, tk=tk, flat=flat: ops.sparse_mla_fwd(
+                qt, flat, tk[:, None], sm_scale), args.warmup, args.reps))
+        # a rank's indexer and sparse core run back to back: the busiest rank bounds the layer
+        part["tp_rank_ms"] = max(a + b for a, b in zip(idx_ms, sp_ms, strict=True))
+        part["tp_sparse_ns_per_token"] = sum(sp_ms) * 1e6 / T  # 128 heads, all ranks' slices
+        part["tp_indexer_ms_max"], part["tp_sparse_ms_max"] = max(idx_ms), max(sp_ms)
+        part["a2a_bytes_per_rank"] = (a2a_bytes_per_rank(T, hp, D_QK, Wp, fp8=args.fp8_q)
+                                      + a2a_bytes_per_rank(T, hp, 512, Wp))
+        part["a2a_bytes_per_rank_unabsorbed"] = (a2a_bytes_per_rank(T, hp, 192, Wp)
+                                                 + a2a_bytes_per_rank(T, hp, 128, Wp))
+        parts.append(part)
+    del s
+    rk.free()
+    return parts
 
 
 def _explain_logits_args(s: _Setup) -> tuple:

@@ -5,7 +5,7 @@
 # with the measured auto check, its token-parallel Costs record, and the honest projection (heads = upstream's
 # kernels), every file flat under $OUT with card, date and command inside.
 #
-#   bash benchmark/gpu_single.sh unpack c2     # once per warm machine: flash_mla, deep_gemm, sgl_kernel -> /tmp/site
+#   bash benchmark/gpu_kernels.sh unpack c2     # once per warm machine: flash_mla, deep_gemm, sgl_kernel -> /tmp/site
 #   bash benchmark/gpu_costs.sh                # this script
 #
 # Writes to $OUT (6 files):
@@ -47,7 +47,7 @@ print("torch", torch.__version__, "triton", triton.__version__, "card", torch.cu
       "missing sgl_kernel functions:" if missing else "upstream kernels importable", *missing)
 sys.exit(1 if missing else 0)
 PY
-[ "${PIPESTATUS[0]}" -eq 0 ] || { echo "upstream kernels missing: run bash benchmark/gpu_single.sh unpack c2"; exit 2; }
+[ "${PIPESTATUS[0]}" -eq 0 ] || { echo "upstream kernels missing: run bash benchmark/gpu_kernels.sh unpack c2"; exit 2; }
 SLUG=$(python3 -c "import torch; from nsa_tp.ops.tuning import card_slug; print(card_slug(torch.cuda.get_device_name()))")
 
 # 1. Every tier of every op (rows record the tiers that ran; a mislabelled row writes nothing), the tuning table,

@@ -86,49 +86,11 @@ class NSAConfig:
     @classmethod
     def from_hf_config(cls, path_or_dict: str | Path | Mapping[str, Any]) -> NSAConfig:
         """Read a HuggingFace ``config.json`` (a path to the file or its folder, or the parsed dict)."""
-        if isinstance(path_or_dict, Mapping):
-            hf, where = dict(path_or_dict), "config"
-        else:
-            path = Path(path_or_dict)
-            if path.is_dir():
-                path = path / "config.json"
-            if not path.is_file():
-                raise ConfigError(f"--model-path: no config.json at {path}")
-            try:
-                hf = json.loads(path.read_bytes().decode("utf-8"))
-            except UnicodeDecodeError as e:
-                raise ConfigError(f"--model-path {path}: not UTF-8 text (byte {e.start}); expected a HuggingFace "
-                                  "config.json (a .safetensors file goes with its folder: pass the folder)") from e
-            except json.JSONDecodeError as e:
-                raise ConfigError(f"--model-path {path}: not valid JSON ({e}); expected a HuggingFace config.json") \
-                    from e
-            except OSError as e:
-                raise ConfigError(f"--model-path {path}: cannot read it ({e.strerror})") from e
-            where = str(path)
-        if not isinstance(hf, Mapping):
-            raise ConfigError(f"{where}: expected a JSON object (a HuggingFace config.json), got "
-                              f"{type(hf).__name__ if hf is not None else 'null'}")
-
-        archs = hf.get("architectures")
-        if not archs:
-            raise ConfigError(f"{where}: field 'architectures' is missing; expected one of {NSA_ARCHITECTURES}")
-        if not isinstance(archs, list) or not all(isinstance(a, str) for a in archs):
-            raise ConfigError(f"{where}: field 'architectures' must be a list of names, got {archs!r}")
-        if not any(a in NSA_ARCHITECTURES for a in archs):
-            raise ConfigError(
-                f"{where}: field 'architectures' is {archs}, not an NSA (DeepSeek Sparse Attention) model; "
-                f"expected one of {NSA_ARCHITECTURES}"
-            )
+        hf, where = _read_hf_config(path_or_dict)
+        _check_architectures(hf, where)
 
         def field(name: str, kind: type = int) -> Any:
-            if name not in hf or hf[name] is None:
-                raise ConfigError(f"{where}: field '{name}' is missing (needed for NSA attention)")
-            value = hf[name]
-            if kind is int and (isinstance(value, bool) or not isinstance(value, int) or value <= 0):
-                raise ConfigError(f"{where}: field '{name}' must be a positive integer, got {value!r}")
-            if kind is float and not isinstance(value, (int, float)):
-                raise ConfigError(f"{where}: field '{name}' must be a number, got {value!r}")
-            return value
+            return _hf_field(hf, where, name, kind)
 
         kwargs: dict[str, Any] = {
             name: field(name)
@@ -143,33 +105,94 @@ class NSAConfig:
             kwargs["max_position_embeddings"] = field("max_position_embeddings")
         if "rope_theta" in hf:
             kwargs["rope_theta"] = float(field("rope_theta", float))
-        scaling = hf.get("rope_scaling")
-        if scaling is not None and not isinstance(scaling, Mapping):
-            raise ConfigError(f"{where}: field 'rope_scaling' must be an object like "
-                              f'{{"type": "yarn", "factor": 40, ...}} or null, got {scaling!r}')
-        if scaling:
-            kind = scaling.get("type", scaling.get("rope_type"))
-            if kind not in ("yarn", "deepseek_yarn"):
-                raise ConfigError(f"{where}: field 'rope_scaling.type' is {kind!r}; DeepSeek-V3.2 uses 'yarn'")
-            for key, attr in (
-                ("factor", "rope_scaling_factor"),
-                ("original_max_position_embeddings", "rope_original_max_position_embeddings"),
-                ("beta_fast", "rope_beta_fast"),
-                ("beta_slow", "rope_beta_slow"),
-                ("mscale", "rope_mscale"),
-                ("mscale_all_dim", "rope_mscale_all_dim"),
-            ):
-                if key in scaling:
-                    value = scaling[key]
-                    if key == "original_max_position_embeddings":
-                        ok = isinstance(value, int) and not isinstance(value, bool) and value > 0
-                        want, cast = "a positive integer", int
-                    else:
-                        ok = isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
-                        want, cast = "a number", float
-                    if not ok:
-                        raise ConfigError(f"{where}: field 'rope_scaling.{key}' must be {want}, got {value!r}")
-                    kwargs[attr] = cast(value)
-        else:
-            kwargs["rope_scaling_factor"] = 1.0
+        kwargs.update(_rope_scaling(hf.get("rope_scaling"), where))
         return cls(**kwargs)
+
+
+def _read_hf_config(path_or_dict: str | Path | Mapping[str, Any]) -> tuple[Mapping[str, Any], str]:
+    """The parsed config and where it came from (for messages); a ``ConfigError`` names what is wrong."""
+    if isinstance(path_or_dict, Mapping):
+        hf, where = dict(path_or_dict), "config"
+    else:
+        path = Path(path_or_dict)
+        if path.is_dir():
+            path = path / "config.json"
+        if not path.is_file():
+            raise ConfigError(f"--model-path: no config.json at {path}")
+        try:
+            hf = json.loads(path.read_bytes().decode("utf-8"))
+        except UnicodeDecodeError as e:
+            raise ConfigError(f"--model-path {path}: not UTF-8 text (byte {e.start}); expected a HuggingFace "
+                              "config.json (a .safetensors file goes with its folder: pass the folder)") from e
+        except json.JSONDecodeError as e:
+            raise ConfigError(f"--model-path {path}: not valid JSON ({e}); expected a HuggingFace config.json") \
+                from e
+        except OSError as e:
+            raise ConfigError(f"--model-path {path}: cannot read it ({e.strerror})") from e
+        where = str(path)
+    if not isinstance(hf, Mapping):
+        raise ConfigError(f"{where}: expected a JSON object (a HuggingFace config.json), got "
+                          f"{type(hf).__name__ if hf is not None else 'null'}")
+    return hf, where
+
+
+def _check_architectures(hf: Mapping[str, Any], where: str) -> None:
+    archs = hf.get("architectures")
+    if not archs:
+        raise ConfigError(f"{where}: field 'architectures' is missing; expected one of {NSA_ARCHITECTURES}")
+    if not isinstance(archs, list) or not all(isinstance(a, str) for a in archs):
+        raise ConfigError(f"{where}: field 'architectures' must be a list of names, got {archs!r}")
+    if not any(a in NSA_ARCHITECTURES for a in archs):
+        raise ConfigError(
+            f"{where}: field 'architectures' is {archs}, not an NSA (DeepSeek Sparse Attention) model; "
+            f"expected one of {NSA_ARCHITECTURES}"
+        )
+
+
+def _hf_field(hf: Mapping[str, Any], where: str, name: str, kind: type = int) -> Any:
+    """``hf[name]``, checked: a positive int (``kind=int``) or a number (``kind=float``)."""
+    if name not in hf or hf[name] is None:
+        raise ConfigError(f"{where}: field '{name}' is missing (needed for NSA attention)")
+    value = hf[name]
+    if kind is int and (isinstance(value, bool) or not isinstance(value, int) or value <= 0):
+        raise ConfigError(f"{where}: field '{name}' must be a positive integer, got {value!r}")
+    if kind is float and not isinstance(value, (int, float)):
+        raise ConfigError(f"{where}: field '{name}' must be a number, got {value!r}")
+    return value
+
+
+# rope_scaling key -> NSAConfig field
+_ROPE_KEYS = (
+    ("factor", "rope_scaling_factor"),
+    ("original_max_position_embeddings", "rope_original_max_position_embeddings"),
+    ("beta_fast", "rope_beta_fast"),
+    ("beta_slow", "rope_beta_slow"),
+    ("mscale", "rope_mscale"),
+    ("mscale_all_dim", "rope_mscale_all_dim"),
+)
+
+
+def _rope_scaling(scaling: Any, where: str) -> dict[str, Any]:
+    """The YaRN fields of ``rope_scaling`` (``{"rope_scaling_factor": 1.0}`` when there is none)."""
+    if scaling is not None and not isinstance(scaling, Mapping):
+        raise ConfigError(f"{where}: field 'rope_scaling' must be an object like "
+                          f'{{"type": "yarn", "factor": 40, ...}} or null, got {scaling!r}')
+    if not scaling:
+        return {"rope_scaling_factor": 1.0}
+    kind = scaling.get("type", scaling.get("rope_type"))
+    if kind not in ("yarn", "deepseek_yarn"):
+        raise ConfigError(f"{where}: field 'rope_scaling.type' is {kind!r}; DeepSeek-V3.2 uses 'yarn'")
+    out: dict[str, Any] = {}
+    for key, attr in _ROPE_KEYS:
+        if key in scaling:
+            value = scaling[key]
+            if key == "original_max_position_embeddings":
+                ok = isinstance(value, int) and not isinstance(value, bool) and value > 0
+                want, cast = "a positive integer", int
+            else:
+                ok = isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
+                want, cast = "a number", float
+            if not ok:
+                raise ConfigError(f"{where}: field 'rope_scaling.{key}' must be {want}, got {value!r}")
+            out[attr] = cast(value)
+    return out

@@ -23,7 +23,7 @@ import torch
 from nsa_tp.integrations.sglang import _compat, _version, attention_hooks, layout_check, token_parallel
 from nsa_tp.integrations.sglang import _log as plugin_log
 from nsa_tp.integrations.sglang._log import logger as plugin_logger
-from nsa_tp.integrations.sglang._switch import ENV_VAR
+from nsa_tp.integrations.sglang._switch import ENV_MODE, ENV_VAR
 from nsa_tp.ops import reference
 from nsa_tp.ops.kv_format import pack_fp8_kv, unpack_fp8_kv
 from nsa_tp.parallel import LayoutError
@@ -241,7 +241,15 @@ def sglang_hooks():
     saved_hooks = {k: list(v) for k, v in HookRegistry._hooks.items()}
     saved_patched = set(HookRegistry._patched)
     saved_dsa = ATTENTION_BACKENDS["dsa"]  # register() points "dsa" at nsa-tp's backend subclass
-    specs = register(role="scheduler")
+    saved_mode = os.environ.get(ENV_MODE)
+    os.environ[ENV_MODE] = "on"  # token-parallel registers only where a plan other than heads is possible
+    try:
+        specs = register(role="scheduler")
+    finally:
+        if saved_mode is None:
+            os.environ.pop(ENV_MODE, None)
+        else:
+            os.environ[ENV_MODE] = saved_mode
     originals = {}
     for spec in specs:
         owner_path, _, attr = spec.target.rpartition(".")
@@ -439,6 +447,30 @@ def test_disable_flag_leaves_upstream_alone(resolve, v32_model, monkeypatch):
     with pytest.raises(AssertionError):
         resolve(v32_model, "--tp", "8", "--dp", "3", "--enable-dp-attention", "--disable-nsa-tp")
     assert os.environ[ENV_VAR] == "0"
+
+
+def test_every_sglang_name_is_in_compat():
+    """Issue 22: every SGLang module path the plugin hooks or imports is spelled once, in ``_compat.py`` (docstrings
+    and comments may name them; code may not)."""
+    import ast
+
+    root = Path(_compat.__file__).parent
+    found = []
+    for path in sorted(root.rglob("*.py")):
+        if path.name == "_compat.py":
+            continue
+        tree = ast.parse(path.read_text())
+        docs = {id(n.body[0].value) for n in ast.walk(tree)
+                if isinstance(n, (ast.Module, ast.ClassDef, ast.FunctionDef)) and n.body
+                and isinstance(n.body[0], ast.Expr) and isinstance(n.body[0].value, ast.Constant)}
+        for n in ast.walk(tree):
+            if isinstance(n, ast.Constant) and isinstance(n.value, str) and id(n) not in docs \
+                    and n.value.startswith("sglang."):
+                found.append(f"{path.relative_to(root)}:{n.lineno}: {n.value!r}")
+            if isinstance(n, (ast.Import, ast.ImportFrom)):
+                names = [n.module or ""] if isinstance(n, ast.ImportFrom) else [a.name for a in n.names]
+                found += [f"{path.relative_to(root)}:{n.lineno}: import {m}" for m in names if m.startswith("sglang")]
+    assert not found, "SGLang names outside _compat.py:\n" + "\n".join(found)
 
 
 # ---------------------------------------------------------------- SGLang 0.5.23: --attn-dp-size, sglang serve

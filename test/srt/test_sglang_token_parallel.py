@@ -21,7 +21,10 @@ from importlib.util import find_spec
 import pytest
 import torch
 
+from nsa_tp.integrations.sglang import attention_hooks
 from nsa_tp.integrations.sglang import token_parallel as tp
+from nsa_tp.integrations.sglang.token_parallel import backend as tp_backend
+from nsa_tp.integrations.sglang.token_parallel import plan as tp_plan
 from nsa_tp.token_parallel import Costs
 
 # Made-up costs of the right magnitudes (no card's): the policy's arithmetic, not a measurement.
@@ -175,8 +178,8 @@ def test_plan_auto_without_costs_keeps_upstream(monkeypatch):
 
 def test_plan_is_built_once_per_batch(monkeypatch):
     calls = []
-    real = tp.plan_extend
-    monkeypatch.setattr(tp, "plan_extend", lambda *a, **k: calls.append(1) or real(*a, **k))
+    real = tp_plan.plan_extend
+    monkeypatch.setattr(tp_plan, "plan_extend", lambda *a, **k: calls.append(1) or real(*a, **k))
     mode = types.SimpleNamespace(is_extend_without_speculative=lambda: True)
     fb = types.SimpleNamespace(forward_mode=mode, extend_seq_lens_cpu=[3], extend_prefix_lens_cpu=[0])
     monkeypatch.setenv(tp.ENV_MODE, "on")
@@ -199,6 +202,10 @@ def test_register_backend_in_sglang_registry(monkeypatch):
     saved = attention_registry.ATTENTION_BACKENDS["dsa"]
     try:
         monkeypatch.setenv(tp.ENV_MODE, "auto")
+        monkeypatch.delenv(tp.ENV_COSTS, raising=False)
+        assert tp.register_in_model_process() == []  # auto without costs: no plan but heads, nothing registered
+        assert attention_registry.ATTENTION_BACKENDS["dsa"] is saved
+        monkeypatch.setenv(tp.ENV_MODE, "on")
         specs = tp.register_in_model_process()
         assert specs == [(tp.INDEXER_TARGET, tp.around_get_topk_ragged, "AROUND")]
         factory = attention_registry.ATTENTION_BACKENDS["dsa"]
@@ -221,7 +228,7 @@ def test_version_gate_places_no_token_parallel_hook(monkeypatch):
     from nsa_tp.integrations.sglang import plugin
 
     touched = []
-    monkeypatch.setattr(tp, "register_in_model_process", lambda: touched.append(1) or [])
+    monkeypatch.setattr(tp_backend, "register_in_model_process", lambda: touched.append(1) or [])
     monkeypatch.setattr(plugin, "installed_sglang_version", lambda: "0.5.24")
     assert plugin.register(role="scheduler") == [] and touched == []
     monkeypatch.setattr(plugin, "installed_sglang_version", lambda: "0.5.16")
@@ -313,7 +320,7 @@ def _rank_case(ctx, world: int) -> dict:
     from nsa_tp.ops.kv_format import pack_fp8_kv
 
     group = torch.distributed.group.WORLD  # the launcher initialises the default group: all ranks
-    tp._attn_tp_group = lambda: group  # SGLang's attention TP group is this gloo group here
+    tp_plan.attn_tp_group = lambda: group  # SGLang's attention TP group is this gloo group here
     rank = ctx.rank
     h = HEADS // world
     T = sum(e for _, e in REQS)
@@ -355,20 +362,23 @@ def _rank_case(ctx, world: int) -> dict:
     layer = types.SimpleNamespace(tp_q_head_num=h)
     for name, cache in (("bf16", kv), ("fp8", pack_fp8_kv(kv))):
         heads = heads_core(None, q_local, cache, D_V, ids, sm)
-        backend._nsa_tp_plan = plan
-        got = backend._forward_flashmla_sparse(q_local, cache, D_V, own_only, sm, topk_length=None)
+        backend._nsa_tp_plan = plan  # what forward_extend sets for the call; the FlashMLA hooks read it
+        got = attention_hooks.around_flashmla_sparse(heads_core, backend, q_local, cache, D_V, own_only, sm,
+                                                     topk_length=None)
         out[f"sparse_{name}"] = _rel(got, heads)
         out[f"sparse_{name}_pad_zero"] = bool((got[T:] == 0).all())
         out[f"sparse_{name}_empty_zero"] = bool((got[2] == 0).all())
         pool = cache.view(-1, 64, 1, cache.shape[-1])
-        got_kv = backend._forward_flashmla_kv(q_local, pool, D_V, sm, layer, None, own_only)
+        got_kv = attention_hooks.around_flashmla_kv(heads_kv, backend, q_local, pool, D_V, sm, layer, None, own_only)
         out[f"kv_{name}"] = _rel(got_kv.squeeze(1), heads)
         out[f"kv_{name}_shape"] = tuple(got_kv.shape)
-        # an input the tokens core does not take (an extra argument): upstream's core on the regathered table
-        fell = backend._forward_flashmla_sparse(q_local, cache, D_V, own_only, sm, topk_length=None, attn_sink=None)
+        # an input the tokens core does not take (an attention sink): the usual path on the regathered table
+        sink = torch.zeros(h)
+        fell = attention_hooks.around_flashmla_sparse(heads_core, backend, q_local, cache, D_V, own_only, sm,
+                                                      topk_length=None, attn_sink=sink)
         out[f"fallback_{name}"] = _rel(fell, heads)
     os.environ[verify.ENV_VERIFY] = "1"
-    backend._forward_flashmla_sparse(q_local, kv, D_V, own_only, sm)
+    attention_hooks.around_flashmla_sparse(heads_core, backend, q_local, kv, D_V, own_only, sm)
     os.environ[verify.ENV_VERIFY] = "0"
     out["verify_sparse"] = verify.worst().get("token-parallel _forward_flashmla_sparse")
     backend._nsa_tp_plan = None
@@ -467,11 +477,11 @@ def test_indexer_hook_ignores_a_stale_plan():
 def test_decision_is_cached_per_batch_shape():
     """Serving repeats shapes (chunked-prefill chunks, same-length prompts): the per-row work runs once a shape."""
     mode = types.SimpleNamespace(is_extend_without_speculative=lambda: True)
-    tp._decide.cache_clear()
+    tp_plan._decide.cache_clear()
     plans = []
     for lens in ([4096, 3], [4096, 3], [4096, 4]):
         fb = types.SimpleNamespace(forward_mode=mode, extend_seq_lens_cpu=lens, extend_prefix_lens_cpu=[100, 0])
         plans.append(tp.plan_extend(fb, 1, 4, 32, mode="on"))
-    info = tp._decide.cache_info()
+    info = tp_plan._decide.cache_info()
     assert (info.hits, info.misses) == (1, 2)
     assert plans[0] == plans[1] and plans[0].splits != plans[2].splits and sum(plans[2].splits) == 4100

@@ -19,8 +19,13 @@ and ``"flashmla"`` force one and raise :class:`BackendUnavailableError` if it ca
 
 from __future__ import annotations
 
+import inspect
+from collections.abc import Callable
+from typing import Any
+
 import torch
 
+from nsa_tp.ops import topk as _topk
 from nsa_tp.ops.plan import DecodePlan
 from nsa_tp.ops.registry import BackendUnavailableError, dispatch, explain, tier_names
 
@@ -123,42 +128,19 @@ def fp8_paged_mqa_logits(
     return dispatch("fp8_paged_mqa_logits", backend, q, index_k_cache, weights, seq_lens, page_table, max_seq_len)
 
 
-def topk_transform_ragged(
-    logits: torch.Tensor,
-    topk: int,
-    *,
-    row_starts: torch.Tensor,
-    lengths: torch.Tensor,
-    offset_override: torch.Tensor | None = None,
-    check_values: bool = True,
-    backend: str = "auto",
-) -> torch.Tensor:
-    """``[R, topk]`` int32 ragged ids, ``-1`` fill; see :func:`nsa_tp.ops.topk.topk_transform_ragged`.
+def _topk_op(name: str, spec: Callable[..., torch.Tensor]) -> Callable[..., torch.Tensor]:
+    """The public top-k op ``name``: ``spec``'s contract (:mod:`nsa_tp.ops.topk`, declared there once) plus
+    ``backend=``. Every tier implementing the top-k ops accepts ``check_values=False`` (skips the value range
+    checks, a host sync, for inputs validated once per batch)."""
 
-    ``check_values=False`` skips the value range checks (a host sync) for inputs validated once per batch;
-    every tier implementing the top-k ops accepts it.
-    """
-    return dispatch(
-        "topk_transform_ragged", backend, logits, topk,
-        row_starts=row_starts, lengths=lengths, offset_override=offset_override, check_values=check_values,
-    )
+    def op(*args: Any, backend: str = "auto", **kwargs: Any) -> torch.Tensor:
+        return dispatch(name, backend, *args, **kwargs)
+
+    backend = inspect.Parameter("backend", inspect.Parameter.KEYWORD_ONLY, default="auto", annotation="str")
+    _topk.adopt_contract(op, spec, add=backend)
+    op.__name__ = op.__qualname__ = name
+    return op
 
 
-def topk_transform_paged(
-    logits: torch.Tensor,
-    topk: int,
-    *,
-    lengths: torch.Tensor,
-    page_table: torch.Tensor,
-    row_to_req: torch.Tensor | None = None,
-    row_starts: torch.Tensor | None = None,
-    page_size: int = 64,
-    check_values: bool = True,
-    backend: str = "auto",
-) -> torch.Tensor:
-    """``[R, topk]`` int32 global cache slots, ``-1`` fill; see :func:`nsa_tp.ops.topk.topk_transform_paged`."""
-    return dispatch(
-        "topk_transform_paged", backend, logits, topk,
-        lengths=lengths, page_table=page_table, row_to_req=row_to_req, row_starts=row_starts, page_size=page_size,
-        check_values=check_values,
-    )
+topk_transform_ragged = _topk_op("topk_transform_ragged", _topk.topk_transform_ragged)
+topk_transform_paged = _topk_op("topk_transform_paged", _topk.topk_transform_paged)

@@ -185,39 +185,9 @@ _select_repairing = functools.partial(select_positions, repair_nan=True)
 _select_trusting = functools.partial(select_positions, repair_nan=False)
 
 
-def topk_transform_ragged(
-    logits: torch.Tensor,
-    topk: int,
-    *,
-    row_starts: torch.Tensor,
-    lengths: torch.Tensor,
-    offset_override: torch.Tensor | None = None,
-    check_values: bool = True,
-) -> torch.Tensor:
-    """Ragged top-k ids on ``fast_topk_v2``; semantics: :func:`nsa_tp.ops.topk.topk_transform_ragged` (K = 2048)."""
-    return topk_ref.ragged_transform(
-        _select_repairing if check_values else _select_trusting, logits, topk, row_starts=row_starts,
-        lengths=lengths, offset_override=offset_override, check_values=check_values,
-    )
-
-
-def topk_transform_paged(
-    logits: torch.Tensor,
-    topk: int,
-    *,
-    lengths: torch.Tensor,
-    page_table: torch.Tensor,
-    row_to_req: torch.Tensor | None = None,
-    row_starts: torch.Tensor | None = None,
-    page_size: int = 64,
-    check_values: bool = True,
-) -> torch.Tensor:
-    """Paged top-k slots on ``fast_topk_v2``; semantics: :func:`nsa_tp.ops.topk.topk_transform_paged` (K = 2048)."""
-    return topk_ref.paged_transform(
-        _select_repairing if check_values else _select_trusting, logits, topk, lengths=lengths,
-        page_table=page_table, row_to_req=row_to_req, row_starts=row_starts, page_size=page_size,
-        check_values=check_values,
-    )
+# Ragged and paged top-k on ``fast_topk_v2`` (K = 2048); semantics: nsa_tp.ops.topk. ``check_values=False``
+# trusts the logits to be NaN-free inside the ranges (module docstring), so NaN rows are not repaired.
+topk_transform_ragged, topk_transform_paged = topk_ref.bind_select(_select_repairing, trusted=_select_trusting)
 
 
 # Where "auto" runs it: nsa_tp.ops.tuning (upstream's kernel first unless another tier measured faster here).

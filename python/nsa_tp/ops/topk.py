@@ -27,7 +27,9 @@ Outputs are ``[R, topk]`` int32. Plain torch (the reference tier); any device.
 
 from __future__ import annotations
 
+import inspect
 from collections.abc import Callable
+from typing import Any
 
 import torch
 
@@ -42,6 +44,8 @@ __all__ = [
     "Select",
     "ragged_transform",
     "paged_transform",
+    "bind_select",
+    "adopt_contract",
     "topk_mismatch",
 ]
 
@@ -141,7 +145,8 @@ def _topk_positions(
     return out
 
 
-def topk_transform_ragged(
+def ragged_transform(
+    select: Select,
     logits: torch.Tensor,
     topk: int,
     *,
@@ -152,7 +157,11 @@ def topk_transform_ragged(
 ) -> torch.Tensor:
     """Top-k ids in the ragged (concatenated keys) space: ``[R, topk]`` int32, ``-1`` fill.
 
+    The one declaration of the ragged transform: every tier binds its selection step with
+    :func:`bind_select`, and the public op (:func:`nsa_tp.ops.topk_transform_ragged`) adds ``backend=``.
+
     Args:
+        select: the selection step (:data:`Select`); the reference's is :func:`topk_positions`'s.
         logits: ``[R, W]`` float32 (e.g. from ``fp8_mqa_logits``, or a chunk computed over a column window).
         topk: K >= 1.
         row_starts: ``[R]`` int32, the row's first candidate column in ``logits`` (``ks`` for full logits).
@@ -164,23 +173,6 @@ def topk_transform_ragged(
 
     Returns: ``offset[r] + p`` for each kept candidate ``p`` (see module docstring), else ``-1``.
     """
-    return ragged_transform(
-        _topk_positions, logits, topk, row_starts=row_starts, lengths=lengths, offset_override=offset_override,
-        check_values=check_values,
-    )
-
-
-def ragged_transform(
-    select: Select,
-    logits: torch.Tensor,
-    topk: int,
-    *,
-    row_starts: torch.Tensor,
-    lengths: torch.Tensor,
-    offset_override: torch.Tensor | None = None,
-    check_values: bool = True,
-) -> torch.Tensor:
-    """:func:`topk_transform_ragged` with the selection step ``select`` (same checks, same id mapping)."""
     check_tensor(row_starts, "row_starts", ndim=1, dtype=torch.int32)
     _check_rows(logits, topk, row_starts, lengths, check_values)
     offsets = row_starts
@@ -190,38 +182,6 @@ def ragged_transform(
     check_same_device(logits=logits, row_starts=row_starts, lengths=lengths, offsets=offsets)
     pos = select(logits, topk, lengths, row_starts)
     return torch.where(pos >= 0, pos + offsets[:, None], pos)
-
-
-def topk_transform_paged(
-    logits: torch.Tensor,
-    topk: int,
-    *,
-    lengths: torch.Tensor,
-    page_table: torch.Tensor,
-    row_to_req: torch.Tensor | None = None,
-    row_starts: torch.Tensor | None = None,
-    page_size: int = 64,
-    check_values: bool = True,
-) -> torch.Tensor:
-    """Top-k ids as global KV-cache slots: ``[R, topk]`` int32, ``-1`` fill.
-
-    Args:
-        logits: ``[R, W]`` float32 (decode: ``fp8_paged_mqa_logits``'s ``[B, max_seq_len]``).
-        topk: K >= 1.
-        lengths: ``[R]`` int32, the request's token count the row may attend (decode: seq_lens).
-        page_table: ``[B, max_pages]`` int32, request -> cache pages (page size ``page_size``).
-        row_to_req: ``[R]`` int32 request of each row (default: row r is request r, needs R == B).
-        row_starts: ``[R]`` int32 column of the row's token 0 in ``logits`` (default 0).
-        page_size: tokens per page (64).
-        check_values: as in :func:`topk_transform_ragged` (also skips the ``row_to_req`` range check).
-            Page ids are never checked here: the page table is validated once per batch by its builder.
-
-    Returns: ``page_table[req, p // page_size] * page_size + p % page_size`` for kept positions ``p``.
-    """
-    return paged_transform(
-        _topk_positions, logits, topk, lengths=lengths, page_table=page_table, row_to_req=row_to_req,
-        row_starts=row_starts, page_size=page_size, check_values=check_values,
-    )
 
 
 def paged_transform(
@@ -236,7 +196,23 @@ def paged_transform(
     page_size: int = 64,
     check_values: bool = True,
 ) -> torch.Tensor:
-    """:func:`topk_transform_paged` with the selection step ``select`` (same checks, same slot mapping)."""
+    """Top-k ids as global KV-cache slots: ``[R, topk]`` int32, ``-1`` fill (the one declaration of the paged
+    transform; tiers bind ``select`` with :func:`bind_select`).
+
+    Args:
+        select: the selection step (:data:`Select`).
+        logits: ``[R, W]`` float32 (decode: ``fp8_paged_mqa_logits``'s ``[B, max_seq_len]``).
+        topk: K >= 1.
+        lengths: ``[R]`` int32, the request's token count the row may attend (decode: seq_lens).
+        page_table: ``[B, max_pages]`` int32, request -> cache pages (page size ``page_size``).
+        row_to_req: ``[R]`` int32 request of each row (default: row r is request r, needs R == B).
+        row_starts: ``[R]`` int32 column of the row's token 0 in ``logits`` (default 0).
+        page_size: tokens per page (64).
+        check_values: as in :func:`ragged_transform` (also skips the ``row_to_req`` range check).
+            Page ids are never checked here: the page table is validated once per batch by its builder.
+
+    Returns: ``page_table[req, p // page_size] * page_size + p % page_size`` for kept positions ``p``.
+    """
     _check_rows(logits, topk, row_starts, lengths, check_values)
     R = logits.shape[0]
     check_tensor(page_table, "page_table", ndim=2, dtype=torch.int32)
@@ -259,6 +235,42 @@ def paged_transform(
     safe = pos.clamp_min(0)
     slots = page_table[req[:, None], safe // page_size].long() * page_size + safe % page_size
     return torch.where(pos >= 0, slots, torch.full_like(slots, -1)).to(torch.int32)
+
+
+def bind_select(
+    select: Select, *, trusted: Select | None = None
+) -> tuple[Callable[..., torch.Tensor], Callable[..., torch.Tensor]]:
+    """A tier's two top-k ops, ``(topk_transform_ragged, topk_transform_paged)``: :func:`ragged_transform` and
+    :func:`paged_transform` with ``select`` as the selection step (``trusted`` instead, when given, for calls
+    with ``check_values=False``). Signatures and docstrings are those two functions', less ``select``."""
+
+    def pick(check_values: bool) -> Select:
+        return select if check_values or trusted is None else trusted
+
+    def topk_transform_ragged(logits: torch.Tensor, topk: int, *, check_values: bool = True,
+                              **kwargs: Any) -> torch.Tensor:
+        return ragged_transform(pick(check_values), logits, topk, check_values=check_values, **kwargs)
+
+    def topk_transform_paged(logits: torch.Tensor, topk: int, *, check_values: bool = True,
+                             **kwargs: Any) -> torch.Tensor:
+        return paged_transform(pick(check_values), logits, topk, check_values=check_values, **kwargs)
+
+    for fn, spec in ((topk_transform_ragged, ragged_transform), (topk_transform_paged, paged_transform)):
+        adopt_contract(fn, spec, drop="select")
+    return topk_transform_ragged, topk_transform_paged
+
+
+def adopt_contract(fn: Callable[..., Any], spec: Callable[..., Any], *, drop: str | None = None,
+           add: inspect.Parameter | None = None) -> None:
+    """Give ``fn`` the docstring and signature of ``spec`` (less the parameter ``drop``, plus ``add``)."""
+    sig = inspect.signature(spec)
+    params = [p for p in sig.parameters.values() if p.name != drop] + ([add] if add is not None else [])
+    fn.__signature__ = sig.replace(parameters=params)  # type: ignore[attr-defined]
+    fn.__doc__ = spec.__doc__
+
+
+# The reference tier's ops: the plain-torch selection (a stable sort), one valid instance of the contract.
+topk_transform_ragged, topk_transform_paged = bind_select(_topk_positions)
 
 
 def topk_mismatch(

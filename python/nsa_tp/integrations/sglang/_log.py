@@ -12,6 +12,8 @@ import multiprocessing
 import sys
 import threading
 
+from nsa_tp.integrations.sglang._compat import ROLE_FUNCTIONS
+
 __all__ = ["logger", "first_time", "log_once", "process_role", "ROLE_FUNCTIONS"]
 
 logger = logging.getLogger("nsa_tp.integrations.sglang")
@@ -41,15 +43,6 @@ def log_once(key: str, msg: str, *args: object, level: int = logging.INFO) -> bo
         return False
     logger.log(level, msg, *args)
     return True
-
-
-# SGLang function that calls ``load_plugins()`` -> the role of the process it runs in (0.5.17..0.5.23).
-ROLE_FUNCTIONS = {
-    "run_scheduler_process": "scheduler",
-    "run_data_parallel_controller_process": "dp_controller",
-    "run_detokenizer_process": "detokenizer",
-    "_launch_subprocesses": "launcher",
-}
 
 
 def process_role() -> str:

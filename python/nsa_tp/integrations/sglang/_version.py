@@ -20,10 +20,10 @@ def installed_sglang_version() -> str | None:
     except metadata.PackageNotFoundError:
         pass
     try:  # an unpacked tree without dist-info (sys.path only) still carries sglang.version
-        from sglang.version import __version__
+        from nsa_tp.integrations.sglang._compat import VERSION_MODULE, resolve
 
-        return str(__version__)
-    except ImportError:
+        return str(resolve(f"{VERSION_MODULE}.__version__"))
+    except (ImportError, AttributeError):
         return None
 
 

@@ -34,6 +34,7 @@ import torch
 from nsa_tp.integrations.sglang import routing, verify
 from nsa_tp.integrations.sglang._log import log_once
 from nsa_tp.integrations.sglang._switch import plugin_enabled
+from nsa_tp.integrations.sglang.token_parallel import sparse as tp_sparse
 from nsa_tp.ops import registry
 from nsa_tp.ops.kv_format import D_LATENT, D_QK, FP8_BYTES_PER_TOKEN
 
@@ -137,17 +138,46 @@ def around_flashmla_sparse(
     attn_sink: torch.Tensor | None = None,
     **extra: Any,
 ) -> torch.Tensor:
-    """``DeepseekSparseAttnBackend._forward_flashmla_sparse`` through :func:`nsa_tp.ops.sparse_mla_fwd`.
+    """``DeepseekSparseAttnBackend._forward_flashmla_sparse`` through :func:`nsa_tp.ops.sparse_mla_fwd`, or, on a
+    token-parallel ``tokens`` extend, through :func:`.token_parallel.sparse.run_tokens`.
 
     Returns ``o [T, H, v_head_dim]`` bfloat16, upstream's contract; rows whose indices are all -1 give 0.
     """
+    plan = tp_sparse.tokens_plan(backend)
+    if plan is None:
+        return _sparse_kernels(original, backend, q_all, kv_cache, v_head_dim, page_table_1, sm_scale, topk_length,
+                               attn_sink, extra)
+    sink = {} if attn_sink is None else {"attn_sink": attn_sink}
+    why = "an attention sink" if attn_sink is not None else ("extra arguments " + ", ".join(extra) if extra else None)
+    return tp_sparse.run_tokens(
+        "_forward_flashmla_sparse", plan, q_all, kv_cache, v_head_dim, page_table_1, sm_scale, why,
+        kernel_path=lambda table: _sparse_kernels(original, backend, q_all, kv_cache, v_head_dim, table, sm_scale,
+                                                  topk_length, attn_sink, extra),
+        upstream=lambda table: original(backend, q_all, kv_cache, v_head_dim, table, sm_scale,
+                                        topk_length=topk_length, **extra, **sink),
+    )
+
+
+def _sparse_kernels(
+    original: Callable[..., torch.Tensor],
+    backend: Any,
+    q_all: torch.Tensor,
+    kv_cache: torch.Tensor,
+    v_head_dim: int,
+    page_table_1: torch.Tensor,
+    sm_scale: float,
+    topk_length: torch.Tensor | None,
+    attn_sink: torch.Tensor | None,
+    extra: dict[str, Any],
+) -> torch.Tensor:
+    """The routed kernel path of :func:`around_flashmla_sparse` (module docstring)."""
     reason = None if plugin_enabled() else "plugin switched off"
     reason = reason or ("extra arguments " + ", ".join(extra) if extra else None)
     reason = reason or sparse_fwd_unsupported(q_all, kv_cache, v_head_dim, page_table_1, attn_sink)
     if reason is not None:
         _fallback("_forward_flashmla_sparse", reason)
         if attn_sink is not None:
-            extra["attn_sink"] = attn_sink  # 0.5.17's signature has no attn_sink: pass it only when given
+            extra = {**extra, "attn_sink": attn_sink}  # 0.5.17's signature has no attn_sink: pass it only when given
         return original(backend, q_all, kv_cache, v_head_dim, page_table_1, sm_scale, topk_length=topk_length, **extra)
 
     T, H, _ = q_all.shape
@@ -185,7 +215,38 @@ def around_flashmla_kv(
     ``kv_cache`` the layer's whole pool ``[pages*64, 1, D]``, ``page_table_1 [B, K]`` global slots (-1 = none).
     Returns ``o [B, 1, H, v_head_dim]`` bfloat16, upstream's contract. A bf16 pool is read as stored
     (upstream re-quantizes it to fp8 on every call), so results are slightly closer to exact than upstream's.
+    On a token-parallel ``tokens`` extend, :func:`.token_parallel.sparse.run_tokens` runs instead.
     """
+    plan = tp_sparse.tokens_plan(backend)
+    if plan is None:
+        return _kv_kernels(original, backend, q_all, kv_cache, v_head_dim, sm_scale, layer, metadata, page_table_1,
+                           extra)
+    q = q_all.reshape(-1, layer.tp_q_head_num, q_all.shape[-1])  # [T, h*576] or [T, 1, h, 576] -> [T, h, 576]
+    flat = kv_cache.view(-1, 1, kv_cache.shape[-1])  # the pool [pages*64, 1, D]: slots are global
+    out = tp_sparse.run_tokens(
+        "_forward_flashmla_kv", plan, q, flat, v_head_dim, page_table_1, sm_scale,
+        "extra arguments " + ", ".join(extra) if extra else None,
+        kernel_path=lambda table: _kv_kernels(original, backend, q_all, kv_cache, v_head_dim, sm_scale, layer,
+                                              metadata, table, extra).reshape(q.shape[0], q.shape[1], -1),
+        upstream=lambda table: original(backend, q_all, kv_cache, v_head_dim, sm_scale, layer, metadata, table,
+                                        **extra),
+    )
+    return out.reshape(q.shape[0], 1, q.shape[1], -1)  # [T, h, 512] -> [T, 1, h, 512]
+
+
+def _kv_kernels(
+    original: Callable[..., torch.Tensor],
+    backend: Any,
+    q_all: torch.Tensor,
+    kv_cache: torch.Tensor,
+    v_head_dim: int,
+    sm_scale: float,
+    layer: Any,
+    metadata: Any,
+    page_table_1: torch.Tensor,
+    extra: dict[str, Any],
+) -> torch.Tensor:
+    """The routed kernel path of :func:`around_flashmla_kv` (module docstring)."""
     reason = None if plugin_enabled() else "plugin switched off"
     reason = reason or ("extra arguments " + ", ".join(extra) if extra else None)
     reason = reason or paged_decode_unsupported(backend, q_all, kv_cache, v_head_dim, layer, page_table_1)

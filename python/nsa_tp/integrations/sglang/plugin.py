@@ -22,10 +22,11 @@ import pkgutil
 from collections.abc import Callable
 from typing import Any
 
-from nsa_tp.integrations.sglang import _compat, attention_hooks, cli_flag, layout_check, token_parallel
+from nsa_tp.integrations.sglang import _compat, attention_hooks, cli_flag, layout_check
 from nsa_tp.integrations.sglang._log import logger, process_role
 from nsa_tp.integrations.sglang._switch import ENV_VAR, plugin_enabled
 from nsa_tp.integrations.sglang._version import installed_sglang_version, unsupported_reason
+from nsa_tp.integrations.sglang.token_parallel import backend as token_parallel
 
 __all__ = ["HookSpec", "MODEL_ROLES", "hook_specs", "register"]
 
@@ -70,7 +71,7 @@ def hook_specs(role: str) -> tuple[list[HookSpec], list[str]]:
     """The hooks for a process of this role, and one line per hook that cannot be placed here."""
     specs: list[HookSpec] = []
     skipped: list[str] = []
-    specs.append(HookSpec("sglang.srt.server_args.ServerArgs.add_cli_args", cli_flag.after_add_cli_args, "AFTER"))
+    specs.append(HookSpec(_compat.ADD_CLI_ARGS, cli_flag.after_add_cli_args, "AFTER"))
     reasons = []
     for target in _compat.LAYOUT_TARGETS:
         reason = _resolves(target)
@@ -81,11 +82,10 @@ def hook_specs(role: str) -> tuple[list[HookSpec], list[str]]:
     else:
         skipped.append("layout check: " + "; ".join(reasons))
     if role in MODEL_ROLES:
-        for method, hook in (
-            ("_forward_flashmla_sparse", attention_hooks.around_flashmla_sparse),
-            ("_forward_flashmla_kv", attention_hooks.around_flashmla_kv),
+        for target, hook in (
+            (_compat.FLASHMLA_SPARSE, attention_hooks.around_flashmla_sparse),
+            (_compat.FLASHMLA_KV, attention_hooks.around_flashmla_kv),
         ):
-            target = f"{_compat.ATTENTION_CLASS}.{method}"
             reason = _resolves(target)
             if reason is None:
                 specs.append(HookSpec(target, hook, "AROUND"))
@@ -127,7 +127,8 @@ def register(role: str | None = None) -> list[HookSpec]:
         for line in skipped:
             logger.warning("hook not placed: %s", line)
 
-    from sglang.srt.plugins.hook_registry import HookRegistry, HookType
+    hook_registry = _compat.resolve(_compat.HOOK_REGISTRY)
+    HookRegistry, HookType = hook_registry.HookRegistry, hook_registry.HookType
 
     for spec in specs:
         HookRegistry.register(spec.target, spec.hook, HookType[spec.hook_type])

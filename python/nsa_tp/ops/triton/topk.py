@@ -399,35 +399,5 @@ def topk_positions(
     return out
 
 
-def topk_transform_ragged(
-    logits: torch.Tensor,
-    topk: int,
-    *,
-    row_starts: torch.Tensor,
-    lengths: torch.Tensor,
-    offset_override: torch.Tensor | None = None,
-    check_values: bool = True,
-) -> torch.Tensor:
-    """:func:`nsa_tp.ops.topk.topk_transform_ragged` with the fused selection (same kept set)."""
-    return topk_ref.ragged_transform(
-        topk_positions, logits, topk, row_starts=row_starts, lengths=lengths, offset_override=offset_override,
-        check_values=check_values,
-    )
-
-
-def topk_transform_paged(
-    logits: torch.Tensor,
-    topk: int,
-    *,
-    lengths: torch.Tensor,
-    page_table: torch.Tensor,
-    row_to_req: torch.Tensor | None = None,
-    row_starts: torch.Tensor | None = None,
-    page_size: int = 64,
-    check_values: bool = True,
-) -> torch.Tensor:
-    """:func:`nsa_tp.ops.topk.topk_transform_paged` with the fused selection (same kept set)."""
-    return topk_ref.paged_transform(
-        topk_positions, logits, topk, lengths=lengths, page_table=page_table, row_to_req=row_to_req,
-        row_starts=row_starts, page_size=page_size, check_values=check_values,
-    )
+# The two top-k ops with the fused selection (same kept set as the reference); contract: nsa_tp.ops.topk.
+topk_transform_ragged, topk_transform_paged = topk_ref.bind_select(topk_positions)

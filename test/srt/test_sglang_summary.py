@@ -1,4 +1,5 @@
-"""benchmark/sglang_e2e_summary.py merges sglang_e2e.sh outputs: hand-made run folders, known answers."""
+"""benchmark/sglang_summary.py's ``e2e`` kind merges the fixed-prompt runs (sglang_launch.py --workload e2e):
+hand-made run folders, known answers."""
 
 from __future__ import annotations
 
@@ -7,8 +8,8 @@ import json
 import sys
 from pathlib import Path
 
-_PATH = Path(__file__).resolve().parents[2] / "benchmark" / "sglang_e2e_summary.py"
-_spec = importlib.util.spec_from_file_location("nsa_tp_sglang_e2e_summary", _PATH)
+_PATH = Path(__file__).resolve().parents[2] / "benchmark" / "sglang_summary.py"
+_spec = importlib.util.spec_from_file_location("nsa_tp_sglang_summary", _PATH)
 summary_mod = importlib.util.module_from_spec(_spec)
 sys.modules[_spec.name] = summary_mod
 _spec.loader.exec_module(summary_mod)
@@ -38,7 +39,7 @@ def test_merge_two_calls(tmp_path):
         "[t] DSA with TP mode is active, dp_size=1, tp_size=2\n"
     )
     _run(b, "on", "tp2", [_row(8192, 0.100, 0.250, [5, 6]), _row(32768, 0.400, 0.500, [7, 9])], proof)
-    runs, meta = summary_mod.collect([a, b])
+    runs, meta = summary_mod.collect_e2e([a, b])
     s = summary_mod.summarize(runs, meta)
     assert s["device"] == "NVIDIA H100 80GB HBM3"
     tp2 = s["modes"]["tp2"]
@@ -53,7 +54,7 @@ def test_merge_two_calls(tmp_path):
 
 def test_missing_state_leaves_no_comparison(tmp_path):
     _run(tmp_path / "c", "on", "dp2", [_row(2048, 0.05, 0.06, [1])])
-    s = summary_mod.summarize(*summary_mod.collect([tmp_path / "c"]))
+    s = summary_mod.summarize(*summary_mod.collect_e2e([tmp_path / "c"]))
     (row,) = s["modes"]["dp2"]["lengths"]
     assert row["ttft_ms_off"] is None and "tokens_match" not in row and "ttft_speedup_on_vs_off" not in row
-    assert summary_mod.main([str(tmp_path / "nothing")]) == 1
+    assert summary_mod.main(["e2e", str(tmp_path / "nothing")]) == 1
