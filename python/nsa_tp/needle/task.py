@@ -1,0 +1,102 @@
+"""Needle prompts (associative recall) and their scoring; host-only, shared by the CPU layer runs and the SGLang
+client.
+
+A prompt is ``BOS``, then fillers with facts ``D(k, v)`` (each key at most once) and query pairs ``Q(k) A(v)``
+spread over it, and ends with one more ``Q(k*)``. The right next token after every ``Q(k)`` is ``A(v)`` of the
+earlier fact with key ``k``: in a teacher-forced pass the model's top-1 token at each query position is scored
+(many positions per prompt), and the greedy token after the final ``Q(k*)`` is the answer of a decode step.
+Queries start at ``min_query_pos`` (the index top-k, at most half the prompt), so their rows select from more
+tokens than the top-k holds: a wrong selection then misses the fact with probability about ``1 - topk / len``.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import random
+from collections.abc import Sequence
+
+from nsa_tp.needle.vocab import BOS, NeedleVocab
+
+__all__ = ["NeedlePrompt", "make_prompt", "score_predictions", "QUERY_SPACING"]
+
+QUERY_SPACING = 16  # one query pair per this many tokens after min_query_pos, on average
+
+
+@dataclasses.dataclass(frozen=True)
+class NeedlePrompt:
+    """``ids``; ``queries``: ``(position of Q(k), expected next token A(v))``; ``final_answer``: the token a greedy
+    decode step must produce after the last ``Q(k*)``; ``facts``: key -> (position, value)."""
+
+    ids: tuple[int, ...]
+    queries: tuple[tuple[int, int], ...]
+    final_answer: int
+    facts: dict[int, tuple[int, int]]
+
+    def __len__(self) -> int:
+        return len(self.ids)
+
+
+def _facts_in(vocab: NeedleVocab, ids: Sequence[int]) -> dict[int, tuple[int, int]]:
+    facts: dict[int, tuple[int, int]] = {}
+    for pos, t in enumerate(ids):
+        kind, k, v = vocab.kind(t)
+        if kind == "fact":
+            if k in facts:
+                raise ValueError(f"prefix: key {k} is stored twice (positions {facts[k][0]} and {pos})")
+            facts[k] = (pos, v)
+    return facts
+
+
+def make_prompt(vocab: NeedleVocab, length: int, seed: int, *, min_query_pos: int,
+                prefix: Sequence[int] = (), spacing: int = QUERY_SPACING) -> NeedlePrompt:
+    """A prompt of ``length`` tokens, deterministic from ``seed``; it starts with ``prefix`` (its facts count) or
+    with ``BOS``. Facts with the keys the prefix lacks are spread over the rest (one before ``min_query_pos``
+    at least); query pairs sit at ``>= max(min_query_pos, len(prefix))``, every ``spacing`` tokens on average."""
+    if length < 64 or length < len(prefix) + 16:
+        raise ValueError(f"length: expected >= 64 and >= len(prefix) + 16, got {length} (prefix {len(prefix)})")
+    rng = random.Random(repr(("needle", seed, length, len(prefix))))
+    ids = list(prefix) if prefix else [BOS]
+    facts = _facts_in(vocab, ids)
+    start = len(ids)
+    q_lo = max(min(min_query_pos, length // 2), start)
+    ids += [vocab.filler(rng.randrange(vocab.n_fillers)) for _ in range(length - start)]
+    free = [k for k in range(vocab.n_keys) if k not in facts]
+    rng.shuffle(free)
+    taken: set[int] = set()
+    for n, k in enumerate(free):  # the first new fact lands before the first query
+        hi = q_lo if n == 0 and not facts else length - 2
+        pos = rng.randrange(start, max(start + 1, hi))
+        while pos in taken:
+            pos = rng.randrange(start, length - 2)
+        taken.add(pos)
+        v = rng.randrange(vocab.n_values)
+        ids[pos] = vocab.fact(k, v)
+        facts[k] = (pos, v)
+    queries = []
+    for pos in range(q_lo, length - 3, 1):
+        if rng.random() * spacing >= 1 or pos in taken or pos + 1 in taken or (pos - 1) in taken:
+            continue
+        known = [k for k, (p, _) in facts.items() if p < pos]
+        if not known:
+            continue
+        k = rng.choice(known)
+        ids[pos], ids[pos + 1] = vocab.query(k), vocab.answer(facts[k][1])
+        taken.update((pos, pos + 1))
+        queries.append((pos, vocab.answer(facts[k][1])))
+    known = [k for k, (p, _) in facts.items() if p < length - 1]
+    k_final = rng.choice(known)
+    ids[-1] = vocab.query(k_final)
+    return NeedlePrompt(tuple(ids), tuple(queries), vocab.answer(facts[k_final][1]), facts)
+
+
+def score_predictions(prompt: NeedlePrompt, top1: dict[int, int], *, first_pos: int = 0) -> dict[str, float | int]:
+    """Teacher-forced accuracy: ``top1[pos]`` = the model's top token predicting position ``pos + 1``.
+
+    Queries at positions ``< first_pos`` (inside a cached prefix the server did not score) are left out; a
+    position missing from ``top1`` counts as wrong. Returns ``{correct, total, accuracy, missing}``.
+    """
+    scored = [(p, want) for p, want in prompt.queries if p >= first_pos]
+    correct = sum(top1.get(p) == want for p, want in scored)
+    missing = sum(p not in top1 for p, _ in scored)
+    return {"correct": correct, "total": len(scored), "accuracy": correct / len(scored) if scored else 0.0,
+            "missing": missing}
