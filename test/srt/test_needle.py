@@ -18,8 +18,8 @@ import torch
 from nsa_tp.config import NSAConfig
 from nsa_tp.model.weights import expected_shapes, hf_names, load_layer_weights
 from nsa_tp.needle.checkpoint import NeedleSpec, build_tensors, hf_config, layer_weights, write_checkpoint
-from nsa_tp.needle.evaluate import NeedleModel, needle_cases, run_needle_layouts, score_layout
-from nsa_tp.needle.task import make_prompt, score_predictions
+from nsa_tp.needle.evaluate import NeedleModel, needle_cases, request_tokens, run_needle_layouts, score_layout
+from nsa_tp.needle.task import make_prompt, score_chain, score_predictions
 from nsa_tp.needle.vocab import NeedleVocab
 
 TOPK = 16
@@ -34,7 +34,7 @@ def needle(tmp_path_factory):
     d = write_checkpoint(SPEC, tmp_path_factory.mktemp("needle"))
     model = NeedleModel(d)
     prompts = [make_prompt(SPEC.vocab, n, seed=10 + i, min_query_pos=TOPK, spacing=4) for i, n in enumerate(LENS)]
-    es, xs = zip(*(model.embed(p.ids) for p in prompts), strict=True)
+    es, xs = zip(*(model.embed(request_tokens(p)) for p in prompts), strict=True)
     return d, model, prompts, list(es), list(xs)
 
 
@@ -142,7 +142,10 @@ def test_prompts_and_scoring():
         assert kind == "query" and p.ids[pos + 1] == want and p.facts[k][0] < pos
         assert want == voc.answer(p.facts[k][1])
     kind, k, _ = voc.kind(p.ids[-1])
-    assert kind == "query" and p.final_answer == voc.answer(p.facts[k][1])
+    assert kind == "query" and p.final_answer == voc.answer(p.facts[k][1]) and len(p.chain) == 4
+    for a, b in zip(p.chain, p.chain[1:], strict=False):  # each answer A(v) asks for key v
+        assert b == voc.answer(p.facts[voc.kind(a)[2]][1])
+    assert score_chain(p, p.chain) == 4 and score_chain(p, (p.chain[0], -1, *p.chain[2:])) == 1
     q = make_prompt(voc, 3000, seed=2, min_query_pos=2048, prefix=p.ids[:1500])
     assert q.ids[:1500] == p.ids[:1500] and all(pos >= 1500 for pos, _ in q.queries)
     perfect = {pos: want for pos, want in p.queries}

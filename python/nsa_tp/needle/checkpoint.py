@@ -6,7 +6,7 @@ How the layer solves the task (content only: every rope row is zero, so position
 
     K [0, 64)    fact key code          Q [64, 128)   query key code        V [128, 192)  fact value code
     O [192, 256) the answer (attention writes it, lm_head reads it; no embedding touches it)
-    C  256       1 for every token      J [320, 384)  a random code per filler / answer / unused token
+    C  256       1 for every token      J [320, 384)  a random code per filler / unused token
 
 - q: ``q_a_proj`` copies Q (and C) into ``q_lora``; ``q_a_layernorm`` is set so a query's ``q_lora`` is exactly
   ``[key code, 1, 0...]``; head h's ``q_nope[:64] = a * R_h key`` (R_h a signed permutation of its own).
@@ -25,6 +25,9 @@ How the layer solves the task (content only: every rope row is zero, so position
   leaves ``k = [0, 8 * key]``; ``weights_proj`` reads C (positive). The matching fact scores 64 a head, every
   other token 0 (fillers have no key: their LayerNorm output is 0) - through the Hadamard rotation and fp8.
 - lm_head: the answer token ``A(v)`` reads the value code from O; every other row is 0.
+- ``A(v)`` is also a query, for key ``v`` (its embedding carries key code v in Q): after ``Q(k)`` greedy decoding
+  follows the chain ``A(v1) A(v2) ...`` with ``v_{i+1}`` the value stored under key ``v_i``, so every generated
+  token is one more recall, made by a decode step.
 - MLP: random, its output scaled by :data:`MLP_SCALE` (exercised, never decisive).
 """
 
@@ -109,6 +112,10 @@ def embeddings(spec: NeedleSpec) -> torch.Tensor:
     emb = torch.zeros(voc.size, D)
     emb[:, C0] = 1.0
     emb[:, J0 : J0 + CODE_DIM] = (torch.randint(0, 2, (voc.size, CODE_DIM), generator=gen).float() * 2 - 1) / 8
+    for v in range(min(voc.n_values, voc.n_keys)):  # A(v) asks for key v: greedy decode follows a chain
+        a = voc.answer(v)
+        emb[a, J0 : J0 + CODE_DIM] = 0
+        emb[a, Q0 : Q0 + CODE_DIM] = keys[v]
     for k in range(voc.n_keys):
         q = voc.query(k)
         emb[q, J0 : J0 + CODE_DIM] = 0

@@ -1,12 +1,13 @@
 """Score the needle task through nsa-tp's own attention layer in any layout (CPU with gloo, or GPUs with NCCL).
 
 Per layout, every rank runs :class:`nsa_tp.model.runner`'s rank state (the same layer, caches, DP padding and
-all-gathers ``nsa-tp run`` checks) on the needle prompts' embedded tokens: a prefix fill for requests behind a
-cached prefix, a teacher-forced prefill of everything but the last token, then the last token (the final query)
-as a decode step. The layer's weights come from the written checkpoint through nsa-tp's loader
-(:func:`nsa_tp.model.weights.load_layer_weights`); the rest of the model (embedding, norms, MLP, lm_head) runs
-here in float32 from the same file. ``corrupt`` installs the negative control (:class:`~.corrupt.ShiftTopk`)
-on every rank's indexer.
+all-gathers ``nsa-tp run`` checks) on the needle prompts' embedded tokens (:func:`request_tokens`: the prompt and
+its expected greedy chain but the last token): a prefix fill for requests behind a cached prefix, a
+teacher-forced prefill of the prompt but its final query, then one decode step per chain token (the final
+query, then each expected answer, which asks for the next key). The layer's weights come from the written
+checkpoint through nsa-tp's loader (:func:`nsa_tp.model.weights.load_layer_weights`); the rest of the model
+(embedding, norms, MLP, lm_head) runs here in float32 from the same file. ``corrupt`` installs the negative
+control (:class:`~.corrupt.ShiftTopk`) on every rank's indexer.
 """
 
 from __future__ import annotations
@@ -22,16 +23,21 @@ import torch.nn.functional as F
 from nsa_tp.config import NSAConfig
 from nsa_tp.model.runner import Request, RunCase, _case_weights, _Rank
 from nsa_tp.needle.corrupt import ShiftTopk
-from nsa_tp.needle.task import NeedlePrompt, score_predictions
+from nsa_tp.needle.task import NeedlePrompt, score_chain, score_predictions
 from nsa_tp.parallel.groups import build_groups
 from nsa_tp.parallel.launch import RankContext, launch
 
-__all__ = ["NeedleModel", "LayoutRun", "needle_cases", "run_needle_layouts", "score_layout"]
+__all__ = ["NeedleModel", "LayoutRun", "needle_cases", "run_needle_layouts", "score_layout", "request_tokens"]
 
 _HEAD = ("model.embed_tokens.weight", "model.layers.0.input_layernorm.weight",
          "model.layers.0.post_attention_layernorm.weight", "model.layers.0.mlp.gate_proj.weight",
          "model.layers.0.mlp.up_proj.weight", "model.layers.0.mlp.down_proj.weight", "model.norm.weight",
          "lm_head.weight")
+
+
+def request_tokens(prompt: NeedlePrompt) -> tuple[int, ...]:
+    """What the layer sees of a prompt: its ids and the expected chain but its last token (teacher-forced)."""
+    return prompt.ids + prompt.chain[:-1]
 
 
 def _rms(x: torch.Tensor, w: torch.Tensor, eps: float) -> torch.Tensor:
@@ -71,6 +77,7 @@ class LayoutRun:
 
     case: RunCase
     corrupt: bool = False
+    decode_steps: tuple[int, ...] = ()  # per request: its last tokens run as decode steps (the chain)
 
     def label(self) -> str:
         return self.case.label() + (" +corrupt" if self.corrupt else "")
@@ -81,14 +88,15 @@ def needle_cases(ckpt: str | Path, prompts: Sequence[NeedlePrompt], prefix_lens:
                  kv_cache_dtype: str = "bfloat16", backend: str = "auto") -> list[LayoutRun]:
     """``layouts``: ``(tp, dp, enable_dp_attention, core)`` each; requests ``(prefix_len, rest)`` per prompt."""
     cfg = NSAConfig.from_hf_config(ckpt)
-    reqs = tuple(Request(p, len(pr) - p) for pr, p in zip(prompts, prefix_lens, strict=True))
+    reqs = tuple(Request(p, len(request_tokens(pr)) - p) for pr, p in zip(prompts, prefix_lens, strict=True))
+    steps = tuple(len(pr.chain) for pr in prompts)
     out = []
     for tp, dp, dpa, core in layouts:
         case = RunCase(tp=tp, dp=dp, enable_dp_attention=dpa, cfg=cfg, requests=reqs, decode_steps=0,
                        kv_cache_dtype=kv_cache_dtype, core=core, backend=backend,
                        weights_path=str(Path(ckpt) / "model.safetensors"),
                        name=_name(tp, dp, dpa, core))
-        out.append(LayoutRun(case, corrupt))
+        out.append(LayoutRun(case, corrupt, steps))
     return out
 
 
@@ -109,9 +117,11 @@ def _run_layout(ctx: RankContext | None, run: LayoutRun, xs: list[torch.Tensor],
         rank.inputs[i] = xs[i].to(device)
     reqs = case.requests
     ends = {i: r.prefix_len + r.new_len for i, r in enumerate(reqs)}
+    dec = {i: run.decode_steps[i] if run.decode_steps else 1 for i in ends}
     parts: dict[int, list[torch.Tensor]] = {i: [] for i in ends}
-    steps = [({i: (r.prefix_len, ends[i] - 1) for i, r in enumerate(reqs)}, False),
-             ({i: (ends[i] - 1, ends[i]) for i in ends}, True)]
+    steps = [({i: (r.prefix_len, ends[i] - dec[i]) for i, r in enumerate(reqs)}, False)]
+    for d in range(max(dec.values())):  # requests with a shorter chain sit the later steps out (empty span)
+        steps.append(({i: (ends[i] - dec[i] + d, ends[i] - dec[i] + d + (d < dec[i])) for i in ends}, True))
     if any(r.prefix_len for r in reqs):
         steps.insert(0, ({i: (0, r.prefix_len) for i, r in enumerate(reqs)}, False))
     for spans, is_decode in steps:
@@ -148,11 +158,13 @@ def run_needle_layouts(runs: Sequence[LayoutRun], xs: list[torch.Tensor], world:
 def score_layout(model: NeedleModel, prompts: Sequence[NeedlePrompt], es: list[torch.Tensor],
                  attn: dict[int, torch.Tensor]) -> dict[str, Any]:
     """Teacher-forced accuracy over every query position, and the final queries' greedy (decode-step) answers."""
-    correct = total = greedy_ok = 0
+    correct = total = greedy_ok = greedy_total = 0
     for i, pr in enumerate(prompts):
         top = model.top1(es[i], attn[i]).tolist()
         s = score_predictions(pr, dict(enumerate(top)))
         correct, total = correct + s["correct"], total + s["total"]
-        greedy_ok += int(top[-1] == pr.final_answer)
+        n = len(pr.chain)
+        greedy_ok += score_chain(pr, top[len(pr) - 1 : len(pr) - 1 + n])  # decode steps' predictions
+        greedy_total += n
     return {"correct": correct, "total": total, "accuracy": correct / max(total, 1),
-            "greedy_correct": greedy_ok, "greedy_total": len(prompts)}
+            "greedy_correct": greedy_ok, "greedy_total": greedy_total}

@@ -17,20 +17,26 @@ from collections.abc import Sequence
 
 from nsa_tp.needle.vocab import BOS, NeedleVocab
 
-__all__ = ["NeedlePrompt", "make_prompt", "score_predictions", "QUERY_SPACING"]
+__all__ = ["NeedlePrompt", "make_prompt", "score_predictions", "score_chain", "QUERY_SPACING", "CHAIN"]
 
 QUERY_SPACING = 16  # one query pair per this many tokens after min_query_pos, on average
+CHAIN = 4  # greedy tokens scored after the final query (the first from the prefill, the rest decode steps)
 
 
 @dataclasses.dataclass(frozen=True)
 class NeedlePrompt:
-    """``ids``; ``queries``: ``(position of Q(k), expected next token A(v))``; ``final_answer``: the token a greedy
-    decode step must produce after the last ``Q(k*)``; ``facts``: key -> (position, value)."""
+    """``ids``; ``queries``: ``(position of Q(k), expected next token A(v))``; ``chain``: the greedy continuation
+    after the last ``Q(k*)`` (``A(v1)`` from the prefill, then one decode step per token: ``A(v)`` asks for key
+    ``v``); ``facts``: key -> (position, value)."""
 
     ids: tuple[int, ...]
     queries: tuple[tuple[int, int], ...]
-    final_answer: int
+    chain: tuple[int, ...]
     facts: dict[int, tuple[int, int]]
+
+    @property
+    def final_answer(self) -> int:
+        return self.chain[0]
 
     def __len__(self) -> int:
         return len(self.ids)
@@ -48,7 +54,7 @@ def _facts_in(vocab: NeedleVocab, ids: Sequence[int]) -> dict[int, tuple[int, in
 
 
 def make_prompt(vocab: NeedleVocab, length: int, seed: int, *, min_query_pos: int,
-                prefix: Sequence[int] = (), spacing: int = QUERY_SPACING) -> NeedlePrompt:
+                prefix: Sequence[int] = (), spacing: int = QUERY_SPACING, chain: int = CHAIN) -> NeedlePrompt:
     """A prompt of ``length`` tokens, deterministic from ``seed``; it starts with ``prefix`` (its facts count) or
     with ``BOS``. Facts with the keys the prefix lacks are spread over the rest (one before ``min_query_pos``
     at least); query pairs sit at ``>= max(min_query_pos, len(prefix))``, every ``spacing`` tokens on average."""
@@ -86,7 +92,17 @@ def make_prompt(vocab: NeedleVocab, length: int, seed: int, *, min_query_pos: in
     known = [k for k, (p, _) in facts.items() if p < length - 1]
     k_final = rng.choice(known)
     ids[-1] = vocab.query(k_final)
-    return NeedlePrompt(tuple(ids), tuple(queries), vocab.answer(facts[k_final][1]), facts)
+    return NeedlePrompt(tuple(ids), tuple(queries), _chain(vocab, facts, k_final, chain), facts)
+
+
+def _chain(vocab: NeedleVocab, facts: dict[int, tuple[int, int]], key: int, n: int) -> tuple[int, ...]:
+    """Greedy tokens after ``Q(key)``: follow value -> key while the key is stored (all facts precede the end)."""
+    out: list[int] = []
+    while len(out) < n and key in facts:
+        v = facts[key][1]
+        out.append(vocab.answer(v))
+        key = v if v < vocab.n_keys else -1
+    return tuple(out)
 
 
 def score_predictions(prompt: NeedlePrompt, top1: dict[int, int], *, first_pos: int = 0) -> dict[str, float | int]:
@@ -100,3 +116,13 @@ def score_predictions(prompt: NeedlePrompt, top1: dict[int, int], *, first_pos: 
     missing = sum(p not in top1 for p, _ in scored)
     return {"correct": correct, "total": len(scored), "accuracy": correct / len(scored) if scored else 0.0,
             "missing": missing}
+
+
+def score_chain(prompt: NeedlePrompt, generated: Sequence[int]) -> int:
+    """How many leading generated tokens follow the expected chain (``len(prompt.chain)`` = all right)."""
+    n = 0
+    for got, want in zip(generated, prompt.chain, strict=False):
+        if got != want:
+            break
+        n += 1
+    return n
