@@ -62,6 +62,8 @@ def top1_from_response(resp: dict[str, Any], start: int, length: int,
                          f"(positions {start}..{length - 1})")
     toks = meta.get("input_token_logprobs")
     if isinstance(toks, list) and ids is not None:  # [logprob, token_id, text] per position: the alignment check
+        if len(toks) != len(tops):
+            raise ValueError(f"response: {len(toks)} input_token_logprobs but {len(tops)} input_top_logprobs")
         bad = [start + j for j, t in enumerate(toks) if t and t[1] is not None and int(t[1]) != ids[start + j]]
         if bad:
             raise ValueError(f"response: input_token_logprobs name other tokens than the prompt at positions "
