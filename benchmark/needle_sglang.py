@@ -93,7 +93,8 @@ def server_command(s: dict, port: int, ckpt: Path, a: argparse.Namespace) -> tup
 
 def start_servers(servers: list[dict], ckpt: Path, a: argparse.Namespace) -> None:
     repo = Path.cwd()
-    base = BASE_ENV | {"PYTHONPATH": f"/tmp/site:{repo / 'python'}"}
+    path = os.environ.get("PYTHONPATH", "")
+    base = BASE_ENV | {"PYTHONPATH": f"/tmp/site:{repo / 'python'}" + (f":{path}" if path else "")}
     for i, s in enumerate(servers):
         port = a.port + i
         cmd, env = server_command(s, port, ckpt, a)
@@ -106,6 +107,13 @@ def start_servers(servers: list[dict], ckpt: Path, a: argparse.Namespace) -> Non
                                     start_new_session=True)
         s["pid"] = proc.pid
         time.sleep(2)  # staggered: the weight loads rarely land between another server's two memory readings
+
+
+def _plugin_visible() -> bool:
+    """Whether an installed nsa-tp already declares its ``sglang.srt.plugins`` entry point (pip install)."""
+    from importlib.metadata import entry_points
+
+    return any(ep.name == "nsa_tp" for ep in entry_points(group="sglang.srt.plugins"))
 
 
 def stop_servers(servers: list[dict]) -> None:
@@ -226,7 +234,8 @@ def main(argv: list[str] | None = None) -> int:
     ckpt = STATE / "ckpt"
     if not a.smoke:
         STATE.mkdir(parents=True, exist_ok=True)
-        _install_plugin(Path.cwd())
+        if not _plugin_visible():
+            _install_plugin(Path.cwd())  # the entry point SGLang loads plugins through, into /tmp/site
         cfg = ckpt / "config.json"
         if not cfg.is_file() or json.loads(cfg.read_text()) != json.loads(json.dumps(hf_config(spec))):
             write_checkpoint(spec, ckpt)
