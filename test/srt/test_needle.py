@@ -96,8 +96,13 @@ def test_head_mixup_fails(needle, tmp_path):
 
 def test_checkpoint_against_nsa_tp_loader(tmp_path):
     """Every tensor bf16 and named as DeepSeek-V3.2's; the attention layer through nsa-tp's loader is bit-equal."""
-    spec = NeedleSpec(seed=1, hidden_size=512, num_attention_heads=16, q_lora_rank=128)
-    d = write_checkpoint(spec, tmp_path)
+    from nsa_tp.cli import main
+
+    spec = NeedleSpec(seed=1, hidden_size=512, num_attention_heads=16, q_lora_rank=128, intermediate_size=512)
+    assert main(["needle", "--out", str(tmp_path), "--seed", "1", "--hidden", "512", "--heads", "16",
+                 "--q-lora-rank", "128"]) == 0
+    assert main(["needle", "--out", str(tmp_path / "x"), "--hidden", "520"]) == 2  # not a multiple of 128
+    d = tmp_path
     hf = json.loads((d / "config.json").read_text())
     assert hf == json.loads(json.dumps(hf_config(spec)))
     assert hf["architectures"] == ["DeepseekV32ForCausalLM"] and hf["model_type"] == "deepseek_v32"

@@ -42,7 +42,7 @@ from typing import Any
 import torch
 
 from nsa_tp.config import NSAConfig
-from nsa_tp.model.weights import LayerWeights, hf_names
+from nsa_tp.model.weights import LayerWeights, hf_names, require_safetensors
 from nsa_tp.needle.vocab import BOS, CODE_DIM, EOS, NeedleVocab, hadamard_codes
 
 __all__ = ["NeedleSpec", "build_tensors", "hf_config", "write_checkpoint", "layer_weights", "SCORE", "GAIN"]
@@ -236,6 +236,7 @@ def build_tensors(spec: NeedleSpec) -> dict[str, torch.Tensor]:
 
 def write_checkpoint(spec: NeedleSpec, out_dir: str | Path) -> Path:
     """``out_dir/config.json`` + ``out_dir/model.safetensors``; returns the folder."""
+    require_safetensors()
     from safetensors.torch import save_file
 
     out = Path(out_dir)
