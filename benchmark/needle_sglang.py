@@ -219,7 +219,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--nsa-token-parallel", default="", help="on | auto | off | indexer (plugin servers only)")
     p.add_argument("--mem-fraction", type=float, default=MEM_FRACTION)
     p.add_argument("--port", type=int, default=31500)
-    p.add_argument("--timeout", type=float, default=480, help="seconds for the servers to come up")
+    p.add_argument("--timeout", type=float, default=420, help="seconds for the servers to come up")
     p.add_argument("--name", default="", help="results go to $OUT/needle_sglang_NAME.json")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--smoke", action="store_true", help="print the commands and the request plan; start nothing")
