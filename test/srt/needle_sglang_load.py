@@ -1,4 +1,4 @@
-"""Helper of test_needle_sglang.py, run in its own process (it initializes SGLang's global parallel state):
+"""Helper of test_needle_sglang_weights.py, run in its own process (it initializes SGLang's global parallel state):
 build SGLang's own ``DeepseekV32ForCausalLM`` on CPU from a checkpoint folder's config.json, load the
 checkpoint's tensors through SGLang's own ``load_weights``, and print JSON: every SGLang parameter's name, shape
 and dtype, whether it equals what the checkpoint holds (fused q_a/kv_a and gate/up concatenated as SGLang's

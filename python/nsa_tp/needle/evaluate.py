@@ -8,6 +8,10 @@ query, then each expected answer, which asks for the next key). The layer's weig
 checkpoint through nsa-tp's loader (:func:`nsa_tp.model.weights.load_layer_weights`); the rest of the model
 (embedding, norms, MLP, lm_head) runs here in float32 from the same file. ``corrupt`` installs the negative
 control (:class:`~.corrupt.ShiftTopk`) on every rank's indexer.
+
+It uses the runner's own rank state and weight memo (``_Rank``, ``_case_weights``, private to it) on purpose: the
+needle runs the exact path ``nsa-tp run`` checks, fed embedded tokens instead of random hidden states, rather than
+a second copy of that path.
 """
 
 from __future__ import annotations
