@@ -160,3 +160,19 @@ def test_prompts_and_scoring():
     assert s["missing"] == len(perfect) - len(half) and s["accuracy"] < 0.51
     late = score_predictions(p, perfect, first_pos=3000)
     assert late["total"] == sum(pos >= 3000 for pos, _ in p.queries) and late["accuracy"] == 1.0
+
+
+def test_shift_topk_moves_decode_slots_within_the_request():
+    """Decode top-k (global slots through shuffled pages): every key moves by half the row, -1 stays -1."""
+    from nsa_tp.attention.indexer import build_decode_index_batch
+    from nsa_tp.needle.corrupt import ShiftTopk
+
+    table = torch.tensor([[5, 2, 7], [1, 6, 0]], dtype=torch.int32)
+    batch = build_decode_index_batch([150, 70], table, budget_bytes=1 << 20, device="cpu", num_pages=8)
+    pos = torch.tensor([[0, 64, 149, -1], [3, 69, -1, -1]])
+    slot = torch.where(pos >= 0, table.long().gather(1, pos.clamp_min(0) // 64) * 64 + pos.clamp_min(0) % 64, -1)
+    got = ShiftTopk()(slot.to(torch.int32), batch).long()
+    want_pos = torch.where(pos >= 0, (pos + torch.tensor([[75], [35]])) % torch.tensor([[150], [70]]), -1)
+    want = torch.where(want_pos >= 0, table.long().gather(1, want_pos.clamp_min(0) // 64) * 64
+                       + want_pos.clamp_min(0) % 64, -1)
+    assert torch.equal(got, want), (got, want)
