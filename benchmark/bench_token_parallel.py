@@ -16,8 +16,9 @@ heads x 128, top-k 2048, d_qk 576), one fresh causal prompt:
    of the balanced split, the sparse core at the per-rank shapes (``T x 128/W`` heads for pure TP, the
    rank's rows x 128 heads for token-parallel), plus the all-to-all from the measured latency and bandwidth.
    Assumes the per-GPU all-to-all bandwidth on an 8-GPU NVSwitch host is what 2 GPUs measured.
-5. **costs**: the policy's :class:`~nsa_tp.token_parallel.policy.TokenParallelCosts` fitted from 1-3,
-   to replace ``DEFAULT_COSTS`` after the run.
+5. **collectives**: the all-to-all latency (the small size's time) and bandwidth (the slope) from 3, by
+   :func:`nsa_tp.bench.costs.collectives_from_a2a` — what ``nsa-tp bench --costs`` reads from this JSON into a
+   card's one Costs record (this script writes no cost record of its own).
 
 Run (the lead, on the device; NVLink multicast must stay off):
 
@@ -199,6 +200,7 @@ def _rank_main(ctx, args: argparse.Namespace) -> dict:
     from nsa_tp.parallel.layout import resolve_layout
     from nsa_tp.token_parallel.backend import TokenParallelBackend, build_token_parallel_metadata
     from nsa_tp.token_parallel.core import Unabsorbed, key_sharded_decode_topk, shard_page_table
+    from nsa_tp.token_parallel.costs import load_costs
     from nsa_tp.token_parallel.merge import merge_topk
     from nsa_tp.token_parallel.plan import plan_token_split
     from nsa_tp.token_parallel.policy import token_costs
@@ -382,7 +384,8 @@ def _rank_main(ctx, args: argparse.Namespace) -> dict:
                 qh = s.q_all[:, :hp].contiguous()
                 part["pure_sparse_ms"] = _time_ms(lambda qh=qh, flat=flat, tk=topk_all: ops.sparse_mla_fwd(
                     qh, flat, tk[:, None], sm_scale), args.warmup, args.reps)
-                split = plan_token_split(T, Wp, costs=token_costs(keys))
+                card = torch.cuda.get_device_name(dev) if dev.type == "cuda" else None
+                split = plan_token_split(T, Wp, costs=token_costs(keys, load_costs(card)[0]))
                 idx_ms, sp_ms = [], []
                 for rr in range(Wp):
                     rows = split.rows(rr)
@@ -421,41 +424,13 @@ def _explain_logits_args(s: _Setup) -> tuple:
 # ------------------------------------------------------------------------------------------------ report
 
 
-def _fit_costs(res: dict, card: str, date: str) -> dict:
-    """The policy's TokenParallelCosts from this run's measurements (see the module docstring)."""
-    small, big = sorted(res["a2a"], key=lambda a: a["bytes_per_rank"])[:: len(res["a2a"]) - 1 or 1][:2]
-    lat_us = small["ms"] * 1e3
-    gbps = (big["bytes_per_rank"] - small["bytes_per_rank"]) / max((big["ms"] - small["ms"]) * 1e-3, 1e-9) / 1e9
-    parts = res["projection_parts"]
-    p = max(parts, key=lambda x: (x["tokens"], x["world"])) if parts else None
-    dec = sorted(res["decode"].values(), key=lambda d: d["context"])
-    slope = (dec[-1]["replicated_indexer_ms"] - dec[0]["replicated_indexer_ms"]) / max(
-        dec[-1]["context"] - dec[0]["context"], 1)
-    costs = dict(
-        card=card, date=date,
-        source="measured by benchmark/bench_token_parallel.py (this JSON): prefill indexer and sparse core on "
-               "one GPU at the largest prefill, all-to-all latency/bandwidth and decode indexer in the group",
-        a2a_latency_us=lat_us, a2a_gbytes_per_s=gbps,
-        decode_indexer_ns_per_key=slope * 1e6,
-        decode_indexer_fixed_us=max(dec[0]["replicated_indexer_ms"] - slope * dec[0]["context"], 0.0) * 1e3,
-        gather_merge_us=dec[-1]["gather_merge_ms"] * 1e3,
-    )
-    if p:
-        T = p["tokens"]
-        costs["indexer_ns_per_row_key"] = p["pure_indexer_ms"] * 1e6 / (T * (T + 1) / 2)
-        # per-rank heads -> ns per token as the auto tier runs them, at the largest prefill
-        table = {q["heads_per_rank"]: q["pure_sparse_ms"] * 1e6 / T for q in res["projection_parts"]
-                 if q["tokens"] == T}
-        table[HEADS] = p["tp_sparse_ns_per_token"]
-        costs["sparse_ns_per_token"] = sorted([h, ns] for h, ns in table.items())
-    return costs
+def _projection(res: dict, comm: dict) -> list[dict]:
+    from nsa_tp.token_parallel.costs import collective_ms
 
-
-def _projection(res: dict, costs: dict) -> list[dict]:
     rows = []
     for p in res["projection_parts"]:
-        def a2a(nbytes: float) -> float:
-            return 2 * costs["a2a_latency_us"] / 1e3 + nbytes / (costs["a2a_gbytes_per_s"] * 1e9) * 1e3
+        def a2a(nbytes: float) -> float:  # two all-to-alls (q out, o back): two latencies, the bytes of both
+            return collective_ms(nbytes, 2 * comm["a2a_latency_us"], comm["a2a_gbytes_per_s"])
 
         pure = p["pure_indexer_ms"] + p["pure_sparse_ms"]
         tp = p["tp_rank_ms"] + a2a(p["a2a_bytes_per_rank"])
@@ -567,14 +542,19 @@ def main(argv: list[str] | None = None) -> int:
     res = results[0]
     card = torch.cuda.get_device_name(0) if torch.cuda.is_available() else "cpu (gloo)"
     date = datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d")
-    costs = _fit_costs(res, card, date)
+    from nsa_tp.bench.costs import collectives_from_a2a
+
+    try:
+        comm = collectives_from_a2a(res["a2a"], "this run")
+    except (ValueError, IndexError, KeyError):  # fewer than two sizes, or times that do not grow (a CPU smoke run)
+        comm = None
     report = dict(
         card=card, date=date, world=args.world, torch=torch.__version__,
         command="python " + " ".join([os.path.relpath(__file__)] + (argv if argv is not None else sys.argv[1:])),
         env={k: os.environ.get(k) for k in NCCL_ENV}, fp8_q=args.fp8_q, topk=args.topk,
         kv_cache_dtype=args.kv_cache_dtype, tiers=res["tiers"], prefill=res["prefill"], decode=res["decode"],
-        a2a=res["a2a"], projection_parts=res["projection_parts"], projection=_projection(res, costs)
-        if res["projection_parts"] else [], costs=costs,
+        a2a=res["a2a"], collectives=comm, projection_parts=res["projection_parts"],
+        projection=_projection(res, comm) if res["projection_parts"] and comm else [],
     )
     os.makedirs(os.path.dirname(os.path.abspath(args.out)), exist_ok=True)
     with open(args.out, "w") as f:

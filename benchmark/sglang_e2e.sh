@@ -43,7 +43,7 @@ if [ "${E2E_DRY_RUN:-0}" = 1 ]; then
     echo "RUN $state:$mode NSA_TP_SGLANG_PLUGIN=$flag NSA_TP_TOKEN_PARALLEL=$tpmode NSA_TP_SGLANG_VERIFY=$verify" \
          "SGL_CONFIG=${SGL_CONFIG:-default} SGL_CONTEXT=${SGL_CONTEXT:-40000} E2E_LENS=${E2E_LENS:-2048,8192,32768}" \
          "client=$(basename "$client") OUT=${OUT:-/tmp/out}/$state :: .sgl/bin/device.sh run $mode" \
-         "costs=${NSA_TP_TOKEN_PARALLEL_COSTS:-none}" \
+         "costs=${NSA_TP_TOKEN_PARALLEL_COSTS:-card-record}" \
          "SGL_FLAGS=${SGL_FLAGS-<device.sh easy flags>} SGL_EXTRA=${SGL_EXTRA:-}${extra:+ $extra}"
   done
   exit 0

@@ -11,7 +11,7 @@
 # after another (each its own start; every server gets the same GPUs):
 #   off     upstream pure TP, plugin off                      (--tp N; --tp N --dp D --enable-dp-attention)
 #   cp      upstream prefill CP, plugin off (--enable-prefill-cp --cp-strategy interleave; --dp 1 only)
-#   auto    plugin on, --nsa-token-parallel auto (with COSTS=<json> measured on this card; without, = heads)
+#   auto    plugin on, --nsa-token-parallel auto (the card's Costs record, or COSTS=<record json>; none: = heads)
 #   tokens  plugin on, token-parallel forced on (the measurement auto needs)
 #   verify  plugin on, token-parallel on, NSA_TP_SGLANG_VERIFY=1: worst relative error per hooked path
 # Each server: TTFT at LENS (default 8K,32K,64K; fresh prompts), 32 greedy tokens at 32K, 16 concurrent
@@ -50,8 +50,9 @@ max_len=$(echo "$LENS" | tr ',' '\n' | sort -n | tail -1)
 export SGL_CONTEXT=${SGL_CONTEXT:-$((max_len + 4096))}
 export E2E_LENS=$LENS E2E_CLIENT="$repo/benchmark/sglang_multi_gpu_client.py"
 export SGL_FLAGS=${SGL_FLAGS---kv-cache-dtype bfloat16 --dsa-prefill-backend flashmla_sparse --dsa-decode-backend flashmla_sparse --disable-cuda-graph}
-# auto's costs: the committed H200 block unless COSTS names another (load_costs ignores it on another card)
-COSTS=${COSTS-$repo/benchmark/results/token_parallel_h200x4_20261127.json}
+# auto's costs: the card's committed Costs record (python/nsa_tp/ops/measured/costs_<card>.json, written by
+# `nsa-tp bench --costs`) unless COSTS names another record file (load_costs ignores one of another card)
+COSTS=${COSTS-}
 [ -n "$COSTS" ] && export NSA_TP_TOKEN_PARALLEL_COSTS="$COSTS"
 mkdir -p "$OUT"
 
@@ -74,7 +75,7 @@ EOF
   esac
 }
 
-echo "sglang_multi_gpu: $N GPUs, models: $MODELS, runs:$RUNS, lens $LENS, context $SGL_CONTEXT, auto costs: ${COSTS:-none}"
+echo "sglang_multi_gpu: $N GPUs, models: $MODELS, runs:$RUNS, lens $LENS, context $SGL_CONTEXT, auto costs: ${COSTS:-the committed record of the card}"
 for model in $MODELS; do
   cfg=$(model_config "$model") || continue
   echo "=== model $model ($cfg) $(date -u +%H:%M:%S)"

@@ -1,11 +1,16 @@
 """`nsa-tp bench`: time every tier of every op against upstream's kernel in the same run, on this card.
 
 Per case (op x shape): one row per tier that loads here (Triton, FlashMLA, DeepGEMM, sgl-kernel; the
-reference with ``--quick``), the time of upstream's kernel on the same inputs and the ratio, and the tier
-``auto`` picks. Writes ``<out>/kernels_<card>_<date>.json`` (card, date, exact command, versions, ceilings,
-rows), ``<out>/tuning_<card-slug>.json`` (the tuning table this run implies: copy it to
-``python/nsa_tp/ops/measured/`` to make ``auto`` use it, or point ``NSA_TP_TUNING_FILE`` at it) and PNG plots
-when matplotlib is installed (``--plot-from FILE.json`` redraws them on another machine).
+reference with ``--quick``), with the tiers that really ran and the time of upstream's kernel on the same
+inputs. A row whose label names a tier that did not run alone (a fallback anywhere below the dispatcher) fails
+the run before anything is written. The tuning table this run implies is written as
+``<measured-dir>/<card-slug>.json`` (default: the package's ``nsa_tp/ops/measured/``, where ``auto`` reads it:
+this command is the only writer); then the measured auto check runs every case again with that table, timing
+``auto`` itself next to the case's fastest tier, and fails (exit 1, naming the shapes) where ``auto`` is more
+than :data:`~nsa_tp.ops.tuning.MARGIN` slower. Results: ``<out>/kernels_<card>_<date>.json`` (card, date,
+exact command, versions, ceilings, rows, auto check) and PNG plots when matplotlib is installed
+(``--plot-from FILE.json`` redraws them). ``--costs`` instead measures the card's token-parallel
+:class:`~nsa_tp.token_parallel.costs.Costs` record (``<measured-dir>/costs_<card-slug>.json``).
 """
 
 from __future__ import annotations
@@ -57,7 +62,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--topk", type=pos, default=2048)
     p.add_argument("--logits-keys", type=_ints, default=[4096, 8192, 16384, 32768, 65536],
                    help="key counts N for the fp8 MQA logits sweep (causal over the last T tokens)")
-    p.add_argument("--decode-batches", type=_ints, default=[1, 8, 64, 4096],
+    p.add_argument("--decode-batches", type=_ints, default=[1, 2, 4, 8, 64, 4096],
                    help="rows per decode-kernel call (SGLang runs fp8 prefill through it: one row per token)")
     p.add_argument("--topk-cases", type=_pairs, default=[(4096, 8192), (4096, 32768), (1024, 131072)],
                    help="top-k cases as ROWSxWIDTH,... (causal rows)")
@@ -68,6 +73,15 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--quick", action="store_true", help="small shapes (a smoke run, includes the reference tier)")
     p.add_argument("--plot-from", default=None, metavar="JSON",
                    help="only redraw the PNGs of a results file (needs matplotlib: pip install -e '.[bench]')")
+    p.add_argument("--measured-dir", default=None, metavar="DIR",
+                   help="where the card's tuning table (or Costs record) goes (default: the package's "
+                        "nsa_tp/ops/measured/, which auto reads; --quick: --out)")
+    p.add_argument("--costs", action="store_true",
+                   help="measure the card's token-parallel Costs record instead of the kernel table "
+                        "(kernels via auto; collectives from --comm-json)")
+    p.add_argument("--comm-json", default=None, metavar="JSON",
+                   help="committed NCCL measurement for the Costs record's collectives "
+                        "(default benchmark/results/token_parallel_h200x4_20261127.json)")
     p.add_argument("--warm-only", action="store_true",
                    help="compile every kernel variant the full run needs (small shapes with the same integer "
                         "specializations), time nothing, write nothing; run it beside other work to hide compiles")
@@ -143,76 +157,39 @@ def _print_table(rows: list[dict[str, Any]]) -> None:
               f"{r['note'][:90]}")
 
 
-def auto_check(rows: list[dict[str, Any]], table: dict[str, Any]) -> list[dict[str, Any]]:
-    """Per case: the tier ``table`` makes ``auto`` run, its time over the fastest tier's, and upstream's.
+def auto_check(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """Per case of the auto pass: ``auto``'s measured time over the fastest tier's, timed back to back.
 
-    The evidence for "auto is never more than the margin slower than the fastest tier" in the results JSON.
+    ``ok`` is False where ``auto`` is more than :data:`~nsa_tp.ops.tuning.MARGIN` slower or either was not timed.
     """
+    from nsa_tp.bench.kernels import case_key
     from nsa_tp.ops import tuning
 
-    cases: dict[tuple[str, str], list[dict[str, Any]]] = {}
+    cases: dict[str, dict[str, dict[str, Any]]] = {}
     for r in rows:
-        if r.get("class") and r["ms"] is not None:
-            cases.setdefault((r["op"], json.dumps(r["shape"], sort_keys=True)), []).append(r)
+        cases.setdefault(case_key(r["op"], r["shape"]), {})["auto" if r["tier"] == "auto" else "best"] = r
     out = []
-    for (op, shape), rs in cases.items():
-        times = {r["tier"]: r["ms"] for r in rs}
-        order = tuning.order_from_times(op, table.get(op, {}).get(rs[0]["class"], times))
-        chosen = next((t for t in order if t in times), min(times, key=times.get))
-        best = min(times, key=times.get)
-        up = tuning.UPSTREAM.get(op)
-        out.append({"op": op, "shape": json.loads(shape), "class": rs[0]["class"], "auto": chosen,
-                    "auto_ms": times[chosen], "fastest": best, "fastest_ms": times[best],
-                    "auto_over_fastest": times[chosen] / times[best],
-                    "upstream_ms": times.get(up), "auto_vs_upstream": (times[up] / times[chosen]) if up in times
-                    else None})
+    for pair in cases.values():
+        auto, best = pair.get("auto"), pair.get("best")
+        some = auto or best
+        ratio = (auto["ms"] / best["ms"]) if auto and best and auto["ms"] and best["ms"] else None
+        out.append({"op": some["op"], "shape": some["shape"], "auto": auto["note"] if auto else "not timed",
+                    "auto_ms": auto and auto["ms"], "fastest": best and best["tier"], "fastest_ms": best and best["ms"],
+                    "auto_over_fastest": ratio, "ok": ratio is not None and ratio <= 1.0 + tuning.MARGIN})
     return out
 
 
-def main(args: argparse.Namespace) -> int:
-    if args.plot_from:
-        return _plot_from(args)
-    from nsa_tp.bench.plots import plot_results
-
-    unknown = sorted(set(args.ops) - set(SECTIONS))
-    if unknown:
-        print(f"nsa-tp bench: error: --ops: unknown section(s) {unknown}; choose from {', '.join(SECTIONS)}",
-              file=sys.stderr)
-        return 2
-    if args.out is None:
-        args.out = DEFAULT_OUT
-    import torch
-
-    if not torch.cuda.is_available():
-        print("nsa-tp bench: error: needs a CUDA GPU (none visible)", file=sys.stderr)
-        return 2
+def _sections(args: argparse.Namespace, ceilings: Any, device: Any) -> list[tuple[str, Any]]:
     from nsa_tp.bench import kernels
-    from nsa_tp.bench.timing import Ceilings, measure_ceilings
-    from nsa_tp.ops.triton import available
 
-    reason = available()
-    if reason:
-        print(f"nsa-tp bench: error: the Triton tier cannot run here: {reason}", file=sys.stderr)
-        return 2
-    device = torch.device("cuda", torch.cuda.current_device())
-    card = torch.cuda.get_device_name(device)
-    now = datetime.datetime.now(datetime.timezone.utc)
     T, N, K = args.tokens, args.kv_slots, args.topk
-    heads, keys, batches, ctx = args.heads, args.logits_keys, args.decode_batches, args.context
-    topk_cases = args.topk_cases
+    heads, keys, batches, ctx, topk_cases = args.heads, args.logits_keys, args.decode_batches, args.context, \
+        args.topk_cases
     if args.quick:
         T, N, K, heads, keys, batches, ctx = 256, 4096, 512, [16, 64], [4096], [1, 4], 4096
         topk_cases = [(256, 4096)]
-
-    if args.warm_only:
-        # Same divisibility-by-16 pattern as the full shapes, so Triton's on-disk cache hits in the timed run.
+    if args.warm_only:  # same divisibility-by-16 pattern as the full shapes: Triton's disk cache hits later
         T, N, keys, ctx, topk_cases = 256, 4096, [4096], 2048, [(256, 4096)]
-        ceilings = Ceilings(1.0, 1.0, 1.0, ("warm-up run: nothing measured",))
-        kernels.median_ms = lambda fn, **_kw: (fn(), 1.0)[1]  # run once (compiles); a dummy 1 ms, never written
-    else:
-        ceilings = measure_ceilings(device)
-    print(f"{card}: bf16 {ceilings.bf16_tflops:.0f} TFLOP/s, fp8 {_fmt(ceilings.fp8_tflops, '.0f')} TFLOP/s, "
-          f"copy {ceilings.copy_gbps:.0f} GB/s")
     sections = [
         ("sparse_mla_fwd", lambda: kernels.sparse_mla_rows(T, N, K, heads, ["bf16", "fp8"], ceilings, device,
                                                            with_reference=args.quick)),
@@ -226,59 +203,194 @@ def main(args: argparse.Namespace) -> int:
     sections = [sec for sec in sections if sec[0] in args.ops]
     if args.sweep:
         sections.append(("sweep", lambda: kernels.sweep_rows(ceilings, device, T, N, K)))
-    stem = f"kernels_{_slug(card)}_{now:%Y%m%d}"
-    path = os.path.join(args.out, stem + ".json")
-    results: dict[str, Any] = {
-        "card": card,
-        "date": now.isoformat(timespec="seconds"),
-        "command": " ".join(shlex.quote(a) for a in sys.argv),
-        "versions": _versions(),
-        "timing": "median of CUDA-event timings (triton.testing.do_bench, L2 cleared between repetitions)",
-        "ceilings": ceilings.to_dict(),
-        "rows": [],
-    }
-    if not args.warm_only:
-        os.makedirs(args.out, exist_ok=True)
-    rows: list[kernels.Row] = []
+    return sections
+
+
+def _run(sections: list[tuple[str, Any]], label: str) -> list[Any]:
+    import torch
+
+    from nsa_tp.bench import kernels
+
+    rows: list[Any] = []
     for name, run in sections:
         try:
             rows += run()
         except Exception as e:  # noqa: BLE001 - one broken section must not lose the others' numbers
             rows.append(kernels.Row(name, "-", {}, None, note=f"section failed: {type(e).__name__}: {e}"[:300]))
         torch.cuda.empty_cache()
-        print(f"[{datetime.datetime.now(datetime.timezone.utc):%H:%M:%S}] {name} done ({len(rows)} rows so far)",
+        print(f"[{datetime.datetime.now(datetime.timezone.utc):%H:%M:%S}] {label} {name} done ({len(rows)} rows)",
               flush=True)
-        if not args.warm_only:  # rewritten after every section: a run cut short keeps what it measured
-            results["rows"] = [r.to_dict() for r in rows]
-            with open(path, "w") as f:
-                json.dump(results, f, indent=1)
-    if args.warm_only:
-        failed = [r for r in rows if r.ms is None]
-        for r in failed:
-            print(f"warm-up: {r.op} {r.tier} {r.shape}: {r.note}")
-        return 1 if failed else 0
+    return rows
+
+
+def _fastest(rows: list[dict[str, Any]]) -> dict[str, str]:
+    from nsa_tp.bench.kernels import case_key
+
+    best: dict[str, dict[str, Any]] = {}
+    for r in rows:
+        if r["class"] and r["ms"] is not None:
+            k = case_key(r["op"], r["shape"])
+            if k not in best or r["ms"] < best[k]["ms"]:
+                best[k] = r
+    return {k: r["tier"] for k, r in best.items()}
+
+
+def _setup(args: argparse.Namespace) -> tuple[Any, str] | int:
+    """The CUDA device and card name, or an exit code after printing why not."""
+    unknown = sorted(set(args.ops) - set(SECTIONS))
+    if unknown:
+        print(f"nsa-tp bench: error: --ops: unknown section(s) {unknown}; choose from {', '.join(SECTIONS)}",
+              file=sys.stderr)
+        return 2
+    import torch
+
+    if not torch.cuda.is_available():
+        print("nsa-tp bench: error: needs a CUDA GPU (none visible)", file=sys.stderr)
+        return 2
+    from nsa_tp.ops.triton import available
+
+    reason = available()
+    if reason:
+        print(f"nsa-tp bench: error: the Triton tier cannot run here: {reason}", file=sys.stderr)
+        return 2
+    device = torch.device("cuda", torch.cuda.current_device())
+    return device, torch.cuda.get_device_name(device)
+
+
+def main(args: argparse.Namespace) -> int:
+    if args.plot_from:
+        return _plot_from(args)
+    if args.out is None:
+        args.out = DEFAULT_OUT
+    setup = _setup(args)
+    if isinstance(setup, int):
+        return setup
+    device, card = setup
+    now = datetime.datetime.now(datetime.timezone.utc)
+    command = " ".join(shlex.quote(a) for a in sys.argv)
+    if args.measured_dir is None:
+        from nsa_tp.ops.tuning import MEASURED_DIR
+
+        args.measured_dir = args.out if args.quick else str(MEASURED_DIR)
+    if args.costs:
+        return _costs_main(args, device, card, now, command)
+    return _kernels_main(args, device, card, now, command)
+
+
+def _costs_main(args: argparse.Namespace, device: Any, card: str, now: Any, command: str) -> int:
+    from nsa_tp.bench.costs import default_comm_json, measure_costs
+    from nsa_tp.token_parallel.costs import costs_path
+
+    comm = args.comm_json or str(default_comm_json())
+    costs = measure_costs(device, card, now.isoformat(timespec="seconds"), command, comm)
+    path = costs_path(card, args.measured_dir)
+    os.makedirs(path.parent, exist_ok=True)
+    record = {"costs": costs.to_dict(), "versions": _versions(),
+              "note": "written by `nsa-tp bench --costs` on this card (never by hand): kernel fields measured here "
+                      "through backend='auto' (kernels names each one's op, shape and tier); collectives from "
+                      "the cited committed NCCL run (one GPU cannot time them)"}
+    with open(path, "w") as f:
+        json.dump(record, f, indent=1)
+    for k, v in costs.to_dict().items():
+        print(f"{k:<26} {v}")
+    print(f"wrote {path}")
+    return 0
+
+
+def _kernels_main(args: argparse.Namespace, device: Any, card: str, now: Any, command: str) -> int:
+    from nsa_tp.bench import kernels
+    from nsa_tp.bench.plots import plot_results
+    from nsa_tp.bench.timing import Ceilings, measure_ceilings
     from nsa_tp.ops import tuning
 
-    table = tuning.table_from_rows(results["rows"])
-    results["auto_check"] = auto_check(results["rows"], table)
+    if args.warm_only:
+        ceilings = Ceilings(1.0, 1.0, 1.0, ("warm-up run: nothing measured",))
+        kernels.median_ms = lambda fn, **_kw: (fn(), 1.0)[1]  # run once (compiles); a dummy 1 ms, never written
+    else:
+        ceilings = measure_ceilings(device)
+    print(f"{card}: bf16 {ceilings.bf16_tflops:.0f} TFLOP/s, fp8 {_fmt(ceilings.fp8_tflops, '.0f')} TFLOP/s, "
+          f"copy {ceilings.copy_gbps:.0f} GB/s")
+    sections = _sections(args, ceilings, device)
+    rows = _run(sections, "tiers")
+    if args.warm_only:
+        for r in (r for r in rows if r.ms is None):
+            print(f"warm-up: {r.op} {r.tier} {r.shape}: {r.note}")
+        return 1 if any(r.ms is None for r in rows) else 0
+    if _refuse_mislabelled(rows, "tier rows"):
+        return 1
+    dicts = [r.to_dict() for r in rows]
+    stem = f"kernels_{_slug(card)}_{now:%Y%m%d}"
+    table = {"card": card, "date": now.date().isoformat(), "command": command,
+             "sources": [{"file": stem + ".json", "command": command}],
+             "note": "sums of per-case medians (ms) per op and shape class, written by nsa-tp bench (never by hand)",
+             "times": tuning.table_from_rows(dicts)}
+    auto_rows = _auto_pass(sections, dicts, table)
+    if _refuse_mislabelled(auto_rows, "auto rows"):
+        return 1
+    check = auto_check([r.to_dict() for r in auto_rows])
+    results = {"card": card, "date": now.isoformat(timespec="seconds"), "command": command, "versions": _versions(),
+               "timing": "median of CUDA-event timings (triton.testing.do_bench, L2 cleared between repetitions)",
+               "ceilings": ceilings.to_dict(), "rows": dicts, "auto_rows": [r.to_dict() for r in auto_rows],
+               "auto_check": check}
+    os.makedirs(args.out, exist_ok=True)
+    path = os.path.join(args.out, stem + ".json")
     with open(path, "w") as f:
         json.dump(results, f, indent=1)
-    tuning_path = os.path.join(args.out, f"tuning_{tuning.card_slug(card)}.json")
+    os.makedirs(args.measured_dir, exist_ok=True)
+    tuning_path = os.path.join(args.measured_dir, f"{tuning.card_slug(card)}.json")
     with open(tuning_path, "w") as f:
-        json.dump({"card": card, "date": results["date"][:10],
-                   "sources": [{"file": os.path.basename(path), "command": results["command"]}],
-                   "note": "sums of per-case medians (ms) per op and shape class, from nsa-tp bench",
-                   "times": table}, f, indent=1)
-    _print_table(results["rows"])
-    worst = max(results["auto_check"], key=lambda c: c["auto_over_fastest"], default=None)
-    if worst is not None:
-        print(f"auto with this run's table: worst case {worst['auto_over_fastest']:.3f}x the fastest tier "
-              f"({worst['op']} {worst['shape']}: {worst['auto']} vs {worst['fastest']})")
-    print(f"wrote {path}")
-    print(f"wrote {tuning_path}")
+        json.dump(table, f, indent=1)
+    _print_table(dicts + [r.to_dict() for r in auto_rows])
+    print(f"wrote {path}\nwrote {tuning_path}")
     for png in plot_results(results, args.out, stem):
         print(f"wrote {png}")
-    if not _have_matplotlib():
-        print(f"note: no PNG plots (matplotlib is not installed: pip install -e '.[bench]'); draw them later with "
-              f"nsa-tp bench --plot-from {path}")
+    return _report_auto(check)
+
+
+def _refuse_mislabelled(rows: list[Any], what: str) -> bool:
+    from nsa_tp.bench.kernels import mislabelled
+
+    bad = mislabelled(rows)
+    for line in bad:
+        print(f"nsa-tp bench: error: {what}: {line}", file=sys.stderr)
+    if bad:
+        print("nsa-tp bench: error: a row ran another tier than its label; nothing written", file=sys.stderr)
+    return bool(bad)
+
+
+def _auto_pass(sections: list[tuple[str, Any]], dicts: list[dict[str, Any]], table: dict[str, Any]) -> list[Any]:
+    """Every case again with this run's table loaded: ``auto`` and the case's fastest tier, both timed."""
+    import tempfile
+
+    from nsa_tp.bench import kernels
+    from nsa_tp.ops import tuning
+
+    with tempfile.NamedTemporaryFile("w", suffix=".json", delete=False) as f:
+        json.dump(table, f)
+    old = os.environ.get(tuning.ENV_TUNING_FILE)
+    os.environ[tuning.ENV_TUNING_FILE] = f.name
+    tuning.clear_cache()
+    try:
+        with kernels.auto_pass(_fastest(dicts)):
+            return _run(sections, "auto check")
+    finally:
+        if old is None:
+            os.environ.pop(tuning.ENV_TUNING_FILE, None)
+        else:
+            os.environ[tuning.ENV_TUNING_FILE] = old
+        tuning.clear_cache()
+        os.unlink(f.name)
+
+
+def _report_auto(check: list[dict[str, Any]]) -> int:
+    bad = [c for c in check if not c["ok"]]
+    for c in check:
+        ratio = "-" if c["auto_over_fastest"] is None else f"{c['auto_over_fastest']:.3f}"
+        print(f"auto check {'ok  ' if c['ok'] else 'FAIL'} {c['op']:<22} {json.dumps(c['shape'])}: {ratio}x the "
+              f"fastest ({c['auto']}; fastest {c['fastest']})")
+    if bad:
+        names = "; ".join(f"{c['op']} {json.dumps(c['shape'])}" for c in bad)
+        print(f"nsa-tp bench: error: auto is not within 3% of the fastest tier (timed) on: {names}", file=sys.stderr)
+        return 1
+    print(f"auto check: all {len(check)} cases within 3% of the fastest tier, timed")
     return 0

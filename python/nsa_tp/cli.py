@@ -1,7 +1,7 @@
 """`nsa-tp` command line: `plan` (the layout rule), `run` (the main job), `bench` (kernel benchmarks).
 
-Flags follow SGLang's names (`--tp`, `--dp`, `--enable-dp-attention`, `--kv-cache-dtype`, ...), so a
-command line can be copied between `nsa-tp` and `python -m sglang.launch_server`.
+Flags follow SGLang's names (`--tp`, `--attn-dp-size` or `--dp --enable-dp-attention`, `--kv-cache-dtype`,
+...), so a command line can be copied between `nsa-tp` and `sglang serve` / `python -m sglang.launch_server`.
 """
 
 from __future__ import annotations
@@ -60,7 +60,11 @@ def add_layout_args(p: argparse.ArgumentParser, *, tp_default: int | None = 1) -
     p.add_argument("--tp", "--tp-size", dest="tp", type=int_at_least(1), default=tp_default,
                    help="tensor parallel size")
     p.add_argument("--dp", "--dp-size", dest="dp", type=int_at_least(1), default=1, help="data parallel size")
-    p.add_argument("--enable-dp-attention", action="store_true", help="attention DP groups of tp/dp ranks")
+    p.add_argument("--attn-dp-size", "--attention-data-parallel-size", dest="attn_dp_size", type=int_at_least(1),
+                   default=None, help="D attention DP groups of tp/D ranks (SGLang 0.5.23's spelling of "
+                   "--dp D --enable-dp-attention)")
+    p.add_argument("--enable-dp-attention", action="store_true",
+                   help="with --dp D: attention DP groups of tp/D ranks (SGLang 0.5.17-0.5.22; deprecated in 0.5.23)")
     p.add_argument("--kv-cache-dtype", default="auto", help="auto | fp8_e4m3 | bfloat16")
     p.add_argument("--page-size", type=int_at_least(1), default=64, help="KV cache page size (NSA: 64)")
     p.add_argument("--sm", type=int, choices=(80, 90, 100), default=None,
@@ -79,10 +83,25 @@ def layout_from_args(args: argparse.Namespace, num_attention_heads: int = 128) -
         kv_cache_dtype=args.kv_cache_dtype,
         page_size=args.page_size,
         token_parallel=args.nsa_token_parallel,
+        attn_dp_size=args.attn_dp_size,
     )
 
 
-def _format_layout(layout: ParallelLayout, model: str) -> str:
+def _layout_flags(layout: ParallelLayout, new_spelling: bool) -> str:
+    """The layout's flags in the user's spelling: ``--tp 8 --attn-dp-size 4`` or ``--tp 8 --dp 4 ...``."""
+    if new_spelling and layout.enable_dp_attention and layout.attn_dp_size > 1:
+        return f"--tp {layout.tp_size} --attn-dp-size {layout.attn_dp_size}"
+    old = f"--tp {layout.tp_size} --dp {layout.dp_size}"
+    return old + (" --enable-dp-attention" if layout.enable_dp_attention else "")
+
+
+def _sglang_extra_flags(args: argparse.Namespace, layout: ParallelLayout) -> tuple[str, ...]:
+    """The flags besides the layout that SGLang takes as given here (defaults left out)."""
+    extra = () if args.kv_cache_dtype == "auto" else ("--kv-cache-dtype", layout.kv_cache_dtype)
+    return extra + (() if args.nsa_token_parallel == "auto" else ("--nsa-token-parallel", args.nsa_token_parallel))
+
+
+def _format_layout(layout: ParallelLayout, model: str, new_spelling: bool = False) -> str:
     mult = layout.flashmla_head_multiple
     padding = (
         "none (no FlashMLA sparse kernel below SM90)"
@@ -95,8 +114,7 @@ def _format_layout(layout: ParallelLayout, model: str) -> str:
     rows = [
         ("model", model),
         ("mode", layout.mode),
-        ("ranks", f"{layout.world_size} GPU(s): --tp {layout.tp_size} --dp {layout.dp_size}"
-                  + (" --enable-dp-attention" if layout.enable_dp_attention else "")
+        ("ranks", f"{layout.world_size} GPU(s): {_layout_flags(layout, new_spelling)}"
                   + (f" = {layout.num_replicas} replicas of {layout.tp_size} GPUs (--dp without "
                      "--enable-dp-attention: independent copies of the model)" if layout.num_replicas > 1 else "")),
         ("attention groups", f"{layout.attn_dp_size} x {layout.attn_tp_size} ranks (attn_dp x attn_tp)"),
@@ -120,15 +138,23 @@ def _token_parallel_text(layout: ParallelLayout) -> str:
 
 
 def _plan_main(args: argparse.Namespace) -> int:
+    from nsa_tp.integrations.sglang.launch import DEFAULT_MODEL, describe_launch, installed_sglang, launch_commands
+
     heads, model = 128, "DeepSeek-V3.2 (default dims)"
     if args.model_path:
         cfg = NSAConfig.from_hf_config(args.model_path)
         heads, model = cfg.num_attention_heads, str(args.model_path)
     layout = layout_from_args(args, heads)
+    sglang, extra = installed_sglang(), _sglang_extra_flags(args, layout)
+    model_path = str(args.model_path or DEFAULT_MODEL).removesuffix("/config.json")  # SGLang takes the folder
     if args.json:
-        print(json.dumps(layout.to_dict(), indent=2))
+        new, old = launch_commands(layout, model_path, extra)
+        launch = {"sglang_serve": new, "launch_server": old, "preferred": {True: "sglang_serve", False:
+                  "launch_server", None: None}[sglang.prefers_new_spelling], "installed_sglang": sglang.version}
+        print(json.dumps({**layout.to_dict(), "launch": launch}, indent=2))
     else:
-        print(_format_layout(layout, model))
+        print(_format_layout(layout, model, new_spelling=args.attn_dp_size is not None))
+        print("\n".join(describe_launch(layout, model_path, extra, sglang)))
     return 0
 
 

@@ -7,8 +7,8 @@ then every layout the hardware allows — up to the GPU count with NCCL, else 2 
 compares each layout's output with the reference per request, and prints a table (progress on stderr).
 Each layout runs its batch once untimed first (compiles, allocator, caches), then the timed run. The table
 ends with a footer that explains the columns and one PASS/FAIL line naming the worst layout.
-``--tp/--dp/--enable-dp-attention`` pick one layout. Exit code 0 PASS, 1 if any layout misses the tolerance,
-2 for a flag that cannot work (one line naming the flag and the fix).
+``--tp/--attn-dp-size`` (or ``--tp/--dp/--enable-dp-attention``) pick one layout. Exit code 0 PASS, 1 if any
+layout misses the tolerance, 2 for a flag that cannot work (one line naming the flag and the fix).
 """
 
 from __future__ import annotations
@@ -30,7 +30,8 @@ from nsa_tp.cli import UsageError, add_layout_args, int_at_least, layout_from_ar
 from nsa_tp.config import NSAConfig
 from nsa_tp.model.core import CORE_MODES
 from nsa_tp.model.runner import CaseResult, Request, RunCase, compare_results, run_layouts
-from nsa_tp.token_parallel.policy import choose_strategy
+from nsa_tp.token_parallel.costs import load_costs
+from nsa_tp.token_parallel.policy import BatchShape, choose
 
 __all__ = ["add_arguments", "main", "default_layouts", "default_requests", "case_strategies", "verdict", "COLUMNS"]
 
@@ -149,23 +150,32 @@ def case_strategies(case: RunCase) -> str:
     """What a :class:`~nsa_tp.model.runner.RunCase`'s core splits over the attention TP group, as
     ``"<prefill>/<decode>"`` per attention DP group (distinct values joined by ``,``): ``heads`` (pure TP),
     ``indexer``, ``tokens`` or ``keys``; ``-`` for a core that is not token-parallel aware. The same pure
-    policy the core runs (``choose_strategy``), for the run table."""
+    policy the core runs (``choose`` with this machine's measured costs), for the run table."""
     if case.core not in CORE_MODES:
         return "-"
     lay = case.layout()
     mode = CORE_MODES[case.core]
+    costs = load_costs(_card())[0]
     seen: list[str] = []
     for reqs in case.groups_of_requests(lay.attn_dp_size):
         if not reqs:
             continue  # an idle attention DP group runs no core
         rs = [case.requests[i] for i in reqs]
         keys = [r.prefix_len + i + 1 for r in rs for i in range(r.new_len)]
-        pre = choose_strategy(lay, len(keys), sum(keys) / len(keys), mode, max_keys=max(keys))
+        pre = choose(BatchShape.of(lay, len(keys), sum(keys) / len(keys), max(keys)), costs, mode).strategy
         ctx = [r.prefix_len + r.new_len + 1 for r in rs]
-        dec = choose_strategy(lay, len(rs), sum(ctx) / len(ctx), mode, max_keys=max(ctx), is_decode=True)
+        dec = choose(BatchShape.of(lay, len(rs), sum(ctx) / len(ctx), max(ctx), is_decode=True), costs, mode).strategy
         if f"{pre}/{dec}" not in seen:
             seen.append(f"{pre}/{dec}")
     return ",".join(seen) or "-"
+
+
+def _card() -> str | None:
+    import torch
+
+    from nsa_tp.ops.capability import get_capability
+
+    return get_capability().name if torch.cuda.is_available() else None
 
 
 def _row(case: RunCase, ranks: list[CaseResult], ref: CaseResult) -> dict[str, Any]:
@@ -256,8 +266,8 @@ def _plan(args: argparse.Namespace, gpus: int) -> tuple[NSAConfig, tuple[Request
         layouts = [(lay.tp_size, 1 if lay.num_replicas > 1 else lay.dp_size, lay.enable_dp_attention)]
     else:
         layouts = default_layouts(args.max_ranks if args.max_ranks is not None else (gpus if on_gpu else 4))
-    kv = layout_from_args(argparse.Namespace(**{**vars(args), "tp": 1, "dp": 1, "enable_dp_attention": False}),
-                          cfg.num_attention_heads).kv_cache_dtype
+    one_rank = {"tp": 1, "dp": 1, "enable_dp_attention": False, "attn_dp_size": None}
+    kv = layout_from_args(argparse.Namespace(**{**vars(args), **one_rank}), cfg.num_attention_heads).kv_cache_dtype
 
     # --nsa-token-parallel on (with the default core) runs the token-parallel core, forced on
     core = "token_parallel_on" if args.core == "heads" and args.nsa_token_parallel == "on" else args.core
@@ -328,7 +338,8 @@ def main(args: argparse.Namespace) -> int:
 def _footer(meta: dict[str, Any], replicas: int) -> str:
     """What the columns mean (printed under the table)."""
     lines = [
-        "layout: TPn = pure TP over n ranks; DPaxTPb = a attention groups of b ranks (--dp a --enable-dp-attention); "
+        "layout: TPn = pure TP over n ranks; DPaxTPb = a attention groups of b ranks (--attn-dp-size a, or "
+        "--dp a --enable-dp-attention); "
         "DPa = full DP attention. ranks: processes run here (one per GPU; gloo processes on CPU).",
         "heads/rank: attention heads each rank computes. split pre/dec: what the attention TP group splits in "
         "prefill/decode (heads = pure TP; tokens or keys = token-parallel).",

@@ -220,6 +220,50 @@ def test_run_layout_error_is_one_line(capsys):
     assert_usage_error(rc, err, "--dp 3 does not divide --tp 8")
 
 
+# ------------------------------------------------------------------ --attn-dp-size (SGLang 0.5.23's spelling)
+
+
+@pytest.mark.parametrize("command", ["plan", "run"])
+def test_attn_dp_size_error_names_the_new_flag(capsys, command):
+    rc, _, err = cli(capsys, command, "--tp", "8", "--attn-dp-size", "3")
+    assert_usage_error(rc, err, "--attn-dp-size 3 does not divide --tp 8; use --attn-dp-size 1, 2, 4 or 8")
+    assert "--enable-dp-attention" not in err and "--dp " not in err
+
+
+@pytest.mark.parametrize("command", ["plan", "run"])
+def test_both_spellings_with_two_widths_is_an_error_naming_both(capsys, command):
+    rc, _, err = cli(capsys, command, "--tp", "8", "--dp", "4", "--enable-dp-attention", "--attn-dp-size", "2")
+    assert_usage_error(rc, err, "--attn-dp-size 2", "--dp 4 --enable-dp-attention", "give one")
+
+
+def test_attn_dp_size_range_checked(capsys):
+    rc, _, err = cli(capsys, "plan", "--attn-dp-size", "0")
+    assert_usage_error(rc, err, "argument --attn-dp-size/--attention-data-parallel-size: must be >= 1")
+
+
+def test_plan_shows_the_layout_in_the_spelling_typed(capsys):
+    rc, new, _ = cli(capsys, "plan", "--tp", "8", "--attn-dp-size", "4", "--sm", "90")
+    assert rc == 0 and "8 GPU(s): --tp 8 --attn-dp-size 4\n" in new
+    rc, old, _ = cli(capsys, "plan", "--tp", "8", "--dp", "4", "--enable-dp-attention", "--sm", "90")
+    assert rc == 0 and "8 GPU(s): --tp 8 --dp 4 --enable-dp-attention\n" in old
+    rest = [ln for ln in new.splitlines() if not ln.startswith("ranks")]
+    assert rest == [ln for ln in old.splitlines() if not ln.startswith("ranks")]  # the same layout and commands
+
+
+def test_run_accepts_attn_dp_size():
+    """`nsa-tp run --tp 2 --attn-dp-size 2` plans the layout `--tp 2 --dp 2 --enable-dp-attention` names."""
+    from nsa_tp import run_cmd
+    from nsa_tp.cli import build_parser
+
+    planned = {}
+    for flags in (["--attn-dp-size", "2"], ["--dp", "2", "--enable-dp-attention"]):
+        args = build_parser("run").parse_args(["run", "--tp", "2", *flags, "--prompt-len", "8"])
+        _, _, cases, ref = run_cmd._plan(args, 0)  # the cases it would run; no rank starts
+        planned[" ".join(flags)] = [(c.tp, c.dp, c.enable_dp_attention, c.kv_cache_dtype) for c in cases]
+        assert (ref.tp, ref.dp, ref.enable_dp_attention) == (1, 1, False)
+    assert planned["--attn-dp-size 2"] == planned["--dp 2 --enable-dp-attention"] == [(2, 2, True, "bfloat16")]
+
+
 # ------------------------------------------------------------------ nsa-tp bench --plot-from
 
 

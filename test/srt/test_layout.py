@@ -75,6 +75,63 @@ def test_tp_mode_warning_states_padding_cost():
     assert "pads them to 128" in w and "8.0x" in w
 
 
+def test_tp_mode_warning_says_the_measured_table_picks_the_kernel():
+    """The warning claims no speedup: the tuning table picks per class, FlashMLA unless beaten by the margin."""
+    from nsa_tp.ops import tuning
+
+    (w,) = resolve_layout(8, sm_major=9).warnings
+    assert "without padding" not in w and "faster" in w
+    assert "per shape class" in w and "nsa_tp/ops/measured/" in w and "router" in w
+    assert f"at least {tuning.MARGIN:.0%} faster" in w  # the prose follows the router's real margin
+    # True of the committed tables: FlashMLA keeps every prefill class wherever it was measured
+    for card in ("NVIDIA H200", "NVIDIA H100 80GB HBM3"):
+        table = tuning.load_table(card)
+        for cls, times in table["times"]["sparse_mla_fwd"].items():
+            if "flashmla" in times:
+                assert tuning.order_from_times("sparse_mla_fwd", times)[0] == "flashmla", (card, cls)
+
+
+# --attn-dp-size D (SGLang 0.5.23) is --dp D --enable-dp-attention (0.5.17): the same layout, messages in its spelling
+@pytest.mark.parametrize(("tp", "d"), [(8, 4), (8, 2), (8, 8), (4, 2), (16, 8), (2, 2)])
+def test_attn_dp_size_is_the_old_spelling(tp, d):
+    assert resolve_layout(tp, attn_dp_size=d, sm_major=9) == resolve_layout(tp, d, True, sm_major=9)
+
+
+def test_attn_dp_size_one_is_no_attention_dp():
+    assert resolve_layout(8, attn_dp_size=1, sm_major=9) == resolve_layout(8, sm_major=9)
+    assert resolve_layout(8, 2, attn_dp_size=1, sm_major=9).num_replicas == 2  # --dp alone: replicas
+
+
+def test_attn_dp_size_beside_its_old_spelling():
+    same = resolve_layout(8, 4, True, attn_dp_size=4, sm_major=9)
+    assert (same.mode, same.attn_tp_size, same.heads_per_rank) == ("partial_dp_attention", 2, 64)
+    assert any("say the same; give one" in w for w in same.warnings), same.warnings
+    # --enable-dp-attention without --dp adds nothing (SGLang drops it beside --attn-dp-size)
+    assert resolve_layout(8, 1, True, attn_dp_size=4, sm_major=9) == resolve_layout(8, attn_dp_size=4, sm_major=9)
+
+
+ATTN_DP_ERRORS = [
+    (dict(tp_size=8, attn_dp_size=3), "--attn-dp-size 3 does not divide --tp 8; use --attn-dp-size 1, 2, 4 or 8"),
+    (dict(tp_size=4, attn_dp_size=8), "--attn-dp-size 8 is larger than --tp 4; use --attn-dp-size 1, 2 or 4"),
+    (dict(tp_size=6, attn_dp_size=2), "(--tp 6 --attn-dp-size 2); use --attn-dp-size 3 or 6"),
+    (dict(tp_size=8, attn_dp_size=0), "--attn-dp-size must be a positive integer"),
+    (dict(tp_size=8, dp_size=4, enable_dp_attention=True, attn_dp_size=2),
+     "--attn-dp-size 2 and --dp 4 --enable-dp-attention give two attention DP widths"),
+    (dict(tp_size=8, dp_size=4, enable_dp_attention=True, attn_dp_size=1),
+     "--attn-dp-size 1 and --dp 4 --enable-dp-attention give two attention DP widths"),
+    (dict(tp_size=8, dp_size=2, attn_dp_size=4), "--dp 2 (model replicas) with --attn-dp-size 4"),
+]
+
+
+@pytest.mark.parametrize(("kwargs", "message"), ATTN_DP_ERRORS, ids=[m[:40] for _, m in ATTN_DP_ERRORS])
+def test_attn_dp_size_errors_name_the_flag_given(kwargs, message):
+    with pytest.raises(LayoutError) as info:
+        resolve_layout(**kwargs, sm_major=9)
+    assert message in str(info.value), str(info.value)
+    if "dp_size" not in kwargs:  # only the new spelling was given: the old one is never named
+        assert "--dp " not in str(info.value) and "--enable-dp-attention" not in str(info.value)
+
+
 def test_dp_attention_with_dp1_warns_it_is_pure_tp():
     lay = resolve_layout(8, 1, True, sm_major=9)
     assert lay.mode == "pure_tp"

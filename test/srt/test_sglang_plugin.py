@@ -72,15 +72,29 @@ def test_version_range(version, ok):
 @pytest.mark.parametrize(
     ("fields", "want"),
     [
-        (dict(tp_size=8, dp_size=1, enable_dp_attention=False), (8, 1, False)),
-        (dict(tp_size=8, dp_size=4, enable_dp_attention=True), (8, 4, True)),
-        (dict(tp_size=8, dp_size=4, enable_dp_attention=True, attn_dp_size=1), (8, 4, True)),
-        (dict(tp_size=8, dp_size=1, enable_dp_attention=False, attn_dp_size=4), (8, 4, True)),  # 0.5.23 spelling
-        (dict(tp_size=8, dp_size=2, enable_dp_attention=False), (8, 2, False)),  # replicas
+        (dict(tp_size=8, dp_size=1, enable_dp_attention=False), (8, 1, False, None)),
+        (dict(tp_size=8, dp_size=4, enable_dp_attention=True), (8, 4, True, None)),
+        (dict(tp_size=8, dp_size=4, enable_dp_attention=True, attn_dp_size=1), (8, 4, True, None)),
+        (dict(tp_size=8, dp_size=1, enable_dp_attention=False, attn_dp_size=4), (8, 1, False, 4)),  # 0.5.23 spelling
+        (dict(tp_size=8, dp_size=2, enable_dp_attention=False), (8, 2, False, None)),  # replicas
     ],
 )
 def test_parallel_flags(fields, want):
-    assert layout_check.parallel_flags(types.SimpleNamespace(**fields)) == want
+    flags = layout_check.parallel_flags(types.SimpleNamespace(**fields))
+    assert tuple(flags.values()) == want
+    assert list(flags) == ["tp_size", "dp_size", "enable_dp_attention", "attn_dp_size"]
+
+
+def test_check_layout_speaks_the_spelling_given():
+    new = types.SimpleNamespace(tp_size=8, dp_size=1, enable_dp_attention=False, attn_dp_size=4)
+    old = types.SimpleNamespace(tp_size=8, dp_size=4, enable_dp_attention=True, attn_dp_size=1)
+    assert layout_check.check_layout(new, 128, sm_major=9) == layout_check.check_layout(old, 128, sm_major=9)
+    bad = types.SimpleNamespace(tp_size=8, dp_size=1, enable_dp_attention=False, attn_dp_size=3)
+    with pytest.raises(LayoutError, match=r"^--attn-dp-size 3 does not divide --tp 8; use --attn-dp-size 1, 2, 4 or 8"):
+        layout_check.check_layout(bad, 128, sm_major=9)
+    both = types.SimpleNamespace(tp_size=8, dp_size=4, enable_dp_attention=True, attn_dp_size=2)
+    with pytest.raises(LayoutError, match=r"--attn-dp-size 2 and --dp 4 --enable-dp-attention"):
+        layout_check.check_layout(both, 128, sm_major=9)
 
 
 def test_check_layout_raises_our_error_and_skips_context_parallel():
@@ -425,3 +439,103 @@ def test_disable_flag_leaves_upstream_alone(resolve, v32_model, monkeypatch):
     with pytest.raises(AssertionError):
         resolve(v32_model, "--tp", "8", "--dp", "3", "--enable-dp-attention", "--disable-nsa-tp")
     assert os.environ[ENV_VAR] == "0"
+
+
+# ---------------------------------------------------------------- SGLang 0.5.23: --attn-dp-size, sglang serve
+
+
+@pytest.fixture
+def resolved_layouts(monkeypatch):
+    """Every layout our rule resolves inside SGLang's resolution (a spy on the plugin's call)."""
+    seen = []
+    real = layout_check.resolve_layout
+
+    def spy(*args, **kwargs):
+        seen.append(real(*args, **kwargs))
+        return seen[-1]
+
+    monkeypatch.setattr(layout_check, "resolve_layout", spy)
+    return seen
+
+
+@pytest.fixture
+def new_spelling():
+    """SGLang 0.5.23 or newer: --attn-dp-size and `sglang serve` exist (read from its files)."""
+    from nsa_tp.integrations.sglang.launch import installed_sglang
+
+    found = installed_sglang()
+    if not (found.has_attn_dp_size and found.has_serve):
+        pytest.skip(f"SGLang {found.version} has no --attn-dp-size / sglang serve (0.5.23 added them)")
+    return found
+
+
+@pytest.mark.sglang
+def test_server_args_attn_dp_size_is_the_old_spelling(new_spelling, resolve, v32_model, resolved_layouts):
+    _, lines = resolve(v32_model, "--tp", "8", "--attn-dp-size", "4")
+    new_lines = list(lines)
+    lines.clear()
+    resolve(v32_model, "--tp", "8", "--dp", "4", "--enable-dp-attention")
+    new, old = resolved_layouts
+    assert new == old  # every field, warnings included
+    assert (new.mode, new.attn_tp_size, new.attn_dp_size, new.heads_per_rank) == ("partial_dp_attention", 2, 4, 64)
+    want = "layout: mode=partial_dp_attention tp=8 dp=4 attn_tp_size=2 heads_per_rank=64"
+    assert any(want in ln for ln in new_lines) and any(want in ln for ln in lines), (new_lines, lines)
+
+
+@pytest.mark.sglang
+def test_server_args_bad_attn_dp_size_fails_with_our_one_line_message(new_spelling, resolve, v32_model):
+    message = "--attn-dp-size 3 does not divide --tp 8; use --attn-dp-size 1, 2, 4 or 8"
+    lines = _Lines()
+    plugin_logger.addHandler(lines)
+    try:
+        with pytest.raises(LayoutError) as info:
+            resolve(v32_model, "--tp", "8", "--attn-dp-size", "3")
+    finally:
+        plugin_logger.removeHandler(lines)
+    assert str(info.value) == message
+    assert lines.lines == [f"invalid parallel layout for this DSA/NSA model: {message}"]
+
+
+def _cli(entry: list[str], *flags: str) -> subprocess.CompletedProcess[str]:
+    return subprocess.run([sys.executable, *entry, *flags], capture_output=True, text=True, env=_sglang_env(),
+                          timeout=300, cwd=ROOT)
+
+
+# `sglang serve` is the console script sglang.cli.main:main; -c runs the same function without the script's
+# shebang (a copied virtual environment's script may name another Python).
+SGLANG_SERVE = ["-c", "import sys; from sglang.cli.main import main; sys.argv[0] = 'sglang'; main()", "serve"]
+LAUNCH_SERVER = ["-m", "sglang.launch_server"]
+
+
+@pytest.mark.sglang
+def test_sglang_serve_loads_the_plugin_as_launch_server_does(new_spelling, v32_model):
+    """The real CLIs, up to our layout check: a bad --attn-dp-size stops both with our line, before any GPU work."""
+    message = "--attn-dp-size 3 does not divide --tp 8; use --attn-dp-size 1, 2, 4 or 8"
+    flags = ("--model-path", v32_model, "--device", "cpu", "--skip-tokenizer-init", "--tp", "8", "--attn-dp-size", "3")
+    for entry in (SGLANG_SERVE, LAUNCH_SERVER):
+        r = _cli(entry, *flags)
+        ours = [ln for ln in r.stderr.splitlines() if "[nsa-tp pid=" in ln]
+        assert r.returncode != 0, r.stderr[-3000:]
+        assert any(f"plugin loaded: sglang {new_spelling.version}, role=launcher" in ln for ln in ours), ours
+        assert any(ln.endswith(f"invalid parallel layout for this DSA/NSA model: {message}") for ln in ours), (
+            entry, r.stderr[-3000:])
+        assert f"LayoutError: {message}" in r.stderr  # the exception SGLang's launcher ends on is ours
+
+
+@pytest.mark.sglang
+def test_installed_sglang_is_read_from_its_files(new_spelling):
+    """0.5.23 as installed: both new spellings, and the removal date our docs and plan quote is SGLang's own."""
+    from nsa_tp.integrations.sglang.launch import OLD_FLAG_REMOVED_AFTER, _package_root
+
+    assert new_spelling.version == _version.installed_sglang_version()
+    source = (_package_root() / "srt" / "server_args.py").read_text()
+    at = source.index('"--enable-dp-attention"')
+    assert f"after {OLD_FLAG_REMOVED_AFTER}" in source[at - 300 : at]
+
+
+@pytest.mark.sglang
+def test_both_spellings_same_width_warns_then_sglang_refuses(new_spelling, resolve, v32_model):
+    """Our warning says SGLang 0.5.23 refuses `--dp-size D` beside `--attn-dp-size D`: SGLang's own check says so."""
+    with pytest.raises(ValueError, match=r"--dp-size 4 with --attn-dp-size 4") as info:
+        resolve(v32_model, "--tp", "8", "--dp", "4", "--enable-dp-attention", "--attn-dp-size", "4")
+    assert not isinstance(info.value, LayoutError)  # our rule let it through (with the warning), SGLang did not

@@ -157,14 +157,14 @@ def test_decode_hook_routes_by_batch_class(logs, fake_card):
     kv = pack_fp8_kv(torch.randn(pages * 64, 1, 576, generator=g).bfloat16())
     layer = types.SimpleNamespace(tp_q_head_num=H, head_dim=576)
     backend = types.SimpleNamespace(flashmla_kv_format="V32")
-    fake_card({"sparse_mla_decode": {"h16/fp8/b<=8": {"flashmla": 0.5, "reference": 0.3}}})
+    fake_card({"sparse_mla_decode": {"h16/fp8/b<=4": {"flashmla": 0.5, "reference": 0.3}}})
     up = Upstream(eps=0.5)
     for B, upstream_calls in ((4, 0), (100, 1)):  # decode proper is measured faster; a 100-row prefill is not
         q = torch.randn(B, H, 576, generator=g).bfloat16()
         idx = torch.randint(0, pages * 64, (B, K), generator=g, dtype=torch.int32)
         out = attention_hooks.around_flashmla_kv(up.kv, backend, q, kv, 512, 0.05, layer, None, idx)
         assert out.shape == (B, 1, H, 512) and up.calls == upstream_calls
-    assert any("_forward_flashmla_kv h16/fp8/b<=8 runs nsa-tp tier reference" in ln for ln in logs), logs
+    assert any("_forward_flashmla_kv h16/fp8/b<=4 runs nsa-tp tier reference" in ln for ln in logs), logs
     assert any("_forward_flashmla_kv h16/fp8/b>64 runs upstream's FlashMLA path" in ln for ln in logs), logs
 
 

@@ -22,7 +22,13 @@ import pytest
 import torch
 
 from nsa_tp.integrations.sglang import token_parallel as tp
-from nsa_tp.token_parallel import DEFAULT_COSTS
+from nsa_tp.token_parallel import Costs
+
+# Made-up costs of the right magnitudes (no card's): the policy's arithmetic, not a measurement.
+TOY = Costs(card="NVIDIA H200", date="-", command="test", indexer_ns_per_row_key=0.2,
+            sparse_ns_per_token=((64, 500.0), (128, 900.0)), decode_indexer_ns_per_key=0.5,
+            decode_indexer_fixed_us=100.0, merge_us=50.0, a2a_latency_us=240.0, a2a_gbytes_per_s=220.0,
+            gather_latency_us=240.0, gather_gbytes_per_s=220.0, collectives_source="test")
 
 INSTALL = "bash scripts/install_sglang_cpu.sh"
 needs_sglang = pytest.mark.skipif(find_spec("sglang") is None, reason=f"sglang is not installed (run `{INSTALL}`)")
@@ -81,30 +87,30 @@ def test_choice_forced_and_without_costs(mode, world, ext, want):
 def test_auto_is_the_shared_policy(world, prefix, ext):
     from nsa_tp.token_parallel import BatchShape, choose
 
-    got, why = tp.choose_extend_strategy("auto", world, prefix, ext, 128 // world, DEFAULT_COSTS)
+    got, why = tp.choose_extend_strategy("auto", world, prefix, ext, 128 // world, TOY)
     keys = [p + i + 1 for p, e in zip(prefix, ext, strict=True) for i in range(e)]
     shape = BatchShape(num_tokens=len(keys), mean_keys=sum(keys) / len(keys), max_keys=max(keys), num_heads=128,
                        world=world)
-    assert got == choose(shape, DEFAULT_COSTS, "auto"), why
+    assert got == choose(shape, TOY, "auto").strategy, why
     assert "ms" in why  # the reason carries the predicted times (the server log shows why auto chose)
 
 
 def test_auto_switches_only_for_a_gain_above_the_margin():
-    assert tp.choose_extend_strategy("auto", 8, [0], [32768], 16, DEFAULT_COSTS)[0] != "heads"
-    assert tp.choose_extend_strategy("auto", 8, [0], [16], 16, DEFAULT_COSTS)[0] == "heads"  # latency-bound
-    d = DEFAULT_COSTS.to_dict()
+    assert tp.choose_extend_strategy("auto", 8, [0], [32768], 16, TOY)[0] != "heads"
+    assert tp.choose_extend_strategy("auto", 8, [0], [16], 16, TOY)[0] == "heads"  # latency-bound
+    d = TOY.to_dict()
     d["margin"] = 0.99  # a 99% gain asked for: none predicted
-    assert tp.choose_extend_strategy("auto", 8, [0], [32768], 16, type(DEFAULT_COSTS).from_dict(d))[0] == "heads"
+    assert tp.choose_extend_strategy("auto", 8, [0], [32768], 16, type(TOY).from_dict(d))[0] == "heads"
 
 
 def test_cost_file_must_match_the_card(tmp_path, monkeypatch):
     monkeypatch.delenv(tp.ENV_COSTS, raising=False)
-    assert tp.load_costs("NVIDIA H200")[0] is None
+    assert tp.load_costs("Card Never Measured")[0] is None
     f = tmp_path / "costs.json"
-    f.write_text(json.dumps({"costs": DEFAULT_COSTS.to_dict()}))
+    f.write_text(json.dumps({"costs": TOY.to_dict()}))
     monkeypatch.setenv(tp.ENV_COSTS, str(f))
     costs, why = tp.load_costs("NVIDIA H200")
-    assert costs == DEFAULT_COSTS, why
+    assert costs == TOY, why
     other, why = tp.load_costs("NVIDIA B200")
     assert other is None and "measured on 'NVIDIA H200'" in why
     f.write_text("{not json")
@@ -140,10 +146,10 @@ def test_plan_from_real_forward_batch(world):
     assert [p.rows.start for p in plans] == sorted(p.rows.start for p in plans)  # contiguous, in rank order
     # Balanced by causal work: one 32K-context chunk (16K prefix + 16K new), the later rows score more keys.
     long = _forward_batch("EXTEND", [(16384, 16384)])
-    plans = [tp.plan_extend(long, r, world, HEADS // world, mode="on") for r in range(world)]
+    plans = [tp.plan_extend(long, r, world, HEADS // world, mode="on", costs=TOY) for r in range(world)]
     sizes = [len(p.rows) for p in plans]
     assert sizes == sorted(sizes, reverse=True) and sizes[0] > sizes[-1], sizes
-    c = DEFAULT_COSTS
+    c = TOY
     cost = [c.indexer_ns_per_row_key * (16384 + i + 1) + c.sparse_ns(HEADS) for i in range(16384)]
     work = [sum(cost[p.rows.start : p.rows.stop]) for p in plans]
     assert max(work) - min(work) <= 2 * max(cost), (sizes, work)

@@ -13,6 +13,7 @@ from nsa_tp.ops.topk import topk_positions
 from nsa_tp.parallel import resolve_layout
 from nsa_tp.parallel.collectives import a2a_bytes_per_rank, fp8_pack_rows, fp8_row_bytes, fp8_unpack_rows
 from nsa_tp.token_parallel.core import shard_page_table
+from nsa_tp.token_parallel.costs import Costs
 from nsa_tp.token_parallel.merge import local_topk, merge_topk
 from nsa_tp.token_parallel.plan import (
     TokenSplit,
@@ -25,17 +26,12 @@ from nsa_tp.token_parallel.plan import (
     transient_peak_bytes,
 )
 from nsa_tp.token_parallel.policy import (
-    DEFAULT_COSTS,
     BatchShape,
-    TokenParallelCosts,
+    Plan,
     choose,
-    choose_strategy,
-    choose_token_parallel,
     crossover_decode_context,
     crossover_tokens,
     describe_grid,
-    predict,
-    predict_ms,
     token_costs,
 )
 
@@ -64,7 +60,7 @@ def test_split_with_dp_padding_rows():
 def test_cost_balanced_split_bounds_the_busiest_rank(T, W):
     rng = random.Random(T * 31 + W)
     keys = sorted(rng.randrange(0, 5000) for _ in range(T))  # causal-ish: later tokens score more keys
-    costs = token_costs(keys)
+    costs = token_costs(keys, _SLOW_NET)
     s = plan_token_split(T, W, costs=costs)
     assert sum(s.splits) == T
     per_rank = [sum(costs[i] for i in s.rows(r)) for r in range(W)]
@@ -74,7 +70,7 @@ def test_cost_balanced_split_bounds_the_busiest_rank(T, W):
 
 def test_cost_balanced_split_beats_count_split_on_causal_prefill():
     T, W = 32768, 2
-    costs = token_costs([t + 1 for t in range(T)])  # a fresh causal prompt: token t scores t+1 keys
+    costs = token_costs([t + 1 for t in range(T)], _SLOW_NET)  # a fresh causal prompt: token t scores t+1 keys
     even = plan_token_split(T, W)
     bal = plan_token_split(T, W, costs=costs)
 
@@ -143,53 +139,57 @@ def test_shard_page_table_matches_the_plan(W):
 
 # ---------------------------------------------------------------------------------------------- policy
 
-_TOY = TokenParallelCosts(
-    card="toy", date="-", source="test", indexer_ns_per_row_key=0.02,
+_TOY = Costs(
+    card="toy", date="-", command="test", indexer_ns_per_row_key=0.02,
     sparse_ns_per_token=((64, 473.6), (128, 947.2)),  # FlashMLA-like: 16/32 heads cost what 64 do
-    a2a_latency_us=30.0, a2a_gbytes_per_s=300.0, decode_indexer_ns_per_key=1.0, decode_indexer_fixed_us=40.0,
-    gather_merge_us=35.0,
+    decode_indexer_ns_per_key=1.0, decode_indexer_fixed_us=40.0, merge_us=5.0,
+    a2a_latency_us=30.0, a2a_gbytes_per_s=300.0, gather_latency_us=30.0, gather_gbytes_per_s=300.0,
+    collectives_source="test",
 )
+
+
+def _ch(lay, T, mean, mode="auto", *, max_keys=None, decode=False, costs=_TOY) -> str:
+    return choose(BatchShape.of(lay, T, mean, max_keys, is_decode=decode), costs, mode).strategy
 
 
 def test_policy_modes_and_trivial_groups():
     tp8 = resolve_layout(8, sm_major=9)
     tp1 = resolve_layout(1, sm_major=9)
     dp8 = resolve_layout(8, 8, True, sm_major=9)
-    assert choose_strategy(tp8, 32768, 16384, "off", costs=_TOY) == "heads"
-    assert choose_strategy(tp8, 1, 10, "on", costs=_TOY) == "tokens"
-    assert choose_strategy(tp8, 3, 100000, "on", is_decode=True, costs=_TOY) == "keys"  # 3 requests < 8 ranks
-    assert choose_strategy(tp8, 8, 100000, "on", is_decode=True, costs=_TOY) == "tokens"
-    assert choose_strategy(tp8, 0, 0, "on", costs=_TOY) == "heads"  # nothing to split
+    assert _ch(tp8, 32768, 16384, "off") == "heads"
+    assert _ch(tp8, 1, 10, "on") == "tokens"
+    assert _ch(tp8, 3, 100000, "on", decode=True) == "keys"  # 3 requests < 8 ranks
+    assert _ch(tp8, 8, 100000, "on", decode=True) == "tokens"
+    assert _ch(tp8, 0, 0, "on") == "heads"  # nothing to split
     for lay in (tp1, dp8):  # one-rank attention groups never split
-        assert choose_strategy(lay, 32768, 16384, "on", costs=_TOY) == "heads"
-    # mode=None reads the layout's --nsa-token-parallel
-    off = resolve_layout(8, sm_major=9, token_parallel="off")
-    assert not choose_token_parallel(off, 32768, 16384, costs=_TOY)
-    on = resolve_layout(8, sm_major=9, token_parallel="on")
-    assert choose_token_parallel(on, 2, 10, costs=_TOY)
+        assert _ch(lay, 32768, 16384, "on") == "heads"
+    # forced modes need no costs; auto without costs is upstream's heads, and says why
+    assert _ch(tp8, 32768, 16384, "on", costs=None) == "tokens"
+    plan = choose(BatchShape.of(tp8, 32768, 16384), None)
+    assert plan.strategy == "heads" and "without measured costs" in plan.reason and plan.ms() is None
     with pytest.raises(ValueError, match="mode"):
-        choose_strategy(tp8, 8, 8, "maybe")
+        _ch(tp8, 8, 8, "maybe")
     with pytest.raises(ValueError, match="context_len"):
-        choose_strategy(tp8, 8, -1.0)
+        _ch(tp8, 8, -1.0)
     with pytest.raises(ValueError, match="num_tokens"):
-        choose_strategy(tp8, -3, 8.0)
+        _ch(tp8, -3, 8.0)
 
 
 def test_auto_policy_follows_the_cost_model():
     tp8 = resolve_layout(8, sm_major=9)
     # Long prefill at TP8: 16 heads padded to 64 plus a replicated indexer -> token-parallel pays.
-    assert choose_strategy(tp8, 32768, causal_mean_keys(0, 32768), max_keys=32768, costs=_TOY) == "tokens"
+    assert _ch(tp8, 32768, causal_mean_keys(0, 32768), max_keys=32768) == "tokens"
     # A handful of tokens: the collectives' fixed cost dominates.
-    assert choose_strategy(tp8, 2, 2.0, costs=_TOY) == "heads"
+    assert _ch(tp8, 2, 2.0) == "heads"
     for lay in (resolve_layout(2, sm_major=9), resolve_layout(4, sm_major=9), tp8):
-        t = crossover_tokens(lay, costs=_TOY)
+        t = crossover_tokens(lay, _TOY)
         if t is None:
             continue
-        assert choose_strategy(lay, t, causal_mean_keys(0, t), max_keys=t, costs=_TOY) != "heads"
-        assert t == 1 or choose_strategy(lay, t - 1, causal_mean_keys(0, t - 1), max_keys=t - 1,
-                                         costs=_TOY) == "heads"
+        assert _ch(lay, t, causal_mean_keys(0, t), max_keys=t) != "heads"
+        assert t == 1 or _ch(lay, t - 1, causal_mean_keys(0, t - 1), max_keys=t - 1) == "heads"
     # Padding makes TP8 pay earlier than TP2, whose 64 heads need no padding on Hopper.
-    assert crossover_tokens(tp8, costs=_TOY) < (crossover_tokens(resolve_layout(2, sm_major=9), costs=_TOY) or 10**9)
+    assert crossover_tokens(tp8, _TOY) < (crossover_tokens(resolve_layout(2, sm_major=9), _TOY) or 10**9)
+    assert crossover_tokens(tp8, None) is None  # nothing measured: never leaves upstream's path
 
 
 def _fresh(T: int, W: int, *, H: int = 128) -> BatchShape:
@@ -199,10 +199,10 @@ def _fresh(T: int, W: int, *, H: int = 128) -> BatchShape:
 def test_predict_by_hand():
     """One shape, every part computed here from the documented formulas (toy costs, TP4, 8192 fresh tokens)."""
     T, W, h, K = 8192, 4, 32, 2048
-    shape = _fresh(T, W)
+    plan = choose(_fresh(T, W), _TOY)
     mean = (T + 1) / 2
     frac = 3 / 4
-    heads, idx, tok = (predict(shape, s, _TOY) for s in ("heads", "indexer", "tokens"))
+    heads, idx, tok = (plan.predicted[s] for s in ("heads", "indexer", "tokens"))
     assert heads["indexer"] == pytest.approx(0.02 * T * mean / 1e6)
     assert heads["sparse"] == pytest.approx(T * 473.6 / 1e6)  # 32 heads cost the 64-head entry (padding)
     share = 0.02 * (T * mean / W + T) / 1e6  # a quarter of the row-keys plus at most one (the longest) row
@@ -213,16 +213,20 @@ def test_predict_by_hand():
     assert tok["all_to_all"] == pytest.approx(2 * 30e-3 + T * h * (576 + 512) * 2 * frac / 300e9 * 1e3)
     for parts in (heads, idx, tok):
         assert parts["total"] == pytest.approx(sum(v for k, v in parts.items() if k != "total"))
-    # an explicit gather bandwidth replaces the all-to-all's
+    assert plan.ms() == plan.predicted[plan.strategy]["total"]
+    # the gather's own latency and bandwidth
     slow = dataclasses.replace(_TOY, gather_latency_us=100.0, gather_gbytes_per_s=10.0)
-    assert predict(shape, "indexer", slow)["all_gather"] == pytest.approx(0.1 + T * K * 4 * frac / 10e9 * 1e3)
+    assert choose(_fresh(T, W), slow).predicted["indexer"]["all_gather"] == pytest.approx(
+        0.1 + T * K * 4 * frac / 10e9 * 1e3)
 
 
 _GRID_T = [0, 1, 7, 64, 512, 2048, 8192, 32768, 131072]
+_SLOW_NET = dataclasses.replace(_TOY, a2a_latency_us=240.0, a2a_gbytes_per_s=100.0, gather_latency_us=240.0,
+                                gather_gbytes_per_s=100.0, indexer_ns_per_row_key=0.2, merge_us=900.0)
 
 
 @pytest.mark.parametrize("W", [1, 2, 4, 8])
-@pytest.mark.parametrize("costs", [_TOY, DEFAULT_COSTS], ids=["toy", "default"])
+@pytest.mark.parametrize("costs", [_TOY, _SLOW_NET], ids=["toy", "slow-net"])
 def test_choice_over_a_grid(W, costs):
     """The choice is the cheapest allowed strategy, leaves heads only past the margin, and never picks a
     strategy that does not apply (indexer on decode, keys on prefill, tokens on decode with < W requests)."""
@@ -233,23 +237,24 @@ def test_choice_over_a_grid(W, costs):
                 if T == 0:
                     mean, mx = 0.0, 0
                 shape = BatchShape(T, mean, mx, 128, W, decode)
-                got = choose(shape, costs)
-                assert choose(shape, costs) == got  # pure: same input, same answer
+                plan = choose(shape, costs)
+                got = plan.strategy
+                assert choose(shape, costs) == plan  # pure: same input, same answer
                 if W == 1 or T == 0:
                     assert got == "heads"
                     continue
                 allowed = (["keys"] if T < W else ["tokens"]) if decode else ["indexer", "tokens"]
                 assert got in ["heads", *allowed], (shape, got)
-                totals = {s: predict(shape, s, costs)["total"] for s in ["heads", *allowed]}
+                totals = {s: plan.predicted[s]["total"] for s in ["heads", *allowed]}
                 best = min(allowed, key=totals.__getitem__)
                 if got == "heads":
                     assert totals[best] >= totals["heads"] * (1 - costs.margin), (shape, totals)
                 else:
                     assert got == best and totals[got] < totals["heads"] * (1 - costs.margin), (shape, totals)
                 # forced modes
-                assert choose(shape, costs, "off") == "heads" == choose(shape, costs, "heads")
-                assert choose(shape, costs, "on") == allowed[-1]
-                assert choose(shape, costs, "indexer") == ("heads" if decode else "indexer")
+                assert choose(shape, costs, "off").strategy == "heads" == choose(shape, costs, "heads").strategy
+                assert choose(shape, costs, "on").strategy == allowed[-1]
+                assert choose(shape, costs, "indexer").strategy == ("heads" if decode else "indexer")
 
 
 @pytest.mark.parametrize("W", [2, 4, 8])
@@ -257,21 +262,17 @@ def test_fresh_prompts_once_split_stay_split(W):
     """Longer fresh prompts never go back to heads: the gain grows with T, the collectives' fixed cost does not."""
     left = False
     for T in [2**k for k in range(4, 18)]:
-        got = choose(_fresh(T, W), DEFAULT_COSTS)
+        got = choose(_fresh(T, W), _SLOW_NET).strategy
         left = left or got != "heads"
         assert not (left and got == "heads"), (W, T)
     assert left
 
 
-def test_policy_docstring_table():
-    """The table in nsa_tp.token_parallel.policy's docstring is what the policy decides today."""
-    from nsa_tp.token_parallel import policy
-
-    doc = policy.__doc__
-    lines = doc[doc.index("W     T=1K"):].splitlines()
-    rows = [ln.split() for ln in lines[2:5]]
-    assert rows == describe_grid(tokens=(1024, 2048, 4096, 8192, 32768, 131072))
-    assert {c for r in rows for c in r[1:]} == {"heads", "indexer", "tokens"}  # the table shows all three
+def test_describe_grid_is_choose():
+    rows = describe_grid(_TOY, tokens=(1024, 32768))
+    assert [r[0] for r in rows] == ["2", "4", "8"]
+    assert rows[2][2] == choose(_fresh(32768, 8), _TOY).strategy
+    assert {c for r in describe_grid(None) for c in r[1:]} == {"heads"}
 
 
 def test_batch_shape_checks():
@@ -281,12 +282,9 @@ def test_batch_shape_checks():
         BatchShape(4, 10.0, 10, 128, 3)
     with pytest.raises(ValueError, match="mean_keys"):
         BatchShape(4, float("nan"), 10, 128, 2)
-    with pytest.raises(ValueError, match="strategy"):
-        predict(BatchShape(4, 1.0, 1, 128, 2), "rows", _TOY)
-    with pytest.raises(ValueError, match="extend"):
-        predict(BatchShape(4, 1.0, 1, 128, 2, is_decode=True), "indexer", _TOY)
     with pytest.raises(ValueError, match="mode"):
         choose(BatchShape(4, 1.0, 1, 128, 2), _TOY, "keys")
+    assert isinstance(choose(BatchShape(4, 1.0, 1, 128, 2), _TOY), Plan)
 
 
 # ---------------------------------------------------------------------------------------------- transient memory
@@ -321,7 +319,7 @@ def test_transient_peak_at_128k_tp8_is_below_flashmla_padding():
     output FlashMLA allocates under heads (18.3 GB)."""
     T, W = 131072, 8
     keys = [i + 1 for i in range(T)]
-    split = plan_token_split(T, W, costs=token_costs(keys))
+    split = plan_token_split(T, W, costs=token_costs(keys, _SLOW_NET))
     assert split.splits[0] == max(split.splits) and 0.3 * T < split.splits[0] < 0.36 * T
     peak = max(transient_peak_bytes("tokens", split, r, 128 // W) for r in range(W))
     assert peak == 2 * split.splits[0] * 128 * 576 * 2 and 12e9 < peak < 14e9
@@ -341,34 +339,34 @@ def test_index_split_balances_keys():
 
 def test_auto_policy_decode_key_sharding_has_a_context_crossover():
     tp2 = resolve_layout(2, sm_major=9)
-    c = crossover_decode_context(tp2, costs=_TOY)
+    c = crossover_decode_context(tp2, _TOY)
     assert c is not None
-    assert choose_strategy(tp2, 1, c, is_decode=True, costs=_TOY) == "keys"
-    assert choose_strategy(tp2, 1, c - 1, is_decode=True, costs=_TOY) == "heads"
-    parts = predict_ms(tp2, 1, 131072, "keys", is_decode=True, costs=_TOY)
-    assert set(parts) == {"indexer", "gather_merge", "total"}
-    with pytest.raises(ValueError, match="decode only"):
-        predict_ms(tp2, 8, 100.0, "keys", costs=_TOY)
+    assert _ch(tp2, 1, c, decode=True) == "keys"
+    assert _ch(tp2, 1, c - 1, decode=True) == "heads"
+    parts = choose(BatchShape.of(tp2, 1, 131072, is_decode=True), _TOY).predicted["keys"]
+    assert set(parts) == {"indexer", "all_gather", "merge", "total"}
+    assert parts["all_gather"] == pytest.approx(30e-3 + 1 * 2048 * 8 / 300e9 * 1e3)  # one block of candidates
 
 
 def test_predicted_parts_are_consistent():
     tp4 = resolve_layout(4, sm_major=9)
     T, ctx = 32768, causal_mean_keys(0, 32768)
-    heads = predict_ms(tp4, T, ctx, "heads", costs=_TOY)
-    toks = predict_ms(tp4, T, ctx, "tokens", costs=_TOY)  # max_keys defaults to the mean: one row's worth
+    p = choose(BatchShape.of(tp4, T, ctx), _TOY).predicted  # max_keys defaults to the mean: one row's worth
+    heads, toks = p["heads"], p["tokens"]
     assert toks["indexer"] == pytest.approx(heads["indexer"] / 4, rel=1e-3)  # the indexer divided by attn_tp
     assert heads["sparse"] == pytest.approx(toks["sparse"] * 2, rel=1e-3)  # 32 heads padded to 64 vs 128 / 4
     assert heads["total"] == pytest.approx(sum(v for k, v in heads.items() if k != "total"))
     assert toks["all_to_all"] > 0
 
 
-def test_costs_round_trip_and_default_is_labelled():
-    d = DEFAULT_COSTS.to_dict()
-    assert TokenParallelCosts.from_dict(d) == DEFAULT_COSTS
-    assert DEFAULT_COSTS.card and DEFAULT_COSTS.date and "measured" in DEFAULT_COSTS.source
+def test_costs_round_trip_and_checks():
+    d = _TOY.to_dict()
+    assert Costs.from_dict(d) == _TOY and Costs.from_dict({"costs": d}["costs"]) == _TOY
     with pytest.raises(ValueError, match="missing"):
-        TokenParallelCosts.from_dict({"card": "x"})
-    assert dataclasses.replace(DEFAULT_COSTS, margin=0.1).margin == 0.1
+        Costs.from_dict({"card": "x"})
+    with pytest.raises(ValueError, match="a2a_gbytes_per_s"):
+        dataclasses.replace(_TOY, a2a_gbytes_per_s=0.0)
+    assert dataclasses.replace(_TOY, margin=0.1).margin == 0.1
 
 
 # ---------------------------------------------------------------------------------------------- top-k merge
@@ -504,8 +502,11 @@ def test_plan_shows_the_per_batch_policy(capsys):
 
     assert main(["plan", "--tp", "8", "--sm", "90"]) == 0
     line = [ln for ln in capsys.readouterr().out.splitlines() if ln.startswith("token-parallel")][0]
-    t = crossover_tokens(resolve_layout(8, sm_major=9), max_tokens=163840)
-    assert f"from {t} tokens" in line and DEFAULT_COSTS.card in line
+    assert "pure TP (upstream) for every batch" in line  # no GPU here: no card, no measured costs
+    auto = describe_policy(resolve_layout(8, sm_major=9), _TOY)
+    t = crossover_tokens(resolve_layout(8, sm_major=9), _TOY, max_tokens=163840)
+    assert f"from {t} tokens" in auto and "toy" in auto
+    assert "no measured costs for Card X" in describe_policy(resolve_layout(8, sm_major=9), card="Card X")
     assert describe_policy(resolve_layout(8, sm_major=9, token_parallel="off")).startswith("off")
     assert describe_policy(resolve_layout(8, sm_major=9, token_parallel="on")).startswith("on")
     assert describe_policy(resolve_layout(8, 8, True, sm_major=9)).startswith("n/a")

@@ -404,7 +404,7 @@ def _rank_main(ctx: RankContext, with_layer: bool = True) -> dict:
     counts = (b["ke"] - b["ks"])[: b["T"]].tolist()
     splits = {
         "even": plan_token_split(b["T"], W, num_rows=b["rows"]),
-        "balanced": plan_token_split(b["T"], W, num_rows=b["rows"], costs=token_costs(counts)),
+        "balanced": plan_token_split(b["T"], W, num_rows=b["rows"], costs=token_costs(counts, None)),
         "one_rank": TokenSplit((b["T"],) + (0,) * (W - 1), b["rows"]),
     }
     for name, split in splits.items():
@@ -467,7 +467,8 @@ def _rank_main(ctx: RankContext, with_layer: bool = True) -> dict:
     d_ref = d_att(d["q"], d_topk, range(d["B"]))
     d_pure = _pure_tp(d["q"], d_topk, d_att, r, h)
     d_tp = token_parallel_attention(d["q"][:, r * h : (r + 1) * h].contiguous(),
-                                    plan_token_split(d["B"], W, costs=token_costs(d["lens"])), group, d_sel, d_att)
+                                    plan_token_split(d["B"], W, costs=token_costs(d["lens"], None)), group, d_sel,
+                                    d_att)
     res["decode_tokens"] = dict(vs_pure=_rel(d_tp, d_pure), vs_ref=_rel(d_tp, d_ref[:, r * h : (r + 1) * h]))
 
     # 5. decode with fewer requests than ranks: key-sharded indexer, exact merge (batch 1, short, W-1 requests)

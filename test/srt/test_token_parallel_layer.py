@@ -14,7 +14,7 @@ import pytest
 
 from nsa_tp.config import NSAConfig
 from nsa_tp.model.runner import Request, RunCase, compare_results, run_case, run_layouts
-from nsa_tp.token_parallel.policy import choose_strategy
+from nsa_tp.token_parallel.policy import BatchShape, choose
 
 CFG = NSAConfig(hidden_size=256, q_lora_rank=128, num_attention_heads=32, index_topk=48)
 REQS = (Request(0, 90), Request(70, 23), Request(5, 40))
@@ -41,7 +41,8 @@ def test_layer_token_parallel_two_ranks(reference):
     cases = [_case(2, name="TP2 tokens"), _case(2, name="TP2 tokens fp8", kv_cache_dtype="fp8_e4m3"),
              _case(2, name="TP2 indexer", core="token_parallel_indexer"), _case(2, name="TP2 heads", core="heads")]
     lay = cases[0].layout()
-    assert choose_strategy(lay, 3, 100, "on", is_decode=True) == "tokens"  # 3 decode requests >= 2 ranks
+    # 3 decode requests >= 2 ranks
+    assert choose(BatchShape.of(lay, 3, 100, is_decode=True), None, "on").strategy == "tokens"
     results = run_layouts(cases, 2)
     for case, res in zip(cases, results, strict=True):
         _check(case, res, reference)
@@ -55,7 +56,7 @@ def test_layer_token_parallel_four_ranks(reference):
     cases = [_case(4, name="TP4 keys-decode"), _case(4, 2, True, name="DP2xTP2"),
              _case(4, name="TP4 indexer", core="token_parallel_indexer"),
              _case(4, 2, True, name="DP2xTP2 indexer", core="token_parallel_indexer")]
-    assert choose_strategy(cases[0].layout(), 3, 100, "on", is_decode=True) == "keys"  # 3 < 4 ranks
+    assert choose(BatchShape.of(cases[0].layout(), 3, 100, is_decode=True), None, "on").strategy == "keys"  # 3 < 4
     for case, res in zip(cases, run_layouts(cases, 4), strict=True):
         _check(case, res, reference)
         if case.enable_dp_attention:  # requests 0, 2 on group 0 and 1 on group 1: group 1 pads

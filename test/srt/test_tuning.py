@@ -26,12 +26,14 @@ def test_shape_classes():
     assert tuning.shape_class("sparse_mla_fwd", q48, fp8) == "h64/fp8"
     assert tuning.shape_class("sparse_mla_fwd", torch.zeros(1, 200, 576), bf16) == "h>128/bf16"
     pages = torch.zeros(2, 64, 1, 656, dtype=torch.uint8)
-    assert tuning.shape_class("sparse_mla_decode", q16, pages) == "h16/fp8/b<=8"
+    assert tuning.shape_class("sparse_mla_decode", q16, pages) == "h16/fp8/b<=4"
+    assert [tuning.shape_class("sparse_mla_decode", torch.zeros(b, 16, 576), pages)[-4:] for b in (1, 2, 3, 8)] == [
+        "b<=1", "b<=2", "b<=4", "b<=8"]  # 2-8 row decode batches have classes of their own
     assert tuning.shape_class("sparse_mla_decode", torch.zeros(9, 16, 576), pages) == "h16/fp8/b<=64"
     assert tuning.shape_class("sparse_mla_decode", torch.zeros(65, 16, 576), pages) == "h16/fp8/b>64"
     # A plan and the decode it plans land in the same class.
     assert tuning.shape_class("plan_sparse_mla_decode", 4, 16, 2048, kv_dtype="fp8_e4m3", device="cpu") == (
-        "h16/fp8/b<=8"
+        "h16/fp8/b<=4"
     )
     assert tuning.shape_class("plan_sparse_mla_decode", 4096, 128, 2048, kv_dtype=torch.bfloat16) == (
         "h128/bf16/b>64"
@@ -156,7 +158,8 @@ def test_auto_checks_the_chosen_tier_once(monkeypatch):
         registry.auto_tier("sparse_mla_fwd", q, kv, idx, 0.1, skip="reference")  # nothing else runs on CPU
 
 
-@pytest.mark.parametrize("path", sorted(MEASURED.glob("*.json")), ids=lambda p: p.name)
+@pytest.mark.parametrize("path", sorted(p for p in MEASURED.glob("*.json") if not p.name.startswith("costs_")),
+                         ids=lambda p: p.name)
 def test_committed_tables_are_consistent(path):
     data = json.loads(path.read_text())
     assert tuning.card_slug(data["card"]) == path.stem, "a table's file name is its card's slug"
@@ -171,3 +174,70 @@ def test_committed_tables_are_consistent(path):
             up = tuning.UPSTREAM[op]
             if up in times and order[0] != up:  # something beat upstream: by the margin, as measured
                 assert times[order[0]] <= times[up] * (1 - tuning.MARGIN), (op, cls, times)
+
+
+@pytest.mark.parametrize("path", sorted(MEASURED.glob("costs_*.json")), ids=lambda p: p.name)
+def test_committed_costs_records_are_the_commands(path):
+    """A committed Costs record is nsa-tp bench --costs's output for the card its name says."""
+    from nsa_tp.token_parallel.costs import Costs
+
+    data = json.loads(path.read_text())
+    costs = Costs.from_dict(data["costs"])
+    assert path.name == f"costs_{tuning.card_slug(costs.card)}.json"
+    assert "--costs" in costs.command and costs.collectives_source and dict(costs.kernels).keys() >= {
+        "indexer_ns_per_row_key", "sparse_ns_per_token", "decode_indexer_ns_per_key", "merge_us"}
+
+
+def _reference_only_inputs():
+    q = torch.zeros(4, 16, 576, dtype=torch.bfloat16)
+    kv = torch.zeros(10, 1, 576, dtype=torch.bfloat16)
+    idx = torch.zeros(4, 1, 8, dtype=torch.int32)
+    return q, kv, idx
+
+
+def test_auto_says_once_why_it_passed_over_upstream(caplog, monkeypatch):
+    """Not installed / declined (with supports()' reason) / measured slower: one log line per (op, card, class)."""
+    import _fake_tiers
+
+    q, kv, idx = _reference_only_inputs()
+    monkeypatch.setattr(registry, "_PASSED_OVER", set())
+    with caplog.at_level("INFO", logger="nsa_tp.ops"):
+        registry.dispatch("sparse_mla_fwd", "auto", q, kv, idx, 0.1)
+        registry.dispatch("sparse_mla_fwd", "auto", q, kv, idx, 0.1)  # the same class: no second line
+    lines = [r.getMessage() for r in caplog.records if "passed over" in r.getMessage() or "not upstream" in
+             r.getMessage()]
+    assert len(lines) == 1 and "not installed" in lines[0] and "flashmla" in lines[0], lines
+    caplog.clear()
+    _fake_tiers.install(monkeypatch)
+    flashmla = registry._load("flashmla")
+    monkeypatch.setitem(flashmla.ops, "sparse_mla_fwd", registry.OpImpl(
+        flashmla.ops["sparse_mla_fwd"].fn, supports=lambda *a, **k: "h_q 16 is not a multiple of 64"))
+    monkeypatch.setattr(registry, "_PASSED_OVER", set())
+    with caplog.at_level("INFO", logger="nsa_tp.ops"):
+        assert registry.auto_tier("sparse_mla_fwd", q, kv, idx, 0.1) == "reference"
+    assert any("declined: h_q 16 is not a multiple of 64" in r.getMessage() for r in caplog.records)
+
+
+def test_auto_says_when_upstream_measured_slower(caplog, monkeypatch, fake_card):
+    import _fake_tiers
+
+    _fake_tiers.install(monkeypatch)
+    monkeypatch.setattr(registry, "_PASSED_OVER", set())
+    fake_card({"sparse_mla_fwd": {"h16/bf16": {"flashmla": 2.0, "reference": 1.0}}})
+    q, kv, idx = _reference_only_inputs()
+    with caplog.at_level("INFO", logger="nsa_tp.ops"):
+        assert registry.auto_tier("sparse_mla_fwd", q, kv, idx, 0.1) == "reference"
+    (line,) = [r.getMessage() for r in caplog.records if "not upstream" in r.getMessage()]
+    assert "measured slower on Fake GPU 1 (flashmla 2.0 ms, reference 1.0 ms)" in line
+
+
+def test_record_tiers_sees_every_dispatch_and_nests():
+    q, kv, idx = _reference_only_inputs()
+    with registry.record_tiers() as outer:
+        registry.dispatch("sparse_mla_fwd", "reference", q, kv, idx, 0.1)
+        with registry.record_tiers() as inner:
+            registry.dispatch("sparse_mla_fwd", "auto", q, kv, idx, 0.1)
+    assert inner == [("sparse_mla_fwd", "reference")]
+    assert outer == [("sparse_mla_fwd", "reference")] * 2
+    registry.dispatch("sparse_mla_fwd", "reference", q, kv, idx, 0.1)  # outside a block: nothing recorded
+    assert len(outer) == 2

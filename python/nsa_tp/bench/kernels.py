@@ -1,8 +1,11 @@
 """Benchmark cases for every tier of every op, next to upstream's kernel, in the same run.
 
 Each case (one op at one shape) is timed on every tier that can run it, through the public op with the
-tier forced (``backend=<tier>``: what a user gets, checks included), plus one ``auto`` row saying which tier
-``auto`` picked. Each row carries the shape class (:func:`nsa_tp.ops.tuning.shape_class`) so a run turns into
+tier forced (``backend=<tier>``: what a user gets, checks included); every row records the tiers that really
+ran (``ran``, from :func:`nsa_tp.ops.registry.record_tiers`), so a row labelled with a tier that ran another
+one is caught (:func:`mislabelled`). Inside :func:`auto_pass` the same cases time only ``auto`` itself and the
+case's fastest tier from the first pass, back to back (the measured auto check). Each row carries the
+shape class (:func:`nsa_tp.ops.tuning.shape_class`) so a run turns into
 the card's tuning table (:func:`nsa_tp.ops.tuning.table_from_rows`), and the time of upstream's kernel on
 the same inputs (FlashMLA, DeepGEMM, sgl-kernel: :data:`nsa_tp.ops.tuning.UPSTREAM`) with the ratio.
 
@@ -13,10 +16,13 @@ pad/trim copies) is one extra row per sparse-prefill case, the anchor DESIGN.md 
 
 from __future__ import annotations
 
+import contextlib
+import contextvars
 import dataclasses
 import functools
 import importlib
-from collections.abc import Callable, Sequence
+import json
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from typing import Any
 
 import torch
@@ -35,7 +41,14 @@ __all__ = [
     "topk_rows",
     "sweep_rows",
     "available_tiers",
+    "auto_pass",
+    "mislabelled",
+    "case_key",
 ]
+
+# Inside auto_pass(): {case_key: fastest tier of the first pass}; None outside (every tier is timed).
+_AUTO_PASS: contextvars.ContextVar[Mapping[str, str] | None] = contextvars.ContextVar("nsa_tp_auto_pass",
+                                                                                     default=None)
 
 _BF16_ROW = 2 * D_QK  # bytes of one bf16 latent row
 
@@ -53,6 +66,7 @@ class Row:
     cls: str | None = None  # shape class (tier rows only: these make the tuning table)
     upstream_ms: float | None = None  # upstream's kernel on the same inputs, same run
     vs_upstream: float | None = None  # upstream_ms / ms: > 1 means faster than upstream
+    ran: list[str] = dataclasses.field(default_factory=list)  # tiers the registry dispatched to, in one call
 
     def to_dict(self) -> dict[str, Any]:
         d = dataclasses.asdict(self)
@@ -75,29 +89,82 @@ def available_tiers(op: str, include_reference: bool) -> list[str]:
     return out
 
 
-def _timed(fn: Callable[[], object], graph: bool = False) -> tuple[float | None, str]:
-    """Median ms of ``fn()``, or None and the reason it could not run.
+def case_key(op: str, shape: Mapping[str, Any]) -> str:
+    """One case's key: the op and its shape."""
+    return op + " " + json.dumps(shape, sort_keys=True)
+
+
+@contextlib.contextmanager
+def auto_pass(fastest: Mapping[str, str]) -> Iterator[None]:
+    """Inside the block, each case times ``auto`` and its fastest tier of the first pass (``fastest``:
+    :func:`case_key` -> tier) instead of every tier."""
+    token = _AUTO_PASS.set(dict(fastest))
+    try:
+        yield
+    finally:
+        _AUTO_PASS.reset(token)
+
+
+def mislabelled(rows: Sequence[Row]) -> list[str]:
+    """Rows that name a tier (or ``auto``'s choice) but ran another one: a label that lies."""
+    bad = []
+    for r in rows:
+        if r.ms is None or r.tier == "flashmla-raw":  # not run; or the raw kernel, called without the dispatcher
+            continue
+        want = {r.note.split()[2].rstrip(";")} if r.tier == "auto" else {r.tier}
+        if set(r.ran) != want:
+            bad.append(f"{r.op} {r.shape}: labelled {r.tier} ({sorted(want)}), ran {r.ran}")
+    return bad
+
+
+def _timer(fn: Callable[[], object], graph: bool = False) -> tuple[Callable[[], float] | None, str, list[str]]:
+    """A timer for ``fn()`` (it returns the median ms of one pass), or None and the reason where ``fn`` could
+    not run; the note; and the tiers its first call ran.
 
     ``graph=True`` times replays of ``fn`` captured in a CUDA graph: how SGLang runs decode (CUDA graphs are
     on by default), where the host-side cost of a launch is gone and small batches are GPU time only. If the
     capture fails, the eager time is reported and the note says so.
     """
     try:
-        fn()  # compile / first-call work stays out of the timing
+        with registry.record_tiers() as calls:
+            fn()  # compile / first-call work stays out of the timing
         torch.cuda.synchronize()
     except Exception as e:  # noqa: BLE001 - a tier that cannot run this shape is a row with the reason
-        return None, f"{type(e).__name__}: {str(e).splitlines()[0][:200] if str(e) else ''}"
+        return None, f"{type(e).__name__}: {str(e).splitlines()[0][:200] if str(e) else ''}", []
+    ran = sorted({t for op, t in calls if op != "plan_sparse_mla_decode"} or {t for _, t in calls})
     if graph:
         try:
             g = torch.cuda.CUDAGraph()
             with torch.cuda.graph(g):
                 fn()
             torch.cuda.synchronize()
-            return median_ms(g.replay), "CUDA graph replay"
+            return (lambda: median_ms(g.replay)), "CUDA graph replay", ran
         except Exception as e:  # noqa: BLE001 - e.g. a host sync inside: time it eagerly, say so
             torch.cuda.synchronize()
-            return median_ms(fn), f"eager (graph capture failed: {type(e).__name__})"
-    return median_ms(fn), ""
+            return (lambda: median_ms(fn)), f"eager (graph capture failed: {type(e).__name__})", ran
+    return (lambda: median_ms(fn)), "", ran
+
+
+def _timed(fn: Callable[[], object], graph: bool = False) -> tuple[float | None, str, list[str]]:
+    """:func:`_timer` run once: the median ms (None where ``fn`` could not run), the note, the tiers that ran."""
+    timer, note, ran = _timer(fn, graph)
+    return (timer() if timer else None), note, ran
+
+
+# The auto check's rounds: the fastest tier and auto are timed alternately this many times and each keeps its
+# median, so a clock or temperature drift during the case hits both alike. (One pass each, back to back,
+# measured the same FlashMLA kernel 9% apart on an H100, 2026-12-06: drift, not a routing error.)
+AUTO_CHECK_ROUNDS = 7
+
+
+def _interleaved(timers: Sequence[Callable[[], float] | None], rounds: int) -> list[float | None]:
+    """Median over ``rounds`` alternating passes of every timer (None stays None)."""
+    samples: list[list[float]] = [[] for _ in timers]
+    for _ in range(rounds):
+        for s, t in zip(samples, timers, strict=True):
+            if t is not None:
+                s.append(t())
+    return [sorted(s)[len(s) // 2] if s else None for s in samples]
 
 
 def _rate(amount: float, ms: float | None, unit: float) -> float | None:
@@ -106,6 +173,32 @@ def _rate(amount: float, ms: float | None, unit: float) -> float | None:
 
 def _frac(value: float | None, ceiling: float | None) -> float | None:
     return None if value is None or not ceiling else value / ceiling
+
+
+def _thunk(op: str, tier: str, args: tuple[Any, ...], kwargs: dict[str, Any],
+           call: Callable[[str], Callable[[], object]] | None) -> Callable[[], object] | str:
+    """What runs ``op`` on ``tier`` (``"auto"`` included), or why it cannot."""
+    try:
+        if call is not None:
+            return call(tier)
+        if tier != "auto":
+            reason = registry.get_tier(tier).ops[op].supports(*args, **kwargs)
+            if reason:
+                return f"unsupported: {reason}"
+        return functools.partial(registry.dispatch, op, tier, *args, **kwargs)
+    except Exception as e:  # noqa: BLE001 - e.g. a plan the tier cannot build: a row with the reason
+        return f"{type(e).__name__}: {e}"
+
+
+def _auto_choice(op: str, args: tuple[Any, ...], kwargs: dict[str, Any]) -> str:
+    try:
+        if op == "sparse_mla_decode":  # the plan picks the tier
+            B, H, K = args[0].shape[0], args[0].shape[1], args[2].shape[-1]
+            return registry.auto_tier("plan_sparse_mla_decode", B, H, K, kv_dtype=args[1].dtype,
+                                      device=args[0].device)
+        return registry.auto_tier(op, *args, **kwargs)
+    except registry.BackendUnavailableError as e:
+        return f"none ({e})"
 
 
 def _case_rows(
@@ -121,49 +214,41 @@ def _case_rows(
     call: Callable[[str], Callable[[], object]] | None = None,
     graph: bool = False,
 ) -> list[Row]:
-    """One row per tier, then one ``auto`` row; every row carries upstream's time on the same inputs.
+    """One row per tier, every row carrying upstream's time on the same inputs and the tiers that ran.
 
     Each tier runs ``dispatch(op, tier, *args, **kwargs)`` (what the public op does with ``backend=tier``)
-    unless ``call(tier)`` builds the thunk (decode: the plan decides the tier). ``auto`` is what
-    :func:`nsa_tp.ops.registry.auto_tier` picks for these inputs with the tuning table loaded in this run.
+    unless ``call(tier)`` builds the thunk (decode: the plan decides the tier). Inside :func:`auto_pass`: the
+    case's fastest tier, then ``auto`` itself (its note names the tier it chose), both timed.
     """
     cls = tuning.shape_class(op, *args, **kwargs)
-    rows: list[Row] = []
+    fastest = _AUTO_PASS.get()
+    if fastest is not None:
+        best = fastest.get(case_key(op, shape))
+        tiers = [best, "auto"] if best in tiers else []
+    timed = []
     for tier in tiers:
-        try:
-            if call is not None:
-                thunk = call(tier)
-            else:
-                reason = registry.get_tier(tier).ops[op].supports(*args, **kwargs)
-                if reason:
-                    rows.append(Row(op, tier, shape, None, note=f"unsupported: {reason}"[:300], cls=cls))
-                    continue
-                thunk = functools.partial(registry.dispatch, op, tier, *args, **kwargs)
-        except Exception as e:  # noqa: BLE001 - e.g. a plan the tier cannot build: a row with the reason
-            rows.append(Row(op, tier, shape, None, note=f"{type(e).__name__}: {e}"[:300], cls=cls))
+        thunk = _thunk(op, tier, args, kwargs, call)
+        prepared = _timer(thunk, graph) if not isinstance(thunk, str) else (None, thunk[:300], [])
+        timed.append((tier, thunk, *prepared))
+    timers = [t[2] for t in timed]
+    times = _interleaved(timers, AUTO_CHECK_ROUNDS) if fastest is not None else [t and t() for t in timers]
+    rows: list[Row] = []
+    for (tier, _, timer, note, ran), ms in zip(timed, times, strict=True):
+        if timer is None:
+            rows.append(Row(op, tier, shape, None, note=note, cls=cls))
             continue
-        ms, note = _timed(thunk, graph)
+        if tier == "auto":
+            note = f"auto runs {_auto_choice(op, args, kwargs)}; {note}".rstrip("; ")
         tf = _rate(useful_flops, ms, 1e12) if useful_flops else None
         gb = _rate(moved_bytes, ms, 1e9)
-        rows.append(Row(op, tier, shape, ms, tf, gb, _frac(tf if compute_bound else gb, ceiling), note, cls))
-        del thunk
+        rows.append(Row(op, tier, shape, ms, tf, gb, _frac(tf if compute_bound else gb, ceiling), note,
+                        cls if tier != "auto" else None, ran=ran))
+    del timed, timers
     up = tuning.UPSTREAM.get(op)
     up_ms = next((r.ms for r in rows if r.tier == up), None)
     for r in rows:
         r.upstream_ms = up_ms
         r.vs_upstream = None if up_ms is None or r.ms is None else up_ms / r.ms
-    try:
-        if op == "sparse_mla_decode":  # the plan picks the tier
-            B, H, K = args[0].shape[0], args[0].shape[1], args[2].shape[-1]
-            chosen = registry.auto_tier("plan_sparse_mla_decode", B, H, K, kv_dtype=args[1].dtype,
-                                        device=args[0].device)
-        else:
-            chosen = registry.auto_tier(op, *args, **kwargs)
-    except registry.BackendUnavailableError as e:
-        chosen = f"none ({e})"
-    ms = next((r.ms for r in rows if r.tier == chosen), None)
-    rows.append(Row(op, "auto", shape, ms, note=f"auto runs {chosen} (the tuning table loaded for this run)",
-                    upstream_ms=up_ms, vs_upstream=None if up_ms is None or ms is None else up_ms / ms))
     return rows
 
 
@@ -206,12 +291,12 @@ def sparse_mla_rows(
             shape = {"T": T, "H": H, "N": N, "K": K, "kv": fmt}
             rows += _case_rows("sparse_mla_fwd", shape, tiers, (q, kv, idx, sm_scale), {}, useful, moved,
                                ceilings.bf16_tflops, True)
-            if fm is not None and fmt == "bf16":
+            if fm is not None and fmt == "bf16" and _AUTO_PASS.get() is None:
                 hp = 64 * -(-H // 64)
                 qp = q if hp == H else torch.cat([q, q.new_zeros(T, hp - H, D_QK)], dim=1)
                 # The 576-dim V3.2 kernels (SM90 too) are the wheel's legacy set.
-                ms, note = _timed(functools.partial(fm.flash_mla_sparse_fwd, qp, kv, idx, sm_scale, D_LATENT,
-                                                    use_legacy=True))
+                ms, note, _ = _timed(functools.partial(fm.flash_mla_sparse_fwd, qp, kv, idx, sm_scale, D_LATENT,
+                                                       use_legacy=True))
                 rows.append(Row("sparse_mla_fwd", "flashmla-raw", shape, ms, _rate(useful, ms, 1e12),
                                 note=(note + " " if note else "") + f"FlashMLA kernel alone, q pre-padded to {hp}"))
             del q
@@ -355,7 +440,7 @@ def sweep_rows(ceilings: Ceilings, device: torch.device, T: int, N: int, K: int)
         q = torch.randn(T, H, D_QK, device=device, dtype=torch.bfloat16, generator=gen)
         useful = 2.0 * T * H * K * (D_QK + D_LATENT)
         cfg = SparseMLAConfig(*c)
-        ms, note = _timed(functools.partial(sparse_mla_fwd_split, q, kvs[fmt], idx, D_QK**-0.5, 1, cfg))
+        ms, note, _ = _timed(functools.partial(sparse_mla_fwd_split, q, kvs[fmt], idx, D_QK**-0.5, 1, cfg))
         tf = _rate(useful, ms, 1e12)
         rows.append(Row("sweep:sparse_mla_fwd", "triton", {"T": T, "H": H, "N": N, "K": K, "kv": fmt, "config": c},
                         ms, tf, None, _frac(tf, ceilings.bf16_tflops), note))

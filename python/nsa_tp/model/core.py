@@ -144,7 +144,7 @@ class HeadsCore(AttentionCore):
 
 class TokenParallelCore(HeadsCore):
     """All-to-all heads <-> tokens around the indexer and the sparse core, or the indexer's rows split, or
-    key-sharded decode — per batch, as :func:`nsa_tp.token_parallel.policy.choose_strategy` picks."""
+    key-sharded decode — per batch, as :func:`nsa_tp.token_parallel.policy.choose` picks."""
 
     name = "token_parallel"
     mode: str | None = None  # None: the layout's --nsa-token-parallel

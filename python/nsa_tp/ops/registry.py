@@ -6,22 +6,35 @@ check returning a reason string or None. Adding a tier is adding a file and one 
 
 ``auto`` tries tiers in the order :func:`nsa_tp.ops.tuning.tier_order` gives for the call (measured on this
 card for the call's shape class; upstream's kernel first where the card was never measured) and runs the
-first that is available and supports the inputs. A forced tier that cannot run raises
-:class:`BackendUnavailableError` with the reason; nothing falls back silently.
+first that is available and supports the inputs. Where that is not upstream's kernel for the op
+(:data:`nsa_tp.ops.tuning.UPSTREAM`), it logs once per (op, card, shape class) why upstream's was passed over:
+not installed, declined (its ``supports()`` reason) or measured slower on this card. A forced tier that
+cannot run raises :class:`BackendUnavailableError` with the reason; nothing falls back silently.
+
+:func:`record_tiers` lists every tier that ran inside a block (the benchmarks check with it that a piece
+labelled upstream ran upstream's kernel and nothing else).
 """
 
 from __future__ import annotations
 
+import contextlib
+import contextvars
 import dataclasses
 import functools
 import importlib
-from collections.abc import Callable, Mapping
+import logging
+from collections.abc import Callable, Iterator, Mapping
 from typing import Any
 
 __all__ = [
     "Tier", "OpImpl", "BackendUnavailableError", "dispatch", "get_tier", "tier_names", "explain", "auto_tier",
-    "run_supported",
+    "run_supported", "record_tiers",
 ]
+
+logger = logging.getLogger("nsa_tp.ops")
+# Every (op, tier) run inside record_tiers(); None outside one (a lookup, no list, on the serving path).
+_RECORD: contextvars.ContextVar[list[tuple[str, str]] | None] = contextvars.ContextVar("nsa_tp_tiers", default=None)
+_PASSED_OVER: set[tuple[str, str, str]] = set()  # (op, card, class) whose pass-over of upstream was logged
 
 # Import paths of every tier (the order ``auto`` uses is nsa_tp.ops.tuning's, not this one).
 _TIER_MODULES: dict[str, str] = {
@@ -96,10 +109,11 @@ def explain(op: str, *args: Any, **kwargs: Any) -> dict[str, str]:
 
 def _auto_impl(op: str, args: tuple[Any, ...], kwargs: dict[str, Any], skip: str | None = None) -> tuple[str, OpImpl]:
     """The first tier in :func:`nsa_tp.ops.tuning.tier_order` (other than ``skip``) that is available and
-    supports the inputs."""
-    from nsa_tp.ops.tuning import tier_order
+    supports the inputs; logs once per class when that is not upstream's kernel (:func:`_log_pass_over`)."""
+    from nsa_tp.ops.tuning import route
 
-    for name in tier_order(op, *args, **kwargs):
+    card, cls, order = route(op, *args, **kwargs)
+    for name in order:
         if name == skip:
             continue
         tier = _load(name) if name in _TIER_MODULES else f"unknown tier {name!r}"
@@ -107,8 +121,35 @@ def _auto_impl(op: str, args: tuple[Any, ...], kwargs: dict[str, Any], skip: str
             continue
         impl = tier.ops[op]
         if impl.supports(*args, **kwargs) is None:
+            if skip is None and (op, card, cls) not in _PASSED_OVER:
+                _log_pass_over(op, card, cls, name, order, args, kwargs)
             return name, impl
     raise BackendUnavailableError(f"{op}: no tier supports these inputs: {explain(op, *args, **kwargs)}")
+
+
+def _log_pass_over(op: str, card: str, cls: str, chosen: str, order: list[str] | tuple[str, ...],
+                   args: tuple[Any, ...], kwargs: dict[str, Any]) -> None:
+    """Log once per (op, card, class) why ``auto`` runs ``chosen`` and not upstream's kernel for ``op``."""
+    from nsa_tp.ops.tuning import UPSTREAM, measured_choice
+
+    _PASSED_OVER.add((op, card, cls))
+    up = UPSTREAM.get(op)
+    if up is None or chosen == up:
+        return
+    tier = _load(up)
+    if isinstance(tier, str):
+        why = f"not installed: {tier}"
+    elif op not in tier.ops:
+        why = f"tier {up!r} has no {op}"
+    elif (reason := tier.ops[op].supports(*args, **kwargs)) is not None:
+        why = f"declined: {reason}"
+    else:
+        times = measured_choice(op, *args, **kwargs)[2] or {}
+        why = (f"measured slower on {card} ({up} {times.get(up, '?')} ms, {chosen} {times.get(chosen, '?')} ms)"
+               if order.index(chosen) < order.index(up) else f"ordered after {chosen}")
+    # a GPU that skips upstream's kernel for want of it (or its refusal) is worth a warning; a CPU run is expected to
+    level = logging.INFO if card == "cpu" or why.startswith("measured") else logging.WARNING
+    logger.log(level, "nsa_tp.ops auto: %s [%s, %s] runs %s, not upstream's %s: %s", op, card, cls, chosen, up, why)
 
 
 def auto_tier(op: str, *args: Any, skip: str | None = None, **kwargs: Any) -> str:
@@ -117,10 +158,18 @@ def auto_tier(op: str, *args: Any, skip: str | None = None, **kwargs: Any) -> st
     return _auto_impl(op, args, kwargs, skip)[0]
 
 
+def _note(op: str, tier: str) -> None:
+    rec = _RECORD.get()
+    if rec is not None:
+        rec.append((op, tier))
+
+
 def dispatch(op: str, backend: str, *args: Any, **kwargs: Any) -> Any:
     """Run ``op`` on the chosen tier (see module docstring for the rules)."""
     if backend == "auto":  # the choice already checked supports(): run it, no second check
-        return _auto_impl(op, args, kwargs)[1].fn(*args, **kwargs)
+        name, impl = _auto_impl(op, args, kwargs)
+        _note(op, name)
+        return impl.fn(*args, **kwargs)
     tier = get_tier(backend)
     if op not in tier.ops:
         raise BackendUnavailableError(f"backend={backend!r} does not implement {op}")
@@ -128,10 +177,27 @@ def dispatch(op: str, backend: str, *args: Any, **kwargs: Any) -> Any:
     reason = impl.supports(*args, **kwargs)
     if reason:
         raise BackendUnavailableError(f"backend={backend!r} cannot run {op} on these inputs: {reason}")
+    _note(op, backend)
     return impl.fn(*args, **kwargs)
 
 
 def run_supported(tier: str, op: str, *args: Any, **kwargs: Any) -> Any:
     """Run ``op`` on ``tier`` for inputs its ``supports()`` already accepted (a caller that chose the tier
     itself, like the SGLang hooks' router): :func:`dispatch` minus the second check."""
+    _note(op, tier)
     return get_tier(tier).ops[op].fn(*args, **kwargs)
+
+
+@contextlib.contextmanager
+def record_tiers() -> Iterator[list[tuple[str, str]]]:
+    """Inside the block, every dispatched ``(op, tier)`` is appended to the yielded list, in call order (a tier
+    that calls another through the dispatcher shows up as both). Nested blocks each see their own calls."""
+    calls: list[tuple[str, str]] = []
+    token = _RECORD.set(calls)
+    try:
+        yield calls
+    finally:
+        _RECORD.reset(token)
+        outer = _RECORD.get()
+        if outer is not None:
+            outer.extend(calls)

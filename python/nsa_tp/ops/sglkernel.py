@@ -21,8 +21,9 @@ the float's order-preserving bits), and what this module does about it:
   gathered, positions whose logit is ``-inf`` / NaN (or that fall outside the row: defensive) become ``-1``,
   and the kept ones are moved to the front, in the kernel's order. On CUDA that check is one fused Triton
   kernel (:mod:`nsa_tp.ops.triton.topk_fixup`, one program a row; the torch version took ~0.7 ms of 0.89 ms
-  at 4096 x 8192 on an H200); where Triton cannot import, :func:`fixup_positions_torch` (the definition the
-  kernel matches bit for bit). That is exact for any ``-inf`` pattern.
+  at 4096 x 8192 on an H200). Where Triton cannot import, the tier is unavailable and says so (a 2.5x slower
+  torch fix-up under the sgl-kernel name would misreport upstream's speed); :func:`fixup_positions_torch`
+  is the definition the kernel matches bit for bit. That is exact for any ``-inf`` pattern.
 - **NaN in a row longer than 2048**: the kernel's key ranks a (positive) NaN above every finite value, so such a
   row can lose finite candidates to NaNs, which the check then drops. With ``check_values=True`` (the
   default, which already syncs once for the range checks) those rows are found (the fix-up flags a kept NaN
@@ -61,13 +62,9 @@ _NEG_INF = float("-inf")
 # Availability (probed once per process) and the wheel's module
 
 
-@functools.cache
-def _triton_fixup() -> ModuleType | None:
-    """The fused fix-up kernel's module, or None where Triton cannot import (then the torch version runs)."""
-    try:
-        return importlib.import_module("nsa_tp.ops.triton.topk_fixup")
-    except Exception:  # noqa: BLE001 - a missing or broken Triton means the fallback, not a crash
-        return None
+def _triton_fixup() -> ModuleType:
+    """The fused fix-up kernel's module (importable: :func:`_available` checked it)."""
+    return importlib.import_module("nsa_tp.ops.triton.topk_fixup")
 
 
 @functools.cache
@@ -82,6 +79,11 @@ def _available() -> str | None:
         return f"sgl_kernel {version} has no fast_topk_v2; this tier is written for sglang-kernel==0.4.5"
     if not torch.cuda.is_available():
         return "no CUDA device is visible (sgl-kernel's top-k runs on CUDA only)"
+    try:
+        _triton_fixup()
+    except Exception as e:  # noqa: BLE001 - any import failure is the reason this tier cannot run
+        return (f"the fused -inf fix-up after fast_topk_v2 needs Triton ({type(e).__name__}: {e}); refusing "
+                "rather than timing a slower torch fix-up under the sgl-kernel name")
     return None
 
 
@@ -135,8 +137,9 @@ def select_positions(
     lengths = lengths.contiguous()
     starts = row_starts.contiguous() if row_starts is not None else None
     pos = _sgl().fast_topk_v2(logits, lengths, topk, row_starts=starts)  # [R, topk] int32, any order
-    fused = _triton_fixup() if logits.is_cuda else None
-    fixup = fused.fixup_positions if fused is not None else fixup_positions_torch
+    # CUDA (every call the tier accepts): the fused kernel. CPU is reachable only by calling this function
+    # directly (supports() rejects it; the unit tests' fake wheel does it): the torch definition.
+    fixup = _triton_fixup().fixup_positions if logits.is_cuda else fixup_positions_torch
     out, nan_rows = fixup(pos, logits, lengths, starts)
 
     if repair_nan and bool(nan_rows.any()):  # the one host sync, only when asked for
@@ -151,8 +154,8 @@ def select_positions(
 def fixup_positions_torch(
     pos: torch.Tensor, logits: torch.Tensor, lengths: torch.Tensor, row_starts: torch.Tensor | None
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """The check after ``fast_topk_v2`` in plain torch (the fallback where Triton cannot import, and the
-    definition the fused kernel :func:`nsa_tp.ops.triton.topk_fixup.fixup_positions` matches bit for bit).
+    """The check after ``fast_topk_v2`` in plain torch: the definition the fused kernel
+    :func:`nsa_tp.ops.triton.topk_fixup.fixup_positions` matches bit for bit (tests; never run by the tier).
 
     ``pos [R, K]`` int32, ``logits [R, W]`` float32 (W >= 1), ``lengths`` / ``row_starts`` ``[R]`` int32 ->
     ``(out [R, K] int32, nan_rows [R] int32)``: ``out`` row = the positions inside the row (``0 <= p <

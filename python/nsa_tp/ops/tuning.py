@@ -37,6 +37,8 @@ __all__ = [
     "DEFAULT_ORDER",
     "shape_class",
     "tier_order",
+    "route",
+    "MEASURED_DIR",
     "order_from_times",
     "table_from_rows",
     "load_table",
@@ -61,13 +63,14 @@ MARGIN = 0.03
 ENV_TUNING_FILE = "NSA_TP_TUNING_FILE"
 # Unmeasured card: upstream's kernels, then ours, then the plain-torch definition.
 DEFAULT_ORDER = ("flashmla", "deep_gemm", "sgl_kernel", "triton", "reference")
-_MEASURED_DIR = Path(__file__).with_name("measured")
+MEASURED_DIR = Path(__file__).with_name("measured")  # tuning tables and Costs records, per card
 _HEAD_BUCKETS = (16, 32, 64, 128)
 _WIDTH_BUCKETS = (2048, 8192, 32768, 131072)
-# Rows per decode-kernel call: one request, a few, 64 (fills the card), and larger "batches", which are SGLang's
-# fp8 prefill running through the decode kernel (one row per prompt token). Measured at 1, 8 and 64 rows: a
-# class takes over only what was measured inside it.
-_BATCH_BUCKETS = (1, 8, 64)
+# Rows per decode-kernel call: one request, 2, 4 and 8 (small decode batches), 64 (fills the card), and larger
+# "batches", which are SGLang's fp8 prefill running through the decode kernel (one row per prompt token).
+# `nsa-tp bench` measures each class at its upper edge (1, 2, 4, 8, 64 rows, and 4096): a class takes over
+# only what was measured inside it.
+_BATCH_BUCKETS = (1, 2, 4, 8, 64)
 
 
 def _bucket(x: int, edges: Sequence[int]) -> str:
@@ -95,9 +98,10 @@ def shape_class(op: str, *args: Any, **kwargs: Any) -> str:
     """The shape class of an op call: the key its measured tier order is stored under.
 
     - ``sparse_mla_fwd``: ``h<heads bucket>/<bf16|fp8>`` (heads rounded up to 16, 32, 64, 128).
-    - ``plan_sparse_mla_decode`` / ``sparse_mla_decode``: ``h<bucket>/<kv>/b<=1``, ``b<=8``, ``b<=64`` or
-      ``b>64`` (rows per call: decode proper, or an fp8 prefill that SGLang runs through the decode kernel).
-    - ``fp8_mqa_logits``: ``n<keys bucket>``; ``fp8_paged_mqa_logits``: ``b<=1`` / ``b<=8`` / ``b<=64`` / ``b>64``.
+    - ``plan_sparse_mla_decode`` / ``sparse_mla_decode``: ``h<bucket>/<kv>/b<=1``, ``b<=2``, ``b<=4``, ``b<=8``,
+      ``b<=64`` or ``b>64`` (rows per call: decode proper, or an fp8 prefill that SGLang runs through the
+      decode kernel).
+    - ``fp8_mqa_logits``: ``n<keys bucket>``; ``fp8_paged_mqa_logits``: ``b<=1`` ... ``b<=64`` / ``b>64``.
     - top-k transforms: ``w<width bucket>`` (2K, 8K, 32K, 128K, larger).
     """
     if op == "sparse_mla_fwd":
@@ -167,7 +171,7 @@ def load_table(card: str) -> dict[str, Any] | None:
     """
     path = os.environ.get(ENV_TUNING_FILE)
     candidates = [Path(path)] if path else []
-    candidates.append(_MEASURED_DIR / f"{card_slug(card)}.json")
+    candidates.append(MEASURED_DIR / f"{card_slug(card)}.json")
     for p in candidates:
         if not p.is_file():
             continue
@@ -206,8 +210,15 @@ def tier_order(op: str, *args: Any, **kwargs: Any) -> list[str]:
     Measured tiers first (:func:`order_from_times`), then the rest in :data:`DEFAULT_ORDER`. A measurement
     that did not include upstream's kernel cannot show anything beat it: upstream's kernel then goes first.
     """
-    card, cls, _times = measured_choice(op, *args, **kwargs)
-    return list(_order(op, card, cls))
+    return list(route(op, *args, **kwargs)[2])
+
+
+def route(op: str, *args: Any, **kwargs: Any) -> tuple[str, str, tuple[str, ...]]:
+    """``(card, class, tier order)`` of this call: the key ``auto`` logs its choice under, and the order."""
+    device = _device_of(op, args, kwargs)
+    cls = shape_class(op, *args, **kwargs)
+    card = get_capability(device).name if device is not None and device.type == "cuda" else "cpu"
+    return card, cls, _order(op, card, cls)
 
 
 @functools.cache

@@ -18,16 +18,19 @@ Modules:
 
 - :mod:`~nsa_tp.token_parallel.plan` — split plans (pure): :func:`plan_token_split` (``tokens``),
   :func:`plan_index_split` (``indexer``), :func:`plan_key_shards` (``keys``).
-- :mod:`~nsa_tp.token_parallel.policy` — the cost model and :func:`choose_strategy`, a pure function of the
-  batch shape and per-op costs measured on a card.
+- :mod:`~nsa_tp.token_parallel.costs` — the one :class:`Costs` record per card (:func:`load_costs`) and the
+  collective model.
+- :mod:`~nsa_tp.token_parallel.policy` — the one decider :func:`choose` (``BatchShape``, ``Costs`` -> ``Plan``
+  with the predicted ms inside), a pure function.
 - :mod:`~nsa_tp.token_parallel.core` — the collectives + sparse core run on a rank's rows.
 - :mod:`~nsa_tp.token_parallel.merge` — the exact top-k merge of key-sharded candidates.
 - :mod:`~nsa_tp.token_parallel.backend` — per-batch metadata and per-layer execution for nsa-tp's own layer.
 
 What a host engine (SGLang) calls, once per batch then once per layer:
 
-1. :func:`choose` (a pure function of :class:`BatchShape` and :class:`TokenParallelCosts`; or
-   :func:`choose_strategy` from a resolved layout), then :func:`plan_token_split` / :func:`plan_index_split` (which rows
+1. :func:`choose` (a pure function of :class:`BatchShape` and the card's :class:`Costs`, from
+   :func:`load_costs`; its :class:`Plan` carries the strategy, the reason and the predicted ms), then
+   :func:`plan_token_split` / :func:`plan_index_split` (which rows
    this rank's indexer scores: ``split.rows(rank)``);
 2. its own indexer on those rows -> ``topk [t_r, K]`` int32;
 3. ``tokens``: :func:`tokens_sparse_mla` ``(q [T, H_local, 576], kv [N, 1, 576|656], topk, sm_scale, group,
@@ -39,6 +42,7 @@ This package imports only the names below; the modules behind them import ``torc
 """
 
 from nsa_tp.token_parallel.core import gather_topk_rows, tokens_sparse_mla
+from nsa_tp.token_parallel.costs import Costs, load_costs
 from nsa_tp.token_parallel.plan import (
     TokenSplit,
     causal_key_counts,
@@ -46,15 +50,7 @@ from nsa_tp.token_parallel.plan import (
     plan_key_shards,
     plan_token_split,
 )
-from nsa_tp.token_parallel.policy import (
-    DEFAULT_COSTS,
-    STRATEGIES,
-    BatchShape,
-    TokenParallelCosts,
-    choose,
-    choose_strategy,
-    predict,
-)
+from nsa_tp.token_parallel.policy import STRATEGIES, BatchShape, Plan, choose
 
 __all__ = [
     "tokens_sparse_mla",
@@ -66,9 +62,8 @@ __all__ = [
     "causal_key_counts",
     "BatchShape",
     "choose",
-    "predict",
-    "choose_strategy",
-    "TokenParallelCosts",
-    "DEFAULT_COSTS",
+    "Plan",
+    "Costs",
+    "load_costs",
     "STRATEGIES",
 ]

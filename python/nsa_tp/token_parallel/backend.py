@@ -1,5 +1,5 @@
 """The NSA backend in token-parallel form: per batch, pick how the attention core is split over the
-attention TP group (:func:`~nsa_tp.token_parallel.policy.choose_strategy`), build that strategy's
+attention TP group (:func:`~nsa_tp.token_parallel.policy.choose`), build that strategy's
 metadata once, and execute it per layer with the same inputs and output as
 :class:`~nsa_tp.attention.backend.NSABackend` (this rank's heads ``[T_pad, h, 512]``).
 
@@ -47,8 +47,9 @@ from nsa_tp.token_parallel.core import (
     shard_page_table,
     token_parallel_attention,
 )
+from nsa_tp.token_parallel.costs import Costs, load_costs
 from nsa_tp.token_parallel.plan import TokenSplit, plan_index_split, plan_token_split
-from nsa_tp.token_parallel.policy import DEFAULT_COSTS, TokenParallelCosts, choose_strategy, token_costs
+from nsa_tp.token_parallel.policy import BatchShape, choose, token_costs
 
 __all__ = ["TokenParallelMetadata", "build_token_parallel_metadata", "TokenParallelBackend"]
 
@@ -66,6 +67,13 @@ class TokenParallelMetadata:
     key_shard: KeyShardBatch | None = None  # decode "keys": this rank's slice of every request's context
 
 
+def _card(device: torch.device | str | None) -> str | None:
+    from nsa_tp.ops.capability import get_capability
+
+    dev = torch.device(device) if device is not None else None
+    return get_capability(dev).name if dev is not None and dev.type == "cuda" else None
+
+
 def _mean(values: Sequence[float]) -> float:
     return sum(values) / len(values) if values else 0.0
 
@@ -80,7 +88,7 @@ def build_token_parallel_metadata(
     prefix_lens: Sequence[int] | None = None,
     num_padded: int | None = None,
     mode: str | None = None,
-    costs: TokenParallelCosts = DEFAULT_COSTS,
+    costs: Costs | None = None,
 ) -> TokenParallelMetadata:
     """Decide the strategy for this batch and build its metadata (host data in, once per batch).
 
@@ -94,7 +102,8 @@ def build_token_parallel_metadata(
         num_padded: q rows including DP padding (default: the real rows).
         mode: ``"auto" | "on" | "off"`` or a strategy name to force (``"heads" | "indexer" | "tokens"``),
             default the layout's ``--nsa-token-parallel``.
-        costs: the measured parts the ``auto`` policy compares.
+        costs: the card's measured :class:`Costs` the ``auto`` policy compares (default: :func:`load_costs` for
+            the builder's device; none measured: ``auto`` keeps ``heads``).
 
     Every rank of the group gets the same strategy and split (same host data, a pure policy).
     """
@@ -110,8 +119,10 @@ def build_token_parallel_metadata(
     else:
         pre = [int(p) for p in prefix_lens]
         keys = [p + i + 1 for p, s in zip(pre, seq, strict=True) for i in range(s - p)]
-    strategy = choose_strategy(layout, len(keys), _mean(keys), mode, max_keys=max(keys, default=0),
-                               is_decode=is_decode, costs=costs)
+    if costs is None:
+        costs = load_costs(_card(builder.device))[0]
+    shape = BatchShape.of(layout, len(keys), _mean(keys), max(keys, default=0), is_decode=is_decode)
+    strategy = choose(shape, costs, layout.token_parallel if mode is None else mode).strategy
     if strategy == "heads":
         meta = (builder.decode(seq, page_table, num_padded=num_padded) if is_decode
                 else builder.prefill(seq, pre, page_table, num_padded=num_padded))
@@ -121,7 +132,7 @@ def build_token_parallel_metadata(
         shard = shard_page_table(meta.index.page_table, meta.index.seq_lens, attn_tp_rank, W)
         return TokenParallelMetadata(strategy, meta, None, None, None, H, shard)
     rows_total = len(keys) if num_padded is None else num_padded
-    if strategy == "indexer":  # prefill only (choose_strategy never picks it for decode)
+    if strategy == "indexer":  # prefill only (choose never picks it for decode)
         split = plan_index_split(keys, W, num_rows=rows_total)
         rows = split.rows(attn_tp_rank)
         meta = builder.prefill(seq, pre, page_table, num_padded=num_padded, index_rows=slice(rows.start, rows.stop))

@@ -269,8 +269,8 @@ def transient_peak_bytes(strategy: str, split: TokenSplit, rank: int, heads_per_
     ``tokens`` frees each buffer once the next phase has it, so the peak is the largest phase:
     ``max(q_recv + q_tokens, q_tokens + o_core, o_core + o_send)`` = ``2 * t * H * 576 * 2`` bytes for
     ``t >= 2``. A causal prompt balanced by cost gives the first rank the most rows (its rows score the
-    fewest keys): at ``T = 128K``, TP8 with :data:`~nsa_tp.token_parallel.policy.DEFAULT_COSTS` ``t`` is
-    about ``0.34 T`` and the peak 13 GB — still less than ``heads`` spends on FlashMLA's 64-head padding
+    fewest keys): at ``T = 128K``, TP8 with H200-like costs (0.2-0.3 ns a row-key, ~900 ns a 128-head row)
+    ``t`` is about ``0.34 T`` and the peak 13 GB — still less than ``heads`` spends on FlashMLA's 64-head padding
     there (q padded to ``[T, 64, 576]`` plus the ``[T, 64, 512]`` output: 18.3 GB).
     ``indexer``: ``ids_block + ids_gathered`` = ``(W + 1) * max_t * K * 4`` (both live during the gather).
     """

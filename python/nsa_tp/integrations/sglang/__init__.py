@@ -2,10 +2,11 @@
 
 Installed with nsa-tp, it is found through the ``sglang.srt.plugins`` entry point (``nsa_tp =
 "nsa_tp.integrations.sglang:register"``) and loaded by SGLang itself in every process. With it,
-``python -m sglang.launch_server --model-path deepseek-ai/DeepSeek-V3.2 --tp 8``:
+``sglang serve --model-path deepseek-ai/DeepSeek-V3.2 --tp 8`` (or ``python -m sglang.launch_server ...``):
 
-- checks the ``--tp/--dp/--enable-dp-attention`` layout with :func:`nsa_tp.parallel.resolve_layout`
-  before any GPU work (:mod:`.layout_check`) and logs what FlashMLA head padding would cost;
+- checks the ``--tp/--attn-dp-size`` (0.5.17: ``--tp/--dp/--enable-dp-attention``) layout with
+  :func:`nsa_tp.parallel.resolve_layout` before any GPU work (:mod:`.layout_check`) and logs what FlashMLA head
+  padding would cost;
 - on the DSA backend's two FlashMLA sparse-MLA calls (:mod:`.attention_hooks`, through SGLang's
   ``HookRegistry``), runs :mod:`nsa_tp.ops` with the rank's own head count only where a tier measured faster
   than upstream's path for that shape class on this card (:mod:`.routing`), else SGLang's own function;

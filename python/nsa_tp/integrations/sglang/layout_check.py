@@ -4,7 +4,8 @@ SGLang resolves its server arguments in the launcher (0.5.17: ``ServerArgs._hand
 inside ``__post_init__``; 0.5.23: ``arg_groups.model_hook.handle_model_specific_adjustments`` inside
 ``resolve_once``). That step is where upstream decides DSA/NSA settings and logs "DSA with TP mode is
 active". The plugin runs :func:`nsa_tp.parallel.resolve_layout` right before it, so a bad
-``--tp/--dp/--enable-dp-attention`` combination fails with our message (upstream fails later, with a
+``--tp/--attn-dp-size`` or ``--tp/--dp/--enable-dp-attention`` combination fails with our message, naming the
+flag in the spelling the user gave (upstream fails later, with a
 bare ``AssertionError`` for ``--tp 8 --dp 3``) and the TP-mode warning states what FlashMLA padding costs.
 """
 
@@ -20,17 +21,20 @@ from nsa_tp.parallel import LayoutError, ParallelLayout, resolve_layout
 __all__ = ["parallel_flags", "check_layout", "around_model_specific_adjustments"]
 
 
-def parallel_flags(server_args: Any) -> tuple[int, int, bool]:
-    """``(tp_size, dp_size, enable_dp_attention)`` as the user gave them.
+def parallel_flags(server_args: Any) -> dict[str, Any]:
+    """:func:`resolve_layout`'s layout arguments as the user gave them (SGLang's raw server-argument fields).
 
-    SGLang 0.5.23 also spells DP attention ``--attn-dp-size N`` (and rewrites the old spelling to it
-    internally without touching these fields); both spellings map onto our rule's three flags.
+    SGLang 0.5.23 spells DP attention ``--attn-dp-size N`` and rewrites the old ``--dp N --enable-dp-attention``
+    to it during resolution, without touching the raw fields: both spellings reach our rule as typed, so
+    its messages name the flag the user typed. 0.5.17 has no ``attn_dp_size``; its default 1 means "not given".
     """
-    tp = server_args.tp_size
-    attn_dp = getattr(server_args, "attn_dp_size", 1) or 1
-    if attn_dp > 1:
-        return tp, attn_dp, True
-    return tp, server_args.dp_size, bool(server_args.enable_dp_attention)
+    attn_dp = getattr(server_args, "attn_dp_size", None)
+    return {
+        "tp_size": server_args.tp_size,
+        "dp_size": server_args.dp_size,
+        "enable_dp_attention": bool(server_args.enable_dp_attention),
+        "attn_dp_size": attn_dp if attn_dp is not None and attn_dp > 1 else None,
+    }
 
 
 def check_layout(server_args: Any, num_attention_heads: int, *, sm_major: int | None = None) -> ParallelLayout | None:
@@ -43,13 +47,13 @@ def check_layout(server_args: Any, num_attention_heads: int, *, sm_major: int | 
     if (getattr(server_args, "attn_cp_size", 1) or 1) > 1 or getattr(server_args, "enable_prefill_cp", False):
         log_once("layout-cp", "layout check skipped: context parallelism is on (not covered by nsa-tp's rule)")
         return None
-    tp, dp, dp_attn = parallel_flags(server_args)
+    flags = parallel_flags(server_args)
     try:
-        layout = resolve_layout(tp, dp, dp_attn, num_attention_heads=num_attention_heads, sm_major=sm_major)
+        layout = resolve_layout(**flags, num_attention_heads=num_attention_heads, sm_major=sm_major)
     except LayoutError as e:
         logger.error("invalid parallel layout for this DSA/NSA model: %s", e)
         raise
-    key = f"layout-{tp}-{dp}-{dp_attn}-{num_attention_heads}"  # once per layout per process
+    key = "layout-" + "-".join(map(str, flags.values())) + f"-{num_attention_heads}"  # once per layout per process
     log_once(
         key,
         "layout: mode=%s tp=%d dp=%d attn_tp_size=%d heads_per_rank=%d",

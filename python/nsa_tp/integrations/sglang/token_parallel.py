@@ -27,7 +27,7 @@ which their collectives need):
   core stays upstream's. Only when forced (``--nsa-token-parallel indexer``): the shared cost model does not
   price it yet, so ``auto`` never picks it.
 - ``tokens``: the indexer split above (its rows = the rank's token rows), plus the sparse core
-  token-parallel over all heads. ``auto`` picks it where :func:`nsa_tp.token_parallel.choose_strategy`
+  token-parallel over all heads. ``auto`` picks it where :func:`nsa_tp.token_parallel.choose`
   predicts it faster from costs measured on this card.
 """
 
@@ -36,7 +36,6 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import functools
-import json
 import os
 from collections.abc import Callable
 from typing import Any
@@ -50,18 +49,16 @@ from nsa_tp.integrations.sglang._switch import ops_backend, plugin_enabled
 from nsa_tp.ops.capability import get_capability
 from nsa_tp.ops.kv_format import D_LATENT, D_QK
 from nsa_tp.token_parallel import (
-    DEFAULT_COSTS,
     BatchShape,
-    TokenParallelCosts,
     TokenSplit,
     causal_key_counts,
     choose,
     gather_topk_rows,
     plan_index_split,
     plan_token_split,
-    predict,
     tokens_sparse_mla,
 )
+from nsa_tp.token_parallel.costs import ENV_COSTS, Costs, load_costs
 from nsa_tp.token_parallel.policy import token_costs
 
 __all__ = [
@@ -72,9 +69,6 @@ __all__ = [
 ]
 
 ENV_MODE = "NSA_TP_TOKEN_PARALLEL"
-# JSON with a "costs" block (benchmark/bench_token_parallel.py's output) measured on this card with the fastest
-# upstream kernels; without it ``auto`` keeps upstream's ``heads`` path.
-ENV_COSTS = "NSA_TP_TOKEN_PARALLEL_COSTS"
 MODES = ("auto", "on", "off", "indexer")  # on = tokens for every eligible batch; indexer = the indexer split only
 FLAG = "--nsa-token-parallel"
 PLAN_ATTR = "nsa_tp_extend_plan"  # the per-batch plan, cached on SGLang's ForwardBatch object
@@ -116,34 +110,11 @@ def add_cli_flag(parser: argparse.ArgumentParser) -> None:
     )
 
 
-def load_costs(card: str | None) -> tuple[TokenParallelCosts | None, str]:
-    """The measured costs for ``card`` from ``NSA_TP_TOKEN_PARALLEL_COSTS``, or None and why not (the file is
-    read once per path, modification time and size, not once per batch)."""
-    path = os.environ.get(ENV_COSTS, "").strip()
-    if not path:
-        return None, f"no measured costs ({ENV_COSTS} unset)"
-    try:
-        st = os.stat(path)
-        costs = _read_costs(path, st.st_mtime_ns, st.st_size)
-    except (OSError, ValueError, TypeError, AttributeError) as e:
-        return None, f"{ENV_COSTS}={path} unreadable: {type(e).__name__}: {e}"
-    if card is not None and costs.card != card:
-        return None, f"{ENV_COSTS}={path} was measured on {costs.card!r}, this card is {card!r}"
-    return costs, f"costs measured on {costs.card} ({costs.date})"
-
-
-@functools.lru_cache(maxsize=8)
-def _read_costs(path: str, mtime_ns: int, size: int) -> TokenParallelCosts:
-    with open(path) as f:
-        data = json.load(f)
-    return TokenParallelCosts.from_dict(data.get("costs", data))
-
-
 # --------------------------------------------------------------------------------------------------- adapter
 
 
 def choose_extend_strategy(mode: str, world: int, prefix_lens: list[int], extend_lens: list[int],
-                           heads_per_rank: int, costs: TokenParallelCosts | None) -> tuple[str, str]:
+                           heads_per_rank: int, costs: Costs | None) -> tuple[str, str]:
     """Pure: the strategy for one extend batch (``heads`` | ``indexer`` | ``tokens``) and the reason.
 
     The shared policy decides (:func:`nsa_tp.token_parallel.choose` on a :class:`~nsa_tp.token_parallel.BatchShape`
@@ -158,11 +129,10 @@ def choose_extend_strategy(mode: str, world: int, prefix_lens: list[int], extend
     T = len(keys)
     shape = BatchShape(num_tokens=T, mean_keys=sum(keys) / T if T else 0.0, max_keys=max(keys, default=0),
                        num_heads=heads_per_rank * world, world=world)
-    strategy = choose(shape, costs or DEFAULT_COSTS, mode)
+    plan = choose(shape, costs, mode)
     if mode != "auto":
-        return strategy, f"{mode} (forced)" if strategy != "heads" else f"{mode}: nothing to split"
-    times = ", ".join(f"{s} {predict(shape, s, costs)['total']:.3f} ms" for s in ("heads", "indexer", "tokens"))
-    return strategy, f"auto ({costs.card} {costs.date}): {T} rows, {shape.mean_keys:.0f} keys a row; {times}"
+        return plan.strategy, f"{mode} (forced)" if plan.strategy != "heads" else f"{mode}: nothing to split"
+    return plan.strategy, f"{T} rows, {shape.mean_keys:.0f} keys a row; {plan.reason}"
 
 
 @dataclasses.dataclass(frozen=True)
@@ -213,7 +183,7 @@ def batch_key(forward_batch: Any) -> tuple:
 
 
 def plan_extend(forward_batch: Any, rank: int, world: int, heads_per_rank: int, *, mode: str | None = None,
-                costs: TokenParallelCosts | None = None, card: str | None = None) -> ExtendPlan:
+                costs: Costs | None = None, card: str | None = None) -> ExtendPlan:
     """The :class:`ExtendPlan` for this batch on ``rank`` of an attention TP group of ``world`` ranks.
 
     Reads ``forward_mode``, ``extend_prefix_lens_cpu`` and ``extend_seq_lens_cpu`` (host lists; no device
@@ -231,9 +201,9 @@ def plan_extend(forward_batch: Any, rank: int, world: int, heads_per_rank: int, 
     if world < 2 or mode == "off":  # nothing to split: skip the per-row work below
         return ExtendPlan("heads", "attention TP group of 1" if world < 2 else "switched off",
                           (sum(extend),) + (0,) * (world - 1), rank, key)
-    if mode == "auto" and costs is None:
+    if costs is None:  # the card's one record (also weighs a forced split's rows)
         costs, why = load_costs(card)
-        if costs is None:
+        if costs is None and mode == "auto":
             return ExtendPlan("heads", f"auto: {why}", (sum(extend),) + (0,) * (world - 1), rank, key)
     strategy, reason, splits = _decide(mode, world, tuple(prefix), tuple(extend), heads_per_rank, costs)
     return ExtendPlan(strategy, reason, splits, rank, key)
@@ -241,7 +211,7 @@ def plan_extend(forward_batch: Any, rank: int, world: int, heads_per_rank: int, 
 
 @functools.lru_cache(maxsize=256)
 def _decide(mode: str, world: int, prefix: tuple[int, ...], extend: tuple[int, ...], heads_per_rank: int,
-            costs: TokenParallelCosts | None) -> tuple[str, str, tuple[int, ...]]:
+            costs: Costs | None) -> tuple[str, str, tuple[int, ...]]:
     """Strategy, reason and row split of one batch shape: pure, so cached (the per-row work is ~40 ms of host
     time at 64K rows, and serving repeats shapes: chunked-prefill chunks, same-length prompts)."""
     strategy, reason = choose_extend_strategy(mode, world, list(prefix), list(extend), heads_per_rank, costs)
@@ -251,8 +221,7 @@ def _decide(mode: str, world: int, prefix: tuple[int, ...], extend: tuple[int, .
     if strategy == "indexer":
         split = plan_index_split(keys, world)
     else:  # rows weighed by indexer + all-heads sparse work (the costs only weigh rows here, not choose)
-        split = plan_token_split(len(keys), world, costs=token_costs(keys, costs or DEFAULT_COSTS,
-                                                                     heads_per_rank * world))
+        split = plan_token_split(len(keys), world, costs=token_costs(keys, costs, heads_per_rank * world))
     return strategy, reason, split.splits
 
 
