@@ -42,7 +42,8 @@ from pathlib import Path
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))  # the shared SGLang helpers beside this file
 from nsa_tp.needle.checkpoint import NeedleSpec, hf_config, write_checkpoint  # noqa: E402
-from nsa_tp.needle.serving import Row, concurrent_rows, plan_rows, score_response  # noqa: E402
+from nsa_tp.needle.serving import PASS, Row, concurrent_rows, plan_rows, score_response  # noqa: E402
+from nsa_tp.needle.task import diagnose  # noqa: E402
 from sglang_e2e_1gpu import MAX_TOTAL_TOKENS, MEM_FRACTION, _install_plugin, log_facts, wait_all  # noqa: E402
 from sglang_e2e_client import _post  # noqa: E402
 
@@ -129,6 +130,7 @@ def _send(port: int, row: Row, timeout: float) -> dict:
     except Exception as e:  # noqa: BLE001 - a failed request is a failed row, with its reason
         res = {"name": row.name, "ok": False, "error": f"{type(e).__name__}: {e}"[:500], "accuracy": 0.0,
                "correct": 0, "total": 0, "greedy_correct": 0, "greedy_total": len(row.prompt.chain)}
+        res["diagnosis"] = diagnose(res, PASS)
     res["seconds"] = round(time.perf_counter() - t0, 3)
     return res
 
@@ -143,7 +145,10 @@ def run_server(s: dict, rows: list[Row], prefix: list[int], conc: list[Row], tim
     with concurrent.futures.ThreadPoolExecutor(len(conc)) as pool:
         each = list(pool.map(lambda r: _send(s["port"], r, timeout), conc))
     agg = {k: sum(e[k] for e in each) for k in ("correct", "total", "greedy_correct", "greedy_total")}
+    for k in ("rows_needing_selection", "rows_within_topk"):
+        agg[k] = [sum(e.get(k, [0, 0])[i] for e in each) for i in (0, 1)]
     agg.update(name="concurrent16", accuracy=agg["correct"] / max(agg["total"], 1), ok=all(e["ok"] for e in each),
+               diagnosis="; ".join(f"{e['name']}: {e['diagnosis']}" for e in each if e.get("diagnosis"))[:2000],
                seconds=round(time.perf_counter() - t0, 3), requests=each,
                prefix_cache_hits=sum(bool(e.get("cached_tokens")) for e in each[len(each) // 2 :]))
     out["concurrent16"] = agg
@@ -182,8 +187,8 @@ def verdict(servers: list[dict], up: set[str], results: dict, comparison: dict) 
     """Why the run fails (empty: it passes)."""
     why = [f"{s['name']}: server not up (see its log)" for s in servers if s["name"] not in up]
     for srv, rows in results.items():
-        why += [f"{srv} {name}: accuracy {r['accuracy']:.4f}, greedy {r['greedy_correct']}/{r['greedy_total']}"
-                + (f" ({r['error']})" if "error" in r else "") for name, r in rows.items() if not r["ok"]]
+        why += [f"{srv} {name}: accuracy {r['accuracy']:.4f}, greedy {r['greedy_correct']}/{r['greedy_total']} - "
+                + r.get("diagnosis", "") for name, r in rows.items() if not r["ok"]]
     why += [f"{k}: {len(c['requests_differing'])} requests differ" for k, c in comparison.items() if not c["equal"]]
     return why
 
@@ -201,7 +206,8 @@ def summary(res: dict) -> None:
         for name, r in rows.items():
             print(f"{srv:12s} {name:14s} accuracy {r['accuracy']:.4f} ({r['correct']}/{r['total']} positions)  "
                   f"greedy {r['greedy_correct']}/{r['greedy_total']}  {r['seconds']:7.2f} s"
-                  + (f"  prefix cache hits {r['prefix_cache_hits']}/8" if "prefix_cache_hits" in r else ""))
+                  + (f"  prefix cache hits {r['prefix_cache_hits']}/8" if "prefix_cache_hits" in r else "")
+                  + (f"\n    why: {r['diagnosis']}" if r.get("diagnosis") else ""))
     for k, c in res["compare"].items():
         print(f"{k}: {'equal' if c['equal'] else 'DIFFERENT'} over {c['requests_compared']} requests")
     for name, f in res["logs"].items():

@@ -102,7 +102,7 @@ def test_launch_commands_and_smoke(capsys):
 
 def test_request_body_and_response_alignment():
     pr = make_prompt(VOC, 2048, seed=3, min_query_pos=512)
-    row = Row("r", pr, 512)
+    row = Row("r", pr, 512, topk=1024)
     body = request_body(pr, 512)
     assert body["logprob_start_len"] == 512 and body["top_logprobs_num"] == 1 and body["return_logprob"]
     assert body["sampling_params"]["max_new_tokens"] == len(pr.chain) and body["input_ids"] == list(pr.ids)
@@ -110,6 +110,8 @@ def test_request_body_and_response_alignment():
     assert good["ok"] and good["accuracy"] == 1.0 and good["greedy_correct"] == 4 and good["total"] > 50
     bad = score_response(row, fake_generate(body, broken=True))
     assert not bad["ok"] and 0.5 < bad["accuracy"] < 0.8 and bad["greedy_correct"] == 3
+    assert "rows wrong whether or not they need the selection" in bad["diagnosis"]
+    assert good["diagnosis"] == "" and good["rows_within_topk"][1] > 0 and good["rows_needing_selection"][1] > 0
     resp = fake_generate(body, broken=False)
     resp["meta_info"]["input_top_logprobs"].pop()
     with pytest.raises(ValueError, match="entries, expected"):

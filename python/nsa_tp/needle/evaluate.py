@@ -163,12 +163,14 @@ def score_layout(model: NeedleModel, prompts: Sequence[NeedlePrompt], es: list[t
                  attn: dict[int, torch.Tensor]) -> dict[str, Any]:
     """Teacher-forced accuracy over every query position, and the final queries' greedy (decode-step) answers."""
     correct = total = greedy_ok = greedy_total = 0
+    need = [0, 0]  # [correct, total] over rows longer than the top-k (the indexer must pick the fact)
     for i, pr in enumerate(prompts):
         top = model.top1(es[i], attn[i]).tolist()
-        s = score_predictions(pr, dict(enumerate(top)))
+        s = score_predictions(pr, dict(enumerate(top)), topk=model.cfg.index_topk)
         correct, total = correct + s["correct"], total + s["total"]
+        need = [need[0] + s["rows_needing_selection"][0], need[1] + s["rows_needing_selection"][1]]
         n = len(pr.chain)
         greedy_ok += score_chain(pr, top[len(pr) - 1 : len(pr) - 1 + n])  # decode steps' predictions
         greedy_total += n
     return {"correct": correct, "total": total, "accuracy": correct / max(total, 1),
-            "greedy_correct": greedy_ok, "greedy_total": greedy_total}
+            "greedy_correct": greedy_ok, "greedy_total": greedy_total, "rows_needing_selection": need}

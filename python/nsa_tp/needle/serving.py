@@ -15,7 +15,7 @@ import dataclasses
 from collections.abc import Sequence
 from typing import Any
 
-from nsa_tp.needle.task import NeedlePrompt, make_prompt, score_chain, score_predictions
+from nsa_tp.needle.task import NeedlePrompt, diagnose, make_prompt, score_chain, score_predictions
 from nsa_tp.needle.vocab import NeedleVocab
 
 __all__ = ["Row", "request_body", "top1_from_response", "score_response", "plan_rows", "concurrent_rows",
@@ -33,6 +33,7 @@ class Row:
     name: str
     prompt: NeedlePrompt
     start: int
+    topk: int = 2048  # the model's index top-k: which rows need the selection (the diagnosis)
 
     def body(self) -> dict[str, Any]:
         return request_body(self.prompt, self.start)
@@ -79,13 +80,14 @@ def score_response(row: Row, resp: dict[str, Any]) -> dict[str, Any]:
     """Accuracy over the row's query positions at or after ``start``, and the greedy chain."""
     pr = row.prompt
     top = top1_from_response(resp, row.start, len(pr), pr.ids)
-    s = score_predictions(pr, top, first_pos=row.start)
+    s = score_predictions(pr, top, first_pos=row.start, topk=row.topk)
     out_ids = [int(t) for t in resp.get("output_ids") or []]
     s.update(name=row.name, length=len(pr), start=row.start, greedy_ids=out_ids,
              greedy_correct=score_chain(pr, out_ids), greedy_total=len(pr.chain),
              top1=[top.get(p, -1) for p, _ in pr.queries if p >= row.start],
              cached_tokens=(resp.get("meta_info") or {}).get("cached_tokens"))
     s["ok"] = s["accuracy"] >= PASS and s["greedy_correct"] == s["greedy_total"] and s["total"] > 0
+    s["diagnosis"] = diagnose(s, PASS)
     return s
 
 
@@ -94,7 +96,7 @@ def plan_rows(vocab: NeedleVocab, lens: Sequence[int], topk: int, seed: int = 0)
     rows = []
     for n in lens:
         pr = make_prompt(vocab, n, seed=seed * 1000 + n, min_query_pos=topk)
-        rows.append(Row(f"len{n}", pr, min(p for p, _ in pr.queries)))
+        rows.append(Row(f"len{n}", pr, min(p for p, _ in pr.queries), topk))
     return rows
 
 
@@ -106,8 +108,8 @@ def concurrent_rows(vocab: NeedleVocab, topk: int, seed: int = 0) -> tuple[list[
     rows = []
     for i, n in enumerate(MIXED_LENS):
         pr = make_prompt(vocab, n, seed=seed * 1000 + 100 + i, min_query_pos=topk)
-        rows.append(Row(f"conc{i}_fresh{n}", pr, min(p for p, _ in pr.queries)))
+        rows.append(Row(f"conc{i}_fresh{n}", pr, min(p for p, _ in pr.queries), topk))
     for i, extra in enumerate(MIXED_LENS):
         pr = make_prompt(vocab, SHARED_PREFIX + extra, seed=seed * 1000 + 200 + i, min_query_pos=topk, prefix=prefix)
-        rows.append(Row(f"conc{8 + i}_prefix{SHARED_PREFIX}+{extra}", pr, SHARED_PREFIX))
+        rows.append(Row(f"conc{8 + i}_prefix{SHARED_PREFIX}+{extra}", pr, SHARED_PREFIX, topk))
     return prefix, rows

@@ -14,10 +14,11 @@ from __future__ import annotations
 import dataclasses
 import random
 from collections.abc import Sequence
+from typing import Any
 
 from nsa_tp.needle.vocab import BOS, NeedleVocab
 
-__all__ = ["NeedlePrompt", "make_prompt", "score_predictions", "score_chain", "QUERY_SPACING", "CHAIN"]
+__all__ = ["NeedlePrompt", "make_prompt", "score_predictions", "score_chain", "diagnose", "QUERY_SPACING", "CHAIN"]
 
 QUERY_SPACING = 16  # one query pair per this many tokens after min_query_pos, on average
 CHAIN = 4  # greedy tokens scored after the final query (the first from the prefill, the rest decode steps)
@@ -105,17 +106,48 @@ def _chain(vocab: NeedleVocab, facts: dict[int, tuple[int, int]], key: int, n: i
     return tuple(out)
 
 
-def score_predictions(prompt: NeedlePrompt, top1: dict[int, int], *, first_pos: int = 0) -> dict[str, float | int]:
+def score_predictions(prompt: NeedlePrompt, top1: dict[int, int], *, first_pos: int = 0,
+                      topk: int | None = None) -> dict[str, Any]:
     """Teacher-forced accuracy: ``top1[pos]`` = the model's top token predicting position ``pos + 1``.
 
     Queries at positions ``< first_pos`` (inside a cached prefix the server did not score) are left out; a
-    position missing from ``top1`` counts as wrong. Returns ``{correct, total, accuracy, missing}``.
+    position missing from ``top1`` counts as wrong. Returns ``{correct, total, accuracy, missing}``; with ``topk``
+    also ``rows_needing_selection`` / ``rows_within_topk`` (``[correct, total]``: rows longer than the top-k,
+    where the indexer must pick the fact, and rows that attend to every key) and ``chance``, the accuracy a wrong
+    selection would leave (``min(1, topk / row length)`` averaged).
     """
     scored = [(p, want) for p, want in prompt.queries if p >= first_pos]
-    correct = sum(top1.get(p) == want for p, want in scored)
-    missing = sum(p not in top1 for p, _ in scored)
-    return {"correct": correct, "total": len(scored), "accuracy": correct / len(scored) if scored else 0.0,
-            "missing": missing}
+    ok = [top1.get(p) == want for p, want in scored]
+    out: dict[str, Any] = {"correct": sum(ok), "total": len(scored),
+                           "accuracy": sum(ok) / len(scored) if scored else 0.0,
+                           "missing": sum(p not in top1 for p, _ in scored)}
+    if topk is not None:
+        long = [o for (p, _), o in zip(scored, ok, strict=True) if p + 1 > topk]
+        short = [o for (p, _), o in zip(scored, ok, strict=True) if p + 1 <= topk]
+        out.update(rows_needing_selection=[sum(long), len(long)], rows_within_topk=[sum(short), len(short)],
+                   chance=sum(min(1.0, topk / (p + 1)) for p, _ in scored) / max(len(scored), 1))
+    return out
+
+
+def diagnose(score: dict[str, Any], pass_at: float) -> str:
+    """One line on what a failing score points at (empty when it passes)."""
+    if score.get("error"):
+        return f"the request failed: {score['error']}"
+    need, within = score.get("rows_needing_selection", [0, 0]), score.get("rows_within_topk", [0, 0])
+    acc_need = need[0] / need[1] if need[1] else 1.0
+    acc_within = within[0] / within[1] if within[1] else 1.0
+    if score["total"] and score["accuracy"] < pass_at:
+        if acc_within >= pass_at and acc_need < pass_at:
+            return (f"rows that attend to every key are right ({within[0]}/{within[1]}) but rows where the indexer "
+                    f"must select are not ({need[0]}/{need[1]}; chance {score.get('chance', 0):.2f}): the sparse "
+                    "selection misses the fact (indexer logits, top-k, index offsets or page table)")
+        return (f"rows wrong whether or not they need the selection ({within[0]}/{within[1]} within the top-k, "
+                f"{need[0]}/{need[1]} beyond): the attention itself is wrong (projections, heads to ranks, "
+                "softmax, cache contents)")
+    if score.get("greedy_correct", 0) < score.get("greedy_total", 0):
+        return (f"teacher-forced positions right but the greedy chain breaks at token {score['greedy_correct']}: "
+                "the decode path (decode kernel, paged top-k, CUDA graphs) or the prefill's last row")
+    return ""
 
 
 def score_chain(prompt: NeedlePrompt, generated: Sequence[int]) -> int:
