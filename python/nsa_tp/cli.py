@@ -51,6 +51,7 @@ class _Parser(argparse.ArgumentParser):
 _SUBCOMMANDS: dict[str, tuple[str, str]] = {
     "run": ("nsa_tp.run_cmd", "run the sharded DeepSeek-V3.2 attention layer in every layout and compare"),
     "bench": ("nsa_tp.bench_cmd", "benchmark every kernel tier and write JSON + plots"),
+    "needle": ("nsa_tp.needle.cmd", "write the needle checkpoint (constructed DeepSeek-V3.2 recall model)"),
 }
 
 

@@ -307,6 +307,10 @@ class Indexer:
         self.backend = backend
         # weights_proj * H^-0.5 * softmax scale 128^-0.5 (q_scale multiplies in per token)
         self._weight_scale = self.n_heads**-0.5 * INDEX_HEAD_DIM**-0.5
+        # TEST-ONLY: a callable (top-k [R, K] int32, the index batch) -> corrupted top-k, applied to every top-k
+        # this indexer returns (ragged positions in prefill, global slots in decode). None (always, outside the
+        # needle accuracy test's negative control: nsa_tp.needle.corrupt) leaves the selection alone.
+        self.topk_hook = None
 
     # ------------------------------------------------------------------ projections
 
@@ -390,6 +394,8 @@ class Indexer:
                 logits, self.topk, row_starts=c.row_starts, lengths=c.lengths, offset_override=c.offsets,
                 check_values=False, backend=self.backend,  # ranges validated once, when the batch was built
             )
+        if self.topk_hook is not None:
+            out = self.topk_hook(out, batch)
         if index_space == "ragged":
             return out
         slots = batch.key_slots[out.clamp_min(0).long()]
@@ -411,4 +417,4 @@ class Indexer:
                 logits, self.topk, lengths=c.lengths, page_table=c.page_table, check_values=False,
                 backend=self.backend,
             )
-        return out
+        return out if self.topk_hook is None else self.topk_hook(out, batch)
