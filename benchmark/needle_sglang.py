@@ -44,8 +44,9 @@ sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))  # the shared SGL
 from nsa_tp.needle.checkpoint import NeedleSpec, hf_config, write_checkpoint  # noqa: E402
 from nsa_tp.needle.serving import PASS, Row, concurrent_rows, plan_rows, score_response  # noqa: E402
 from nsa_tp.needle.task import diagnose  # noqa: E402
-from sglang_e2e_1gpu import MAX_TOTAL_TOKENS, MEM_FRACTION, _install_plugin, log_facts, wait_all  # noqa: E402
-from sglang_e2e_client import _post  # noqa: E402
+from sglang_client import _post  # noqa: E402
+from sglang_launch import MAX_TOTAL_TOKENS, MEM_FRACTION, install_plugin, wait_all  # noqa: E402
+from sglang_summary import log_facts  # noqa: E402
 
 STATE = Path(os.environ.get("NEEDLE_STATE", "/tmp/nsa_needle"))
 DEFAULT_SERVERS = "fp8-off,fp8-on,fp8-verify,bf16-off,bf16-on,bf16-verify"
@@ -241,7 +242,7 @@ def main(argv: list[str] | None = None) -> int:
     if not a.smoke:
         STATE.mkdir(parents=True, exist_ok=True)
         if not _plugin_visible():
-            _install_plugin(Path.cwd())  # the entry point SGLang loads plugins through, into /tmp/site
+            install_plugin()  # the entry point SGLang loads plugins through, into /tmp/site
         cfg = ckpt / "config.json"
         if not cfg.is_file() or json.loads(cfg.read_text()) != json.loads(json.dumps(hf_config(spec))):
             write_checkpoint(spec, ckpt)
