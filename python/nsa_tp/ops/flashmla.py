@@ -42,11 +42,10 @@ import torch
 
 from nsa_tp.ops._contracts import positive_ints_error
 from nsa_tp.ops.capability import Capability, get_capability, import_error
-from nsa_tp.ops.heads import pad_heads, pad_topk, trim_heads
-from nsa_tp.ops.kv_format import D_LATENT, D_QK, FP8_BYTES_PER_TOKEN, is_fp8_kv
+from nsa_tp.ops.heads import pad_heads, pad_topk, padded_heads, trim_heads
+from nsa_tp.ops.kv_format import D_LATENT, D_QK, FP8_BYTES_PER_TOKEN, LATENT_PAGE_SIZE, is_fp8_kv
 from nsa_tp.ops.plan import DecodePlan, kv_cache_dtype_of, normalize_kv_dtype
 from nsa_tp.ops.registry import OpImpl, Tier
-from nsa_tp.parallel.layout import SUPPORTED_PAGE_SIZE, padded_heads
 
 __all__ = [
     "TIER",
@@ -199,8 +198,8 @@ def _decode_supports(
         return reason
     if not isinstance(kv_cache, torch.Tensor):
         return f"kv_cache: expected a torch.Tensor, got {type(kv_cache).__name__}"
-    if kv_cache.dim() != 4 or kv_cache.shape[1] != SUPPORTED_PAGE_SIZE or kv_cache.shape[2] != 1:
-        want = f"[num_pages, {SUPPORTED_PAGE_SIZE}, 1, {D_QK} | {FP8_BYTES_PER_TOKEN}]"
+    if kv_cache.dim() != 4 or kv_cache.shape[1] != LATENT_PAGE_SIZE or kv_cache.shape[2] != 1:
+        want = f"[num_pages, {LATENT_PAGE_SIZE}, 1, {D_QK} | {FP8_BYTES_PER_TOKEN}]"
         return f"kv_cache: expected {want}, got {tuple(kv_cache.shape)}"
     try:
         kv_cache_dtype_of(kv_cache)

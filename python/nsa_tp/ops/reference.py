@@ -1,6 +1,6 @@
 """Reference tier: plain torch, float32 math, any device. The definition of correct for every tier.
 
-Each function validates its inputs with :func:`nsa_tp.ops._check.check_tensor` and works in bounded
+Each function validates its inputs with :func:`nsa_tp.ops.check.check_tensor` and works in bounded
 memory (row chunks), so it can serve as a slow-but-real fallback on CPU as well as the test oracle.
 """
 
@@ -8,13 +8,13 @@ from __future__ import annotations
 
 import torch
 
-from nsa_tp.ops._check import check_same_device, check_tensor
 from nsa_tp.ops._contracts import (
     check_decode_args,
     check_decode_plan_args,
     check_mqa_logits_args,
     check_paged_logits_args,
 )
+from nsa_tp.ops.check import check_same_device, check_tensor
 from nsa_tp.ops.kv_format import D_QK, is_fp8_kv, unpack_fp8_kv
 from nsa_tp.ops.plan import DecodePlan
 

@@ -31,7 +31,7 @@ from collections.abc import Callable
 
 import torch
 
-from nsa_tp.ops._check import check_same_device, check_tensor
+from nsa_tp.ops.check import check_same_device, check_tensor
 
 __all__ = [
     "topk_transform_ragged",

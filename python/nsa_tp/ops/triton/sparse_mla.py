@@ -27,7 +27,7 @@ import torch
 import triton
 import triton.language as tl
 
-from nsa_tp.ops._check import check_same_device, check_tensor
+from nsa_tp.ops.check import check_same_device, check_tensor
 from nsa_tp.ops.kv_format import D_LATENT, D_QK, FP8_BYTES_PER_TOKEN, is_fp8_kv
 from nsa_tp.ops.triton import _common
 from nsa_tp.ops.triton._common import LN2, LOG2E, cdiv, num_sms
