@@ -38,15 +38,16 @@ def padded_heads(heads: int, multiple: int | None) -> int:
 
 
 def pad_heads(q: torch.Tensor, multiple: int | None) -> tuple[torch.Tensor, int]:
-    """``q [T, H, D]`` -> ``(q_padded [T, Hp, D] contiguous, H)`` with ``Hp = padded_heads(H, multiple)``.
+    """``q [T, H, D]`` -> ``(q_padded [T, Hp, D], H)`` with ``Hp = padded_heads(H, multiple)``.
 
-    The padded heads are zeros. When no padding is needed ``q`` itself is returned (made contiguous, the
-    layout every kernel here wants). Undo with :func:`trim_heads`.
+    The padded heads are zeros (a new, contiguous tensor). When no padding is needed ``q`` itself is returned
+    with its strides (no copy) if its last dim is contiguous, else a contiguous copy. Undo with
+    :func:`trim_heads`.
     """
     real_h = q.shape[1]
     target = padded_heads(real_h, multiple)
     if target == real_h:
-        return q.contiguous(), real_h
+        return (q if q.stride(-1) == 1 else q.contiguous()), real_h
     # [T, H, D] -> [T, Hp, D]; pad's spec runs from the last dim backwards: (D: 0, 0), (H: 0, Hp - H).
     return torch.nn.functional.pad(q, (0, 0, 0, target - real_h)), real_h
 
