@@ -314,7 +314,7 @@ def mismatch(name: str, got: torch.Tensor, want: torch.Tensor, abs_tol: float, r
     ``1 - 2<g,w> / (|g|^2 + |w|^2)`` at most ``cos_tol``. Otherwise what failed and by how much."""
     if got.shape != want.shape:
         return f"{name}: shape {tuple(got.shape)}, expected {tuple(want.shape)}"
-    g, w = got.double().cpu(), want.double().cpu()
+    g, w = got.double(), want.to(got.device).double()  # on the device: the large cases never leave the GPU
     for label, test in (("NaN", torch.isnan), ("+inf", torch.isposinf), ("-inf", torch.isneginf)):
         gm, wm = test(g), test(w)
         if not torch.equal(gm, wm):
@@ -327,7 +327,7 @@ def mismatch(name: str, got: torch.Tensor, want: torch.Tensor, abs_tol: float, r
     if bad.any():
         rel = err / w.abs().clamp_min(1e-30)
         worst = int(torch.where(bad, rel, 0.0).argmax())
-        pos = list(torch.unravel_index(torch.tensor(worst), g.shape))
+        pos = list(torch.unravel_index(torch.tensor(worst), tuple(g.shape)))
         return (f"{name}: {int(bad.sum())} of {g.numel()} outside abs {abs_tol:g} / rel {rel_tol:g}; worst at "
                 f"{[int(p) for p in pos]}: {g.reshape(-1)[worst].item():.6g} vs {w.reshape(-1)[worst].item():.6g} "
                 f"(abs {err.reshape(-1)[worst].item():.3g}, rel {rel.reshape(-1)[worst].item():.3g})")

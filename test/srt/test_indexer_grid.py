@@ -53,40 +53,49 @@ def ragged_ranges(S: int, N: int, kind: str, device) -> tuple[torch.Tensor, torc
     return ks.to(torch.int32), ke.clamp(1, N).to(torch.int32)
 
 
+def _generator(seed: int, device) -> torch.Generator:
+    """Inputs are drawn on the device they are used on (the GPU grid's caches are gigabytes)."""
+    device = torch.device(device)
+    if device.type == "cuda" and device.index is None:
+        device = torch.device("cuda", torch.cuda.current_device())
+    return torch.Generator(device=device).manual_seed(seed)
+
+
 def logits_inputs(S: int, N: int, H: int, D: int, seed: int, device):
-    gen = torch.Generator().manual_seed(seed)
-    q = torch.randn(S, H, D, generator=gen).to(torch.float8_e4m3fn)
-    k, k_scale = _quantize_rows(torch.randn(N, D, generator=gen))
-    weights = torch.randn(S, H, generator=gen)
-    return q.to(device), (k.to(device), k_scale.to(device)), weights.to(device)
+    gen = _generator(seed, device)
+    q = torch.randn(S, H, D, generator=gen, device=gen.device).to(torch.float8_e4m3fn)
+    k, k_scale = _quantize_rows(torch.randn(N, D, generator=gen, device=gen.device))
+    weights = torch.randn(S, H, generator=gen, device=gen.device)
+    return q, (k, k_scale), weights
 
 
 def paged_inputs(B: int, next_n: int, avg_ctx: int, H: int, seed: int, device, max_model_len: int):
     """Requests with contexts in ``[0.7, 1.3) x avg_ctx``; ``B * next_n`` rows (row ``b * next_n + i`` sees
     ``ctx_b - next_n + 1 + i`` tokens), the request's page table repeated for each of its rows."""
-    gen = torch.Generator().manual_seed(seed)
-    ctx = torch.randint(int(0.7 * avg_ctx), int(1.3 * avg_ctx), (B,), generator=gen)
+    gen = _generator(seed, device)
+    dev = gen.device
+    ctx = torch.randint(int(0.7 * avg_ctx), int(1.3 * avg_ctx), (B,), generator=torch.Generator().manual_seed(seed))
     ctx = ctx.clamp(max=max_model_len)
     pages_per = (ctx + INDEX_PAGE_SIZE - 1) // INDEX_PAGE_SIZE
     num_pages = int(pages_per.sum()) + 7  # spare pages nobody's table names
     max_pages = -(-max_model_len // INDEX_PAGE_SIZE)
-    order = torch.randperm(num_pages, generator=gen).to(torch.int32)
-    table = torch.zeros(B, max_pages, dtype=torch.int32)
+    order = torch.randperm(num_pages, generator=gen, device=dev).to(torch.int32)
+    table = torch.zeros(B, max_pages, dtype=torch.int32, device=dev)
     first = 0
     for b in range(B):
         n = int(pages_per[b])
         table[b, :n] = order[first : first + n]
         first += n
-    values, scales = _quantize_rows(torch.randn(num_pages * INDEX_PAGE_SIZE, 128, generator=gen))
-    cache = torch.empty(num_pages, INDEX_PAGE_BYTES, dtype=torch.uint8)
+    values, scales = _quantize_rows(torch.randn(num_pages * INDEX_PAGE_SIZE, 128, generator=gen, device=dev))
+    cache = torch.empty(num_pages, INDEX_PAGE_BYTES, dtype=torch.uint8, device=dev)
     cache[:, : INDEX_PAGE_SIZE * 128] = values.view(torch.uint8).view(num_pages, -1)
     cache[:, INDEX_PAGE_SIZE * 128 :] = scales.view(num_pages, INDEX_PAGE_SIZE).view(torch.uint8)
     rows = B * next_n
     seq_lens = (ctx.repeat_interleave(next_n) - next_n + 1 + torch.arange(rows) % next_n).clamp_min(0)
-    q = torch.randn(rows, H, 128, generator=gen).to(torch.float8_e4m3fn)
-    weights = torch.randn(rows, H, generator=gen)
+    q = torch.randn(rows, H, 128, generator=gen, device=dev).to(torch.float8_e4m3fn)
+    weights = torch.randn(rows, H, generator=gen, device=dev)
     page_table = table.repeat_interleave(next_n, dim=0)
-    return [t.to(device) for t in (q, cache, weights, seq_lens.to(torch.int32), page_table)]
+    return q, cache, weights, seq_lens.to(torch.int32).to(dev), page_table
 
 
 # ----------------------------------------------------------------------------------------------------------
