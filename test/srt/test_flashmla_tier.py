@@ -99,7 +99,7 @@ class _FakeFlashMLA:
 
     def flash_mla_sparse_fwd(self, q, kv, indices, sm_scale, d_v=512, *, use_legacy=False):
         assert use_legacy, "the 576-dim V3.2 format is only in the legacy kernels"
-        assert q.is_contiguous() and q.dtype == torch.bfloat16 and q.shape[-1] == D_QK
+        assert q.stride(-1) == 1 and q.dtype == torch.bfloat16 and q.shape[-1] == D_QK
         self._check_heads(q.shape[1])
         self._check_topk(indices.shape[-1], q.shape[1])
         out, max_logits, lse = reference.sparse_mla_fwd(q, kv, indices, sm_scale, d_v)

@@ -15,7 +15,7 @@ from nsa_tp import ops
 from nsa_tp.attention.indexer import Indexer
 from nsa_tp.attention.metadata import ForwardMetadata
 from nsa_tp.attention.padding import pad_topk_indices
-from nsa_tp.ops._check import check_tensor
+from nsa_tp.ops.check import check_tensor
 from nsa_tp.ops.kv_format import D_QK
 from nsa_tp.ops.plan import kv_cache_dtype_of
 

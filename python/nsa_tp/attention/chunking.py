@@ -22,7 +22,7 @@ from collections.abc import Sequence
 
 import torch
 
-from nsa_tp.ops._check import host_ints
+from nsa_tp.ops.check import host_ints
 
 __all__ = [
     "BUDGET_ENV",

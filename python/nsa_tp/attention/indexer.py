@@ -36,7 +36,7 @@ import torch.nn.functional as F
 
 from nsa_tp import ops
 from nsa_tp.attention.chunking import chunk_window, plan_logits_chunks
-from nsa_tp.ops._check import check_tensor, host_ints
+from nsa_tp.ops.check import check_tensor, host_ints
 from nsa_tp.ops.hadamard import hadamard_transform
 from nsa_tp.ops.index_cache import (
     INDEX_HEAD_DIM,

@@ -17,7 +17,7 @@ from __future__ import annotations
 
 import torch
 
-from nsa_tp.ops._check import check_tensor
+from nsa_tp.ops.check import check_tensor
 from nsa_tp.ops.index_cache import INDEX_HEAD_DIM, new_index_k_cache, store_index_k
 from nsa_tp.ops.kv_format import D_QK, FP8_BYTES_PER_TOKEN, pack_fp8_kv
 

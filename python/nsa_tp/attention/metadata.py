@@ -23,8 +23,8 @@ from nsa_tp.attention.indexer import (
     build_prefill_index_batch,
 )
 from nsa_tp.attention.padding import pad_cache_seqlens
-from nsa_tp.ops._check import host_ints
 from nsa_tp.ops.capability import get_capability
+from nsa_tp.ops.check import host_ints
 from nsa_tp.ops.plan import DecodePlan, normalize_kv_dtype
 
 __all__ = ["ForwardMetadata", "ForwardMetadataBuilder"]

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import torch
 
-from nsa_tp.ops._check import check_tensor
+from nsa_tp.ops.check import check_tensor
 
 __all__ = ["pad_topk_indices", "pad_cache_seqlens", "CACHE_SEQLEN_PAD"]
 

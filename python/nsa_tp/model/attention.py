@@ -35,7 +35,7 @@ from nsa_tp.attention.kv_cache import NSACaches
 from nsa_tp.config import NSAConfig
 from nsa_tp.model.core import CoreInputs, LayerBatch, make_core
 from nsa_tp.model.sharding import ShardedWeights
-from nsa_tp.ops._check import check_tensor
+from nsa_tp.ops.check import check_tensor
 from nsa_tp.ops.rope import apply_rope, rope_cos_sin
 from nsa_tp.parallel.groups import ParallelGroups
 

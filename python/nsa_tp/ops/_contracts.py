@@ -1,7 +1,7 @@
 """Boundary checks shared by every tier of one op contract, so that the tiers cannot drift apart.
 
 Each ``check_*`` function raises the ``ValueError`` that every tier raises for a bad argument (named,
-expected vs got; see :mod:`nsa_tp.ops._check`) and returns what its callers go on to use. Only what is
+expected vs got; see :mod:`nsa_tp.ops.check`) and returns what its callers go on to use. Only what is
 the same in every tier lives here: a tier's own extra rules (Triton's contiguity, the reference tier's
 value range checks, how strictly ``max_seq_len`` is typed) stay in the tier.
 """
@@ -10,8 +10,9 @@ from __future__ import annotations
 
 import torch
 
-from nsa_tp.ops._check import check_same_device, check_tensor
+from nsa_tp.ops.check import check_same_device, check_tensor
 from nsa_tp.ops.index_cache import INDEX_HEAD_DIM, INDEX_PAGE_BYTES, INDEX_PAGE_SIZE
+from nsa_tp.ops.kv_format import LATENT_PAGE_SIZE
 from nsa_tp.ops.plan import kv_cache_dtype_of, normalize_kv_dtype
 
 __all__ = [
@@ -22,7 +23,6 @@ __all__ = [
     "check_decode_args",
 ]
 
-_LATENT_PAGE_SIZE = 64  # tokens a page of the latent cache (not the index-K cache's page, though equal)
 
 
 def check_mqa_logits_args(
@@ -102,7 +102,7 @@ def check_decode_args(q: torch.Tensor, kv_cache: torch.Tensor, indices: torch.Te
     or by the sparse-MLA op the tier runs.
     """
     check_tensor(kv_cache, "kv_cache", ndim=4)
-    if kv_cache.shape[1] != _LATENT_PAGE_SIZE or kv_cache.shape[2] != 1:
+    if kv_cache.shape[1] != LATENT_PAGE_SIZE or kv_cache.shape[2] != 1:
         raise ValueError(
             "kv_cache: expected [num_pages, 64, 1, 576 | 656] (page size 64, one latent head), "
             f"got {tuple(kv_cache.shape)}"

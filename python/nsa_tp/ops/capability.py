@@ -19,7 +19,7 @@ import importlib
 
 import torch
 
-from nsa_tp.parallel.layout import flashmla_head_multiple
+from nsa_tp.ops.heads import flashmla_head_multiple
 
 __all__ = ["Capability", "get_capability", "import_error", "clear_cache"]
 

@@ -16,8 +16,12 @@ What the kernels need, and what this module does about it:
   splits), then out / lse / max_logits are trimmed back.
 - **Top-k**: read in blocks (64 on SM90, 128 on SM100's 128-head kernel); indices are padded with -1 to a
   multiple of :data:`TOPK_MULTIPLE` = 128, which satisfies both.
-- **Invalid ids**: the prefill kernel skips ``-1`` and ``>= N``; the fp8 decode kernel skips only exactly
-  ``-1`` and does no bounds check, so decode maps every id outside ``[0, num_slots)`` to -1 first.
+- **Invalid ids** (any id ``< 0`` or ``>= N``): the prefill kernel never reads them; the fp8 decode kernel
+  skips only exactly ``-1`` and does no bounds check, so decode maps every id outside ``[0, num_slots)`` to
+  -1 first. Either way a NaN in a slot no valid id names never reaches the outputs.
+- **Strides**: the last dim contiguous and rows 16-byte aligned; otherwise (a padded row stride, q sliced
+  from a wider buffer, strided indices) passed as given, no copy. Copies: q when its heads are padded, the
+  indices when K is padded, and a bf16 paged cache whose pages are not evenly spaced (flattened to slots).
 - **Empty rows**: FlashMLA reports ``lse = +inf`` for a query with no valid key (so that merging partial
   results ignores it); our contract is ``-inf`` (and ``max_logits = -inf``, ``out = 0``), converted here.
 - **The 576-dim V3.2 format** lives in the wheel's legacy kernel set (``use_legacy=True``) on both SM90 and
@@ -42,11 +46,10 @@ import torch
 
 from nsa_tp.ops._contracts import positive_ints_error
 from nsa_tp.ops.capability import Capability, get_capability, import_error
-from nsa_tp.ops.heads import pad_heads, pad_topk, trim_heads
-from nsa_tp.ops.kv_format import D_LATENT, D_QK, FP8_BYTES_PER_TOKEN, is_fp8_kv
+from nsa_tp.ops.heads import pad_heads, pad_topk, padded_heads, trim_heads
+from nsa_tp.ops.kv_format import D_LATENT, D_QK, FP8_BYTES_PER_TOKEN, LATENT_PAGE_SIZE, is_fp8_kv
 from nsa_tp.ops.plan import DecodePlan, kv_cache_dtype_of, normalize_kv_dtype
 from nsa_tp.ops.registry import OpImpl, Tier
-from nsa_tp.parallel.layout import SUPPORTED_PAGE_SIZE, padded_heads
 
 __all__ = [
     "TIER",
@@ -134,6 +137,18 @@ def _indices_reason(indices: Any, rows: int) -> str | None:
     return None
 
 
+def _strides_reason(**tensors: torch.Tensor) -> str | None:
+    """FlashMLA takes strided tensors (a padded row stride, q sliced from a wider buffer) as long as the last
+    dim is contiguous and every other stride keeps rows 16-byte aligned (its TMA and cp.async copies)."""
+    for name, t in tensors.items():
+        if t.stride(-1) != 1:
+            return f"{name}: the last dim must be contiguous, got strides {tuple(t.stride())}"
+        align = 16 // t.element_size()
+        if any(st % align for st, n in zip(t.stride()[:-1], t.shape[:-1], strict=True) if n > 1):
+            return f"{name}: strides {tuple(t.stride())} leave rows not 16-byte aligned (FlashMLA's copies need it)"
+    return None
+
+
 def _same_device_reason(q: torch.Tensor, **others: torch.Tensor) -> str | None:
     for name, t in others.items():
         if t.device != q.device:
@@ -159,8 +174,9 @@ def _fwd_supports(q: Any, kv: Any, indices: Any, sm_scale: Any = None, d_v: int 
         return f"kv: expected [N, 1, {D_QK}], got {tuple(kv.shape)}"
     if kv.dtype != torch.bfloat16:
         return f"kv: dtype {_fmt_dtype(kv.dtype)}; FlashMLA's sparse prefill reads bfloat16"
-    if not kv.is_contiguous():
-        return "kv: must be contiguous (the kernel's TMA descriptors assume dense rows)"
+    reason = _strides_reason(q=q, kv=kv)
+    if reason:
+        return reason
     reason = _indices_reason(indices, q.shape[0]) or _same_device_reason(q, kv=kv, indices=indices)
     if reason:
         return reason
@@ -199,15 +215,16 @@ def _decode_supports(
         return reason
     if not isinstance(kv_cache, torch.Tensor):
         return f"kv_cache: expected a torch.Tensor, got {type(kv_cache).__name__}"
-    if kv_cache.dim() != 4 or kv_cache.shape[1] != SUPPORTED_PAGE_SIZE or kv_cache.shape[2] != 1:
-        want = f"[num_pages, {SUPPORTED_PAGE_SIZE}, 1, {D_QK} | {FP8_BYTES_PER_TOKEN}]"
+    if kv_cache.dim() != 4 or kv_cache.shape[1] != LATENT_PAGE_SIZE or kv_cache.shape[2] != 1:
+        want = f"[num_pages, {LATENT_PAGE_SIZE}, 1, {D_QK} | {FP8_BYTES_PER_TOKEN}]"
         return f"kv_cache: expected {want}, got {tuple(kv_cache.shape)}"
     try:
         kv_cache_dtype_of(kv_cache)
     except ValueError as e:
         return str(e)
-    if not kv_cache.is_contiguous():
-        return "kv_cache: must be contiguous (FlashMLA reads whole 64-token pages)"
+    reason = _strides_reason(q=q, kv_cache=kv_cache)
+    if reason:
+        return reason
     reason = _indices_reason(indices, q.shape[0]) or _same_device_reason(q, kv_cache=kv_cache, indices=indices)
     if reason:
         return reason
@@ -274,8 +291,10 @@ def sparse_mla_fwd(
 
     Args:
         q: ``[T, H, 576]`` bfloat16 on an SM90 / SM100 GPU, any ``H >= 1``.
-        kv: ``[N, 1, 576]`` bfloat16, contiguous.
-        indices: ``[T, 1, K]`` int32; ``-1`` or ``>= N`` means "no token".
+        kv: ``[N, 1, 576]`` bfloat16, last dim contiguous, rows 16-byte aligned (a padded row stride is
+            read in place).
+        indices: ``[T, 1, K]`` int32; any id ``< 0`` or ``>= N`` means "no token" (FlashMLA's prefill kernel
+            never reads such a slot). Copied once, padded with -1, when K is not a multiple of 128.
         sm_scale: softmax scale of ``q . k``.
         d_v: 512.
 
@@ -375,8 +394,9 @@ def sparse_mla_decode(
     Args:
         q: ``[B, H, 576]`` bfloat16, one query token per request (B and H as planned).
         kv_cache: ``[num_pages, 64, 1, 576]`` bfloat16 or ``[num_pages, 64, 1, 656]`` uint8 (fp8 format).
-        indices: ``[B, 1, K]`` int32 global slots ``page * 64 + offset``; ``-1`` or ``>= num_pages * 64``
-            means "no token" (DP padding rows are all -1).
+        indices: ``[B, 1, K]`` int32 global slots ``page * 64 + offset``; any id ``< 0`` or
+            ``>= num_pages * 64`` means "no token" (DP padding rows are all -1). The fp8 kernel skips only
+            exactly -1, so the ids are mapped (a copy of ``[B, K]`` ids, per call) before it runs.
         plan: from :func:`plan_sparse_mla_decode` for this batch.
 
     Returns:
@@ -400,7 +420,7 @@ def sparse_mla_decode(
         q_c = q_p if n == q_p.shape[1] else q_p.narrow(1, h0, n).contiguous()
         # [B, n, 576] -> [B, s_q = 1, n, 576]: the kernel's batched layout.
         out_c, lse_c = fm.flash_mla_with_kvcache(
-            q_c.view(B, 1, n, D_QK), kv_cache, None, None, _D_V, data.sched[n],
+            q_c.unsqueeze(1), kv_cache, None, None, _D_V, data.sched[n],
             softmax_scale=sm_scale, is_fp8_kvcache=True, indices=idx, use_legacy=True, kv_format=_KV_FORMAT,
         )
         outs.append(out_c.reshape(B, n, _D_V))  # [B, 1, n, 512] -> [B, n, 512]

@@ -7,7 +7,8 @@ zero-padded up to the kernel multiple, the kernel runs, and out / lse / max_logi
 The cost: the padded heads are computed in full. The kernel's work grows with the padded count, so at TP8
 on Hopper (16 -> 64 heads) a rank spends 4x the sparse-attention FLOPs it needs, 8x on Blackwell
 (16 -> 128); ``benchmark/bench_flashmla_padding.py`` measures it. The head math itself
-(``flashmla_head_multiple``, ``padded_heads``) lives in :mod:`nsa_tp.parallel.layout` and only there.
+(``flashmla_head_multiple``, ``padded_heads``) is a kernel fact, so it lives here and only here;
+:mod:`nsa_tp.parallel.layout` reads it from this module (``ops`` imports nothing above it).
 
 Zero heads are harmless: a zero query scores 0 against every key, so its softmax is uniform over the valid
 keys and its output is finite; it is dropped before anyone reads it.
@@ -17,21 +18,36 @@ from __future__ import annotations
 
 import torch
 
-from nsa_tp.parallel.layout import padded_heads
+__all__ = ["flashmla_head_multiple", "padded_heads", "pad_heads", "trim_heads", "pad_topk"]
 
-__all__ = ["pad_heads", "trim_heads", "pad_topk"]
+
+def flashmla_head_multiple(sm_major: int) -> int | None:
+    """Heads per FlashMLA sparse call: 64 on SM90 (Hopper), 128 on SM100+ (Blackwell), None below SM90."""
+    if sm_major >= 10:
+        return 128
+    if sm_major == 9:
+        return 64
+    return None
+
+
+def padded_heads(heads: int, multiple: int | None) -> int:
+    """``heads`` rounded up to the kernel's multiple (``heads`` itself when there is no multiple)."""
+    if multiple is None:
+        return heads
+    return -(-heads // multiple) * multiple
 
 
 def pad_heads(q: torch.Tensor, multiple: int | None) -> tuple[torch.Tensor, int]:
-    """``q [T, H, D]`` -> ``(q_padded [T, Hp, D] contiguous, H)`` with ``Hp = padded_heads(H, multiple)``.
+    """``q [T, H, D]`` -> ``(q_padded [T, Hp, D], H)`` with ``Hp = padded_heads(H, multiple)``.
 
-    The padded heads are zeros. When no padding is needed ``q`` itself is returned (made contiguous, the
-    layout every kernel here wants). Undo with :func:`trim_heads`.
+    The padded heads are zeros (a new, contiguous tensor). When no padding is needed ``q`` itself is returned
+    with its strides (no copy) if its last dim is contiguous, else a contiguous copy. Undo with
+    :func:`trim_heads`.
     """
     real_h = q.shape[1]
     target = padded_heads(real_h, multiple)
     if target == real_h:
-        return q.contiguous(), real_h
+        return (q if q.stride(-1) == 1 else q.contiguous()), real_h
     # [T, H, D] -> [T, Hp, D]; pad's spec runs from the last dim backwards: (D: 0, 0), (H: 0, Hp - H).
     return torch.nn.functional.pad(q, (0, 0, 0, target - real_h)), real_h
 

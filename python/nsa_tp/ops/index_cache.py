@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import torch
 
-from nsa_tp.ops._check import check_same_device, check_tensor
+from nsa_tp.ops.check import check_same_device, check_tensor
 
 __all__ = [
     "INDEX_PAGE_SIZE",

@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import torch
 
-from nsa_tp.ops._check import check_tensor
+from nsa_tp.ops.check import check_tensor
 
 __all__ = [
     "D_LATENT",
@@ -25,6 +25,7 @@ __all__ = [
     "pack_fp8_kv",
     "unpack_fp8_kv",
     "is_fp8_kv",
+    "LATENT_PAGE_SIZE",
 ]
 
 D_LATENT = 512
@@ -34,6 +35,8 @@ FP8_TILE = 128
 _NUM_TILES = D_LATENT // FP8_TILE  # 4
 FP8_BYTES_PER_TOKEN = D_LATENT + 4 * _NUM_TILES + 2 * D_ROPE  # 512 + 16 + 128 = 656
 FP8_E4M3_MAX = 448.0
+# Tokens a page of the paged latent cache: FlashMLA's paged decode reads 64-token pages (SGLang's NSA page size).
+LATENT_PAGE_SIZE = 64
 
 
 def is_fp8_kv(kv: torch.Tensor) -> bool:

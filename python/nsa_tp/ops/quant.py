@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import torch
 
-from nsa_tp.ops._check import check_tensor
+from nsa_tp.ops.check import check_tensor
 
 __all__ = ["FP8_BLOCK", "FP8_E4M3_MAX", "quantize_fp8_blocks", "dequantize_fp8_blocks"]
 

@@ -1,6 +1,6 @@
 """Reference tier: plain torch, float32 math, any device. The definition of correct for every tier.
 
-Each function validates its inputs with :func:`nsa_tp.ops._check.check_tensor` and works in bounded
+Each function validates its inputs with :func:`nsa_tp.ops.check.check_tensor` and works in bounded
 memory (row chunks), so it can serve as a slow-but-real fallback on CPU as well as the test oracle.
 """
 
@@ -8,13 +8,13 @@ from __future__ import annotations
 
 import torch
 
-from nsa_tp.ops._check import check_same_device, check_tensor
 from nsa_tp.ops._contracts import (
     check_decode_args,
     check_decode_plan_args,
     check_mqa_logits_args,
     check_paged_logits_args,
 )
+from nsa_tp.ops.check import check_same_device, check_tensor
 from nsa_tp.ops.kv_format import D_QK, is_fp8_kv, unpack_fp8_kv
 from nsa_tp.ops.plan import DecodePlan
 
@@ -40,16 +40,18 @@ def sparse_mla_fwd(
     Args:
         q: ``[T, H, 576]`` bfloat16 (float16/float32 accepted) — absorbed queries, H >= 1.
         kv: ``[N, 1, 576]`` bfloat16, or the fp8 format ``[N, 1, 656]`` uint8 / float8_e4m3fn
-            (see :mod:`nsa_tp.ops.kv_format`).
-        indices: ``[T, 1, K]`` int32 — KV rows each query attends to; ``-1`` or ``>= N`` means "no token".
-            Duplicate ids are attended twice (as FlashMLA does).
+            (see :mod:`nsa_tp.ops.kv_format`). Any strides (this tier is the oracle, not the hot path: it
+            dequantizes / upcasts the whole cache to float32, a copy).
+        indices: ``[T, 1, K]`` int32 — KV rows each query attends to; any id ``< 0`` or ``>= N`` means
+            "no token". Duplicate ids are attended twice (as FlashMLA does). Any strides.
         sm_scale: softmax scale applied to ``q . k``.
         d_v: value dim, the first ``d_v`` dims of each kv row (512).
 
     Returns:
         ``out [T, H, d_v]`` bfloat16, ``max_logits [T, H]`` float32, ``lse [T, H]`` float32 where
         ``lse = log(sum_j exp(sm_scale * q . k_j))`` (natural log) over valid ids. A row with no valid id
-        gives ``out = 0``, ``max_logits = -inf`` and ``lse = -inf``.
+        gives ``out = 0``, ``max_logits = -inf`` and ``lse = -inf``. The outputs depend only on the kv
+        slots the valid ids name: NaN or inf in any other slot never reaches them.
     """
     check_tensor(q, "q", ndim=3, dtype=(torch.bfloat16, torch.float16, torch.float32))
     T, H, d_qk = q.shape
@@ -79,7 +81,10 @@ def sparse_mla_fwd(
     for t0 in range(0, T, step):
         idx = indices[t0 : t0 + step, 0].long()  # [t, K]
         valid = (idx >= 0) & (idx < N)
-        rows = kv_f[idx.clamp(0, max(N - 1, 0))] if N else kv_f.new_zeros(*idx.shape, D_QK)  # [t, K, 576]
+        # Invalid ids gather slot 0 as a stand-in, then the stand-in rows are zeroed *before* any product: a
+        # NaN / inf in a slot that no valid id names must not reach the output (0 * NaN is NaN).
+        rows = kv_f[torch.where(valid, idx, 0)] if N else kv_f.new_zeros(*idx.shape, D_QK)  # [t, K, 576]
+        rows = torch.where(valid[..., None], rows, 0.0)
         scores = torch.einsum("thd,tkd->thk", q[t0 : t0 + step].float(), rows) * sm_scale
         scores = scores.masked_fill(~valid[:, None, :], float("-inf"))
         m = scores.amax(dim=-1)  # [t, H], -inf for empty rows
@@ -214,8 +219,8 @@ def sparse_mla_decode(
     Args:
         q: ``[B, H, 576]`` bfloat16 — one query token per request.
         kv_cache: ``[num_pages, 64, 1, 576]`` bfloat16, or the fp8 format ``[num_pages, 64, 1, 656]`` uint8.
-        indices: ``[B, 1, K]`` int32 global slots ``page * 64 + offset``; ``-1`` or ``>= num_pages * 64``
-            means "no token".
+        indices: ``[B, 1, K]`` int32 global slots ``page * 64 + offset``; any id ``< 0`` or
+            ``>= num_pages * 64`` means "no token"; other slots never reach the outputs (NaN there is harmless).
         sm_scale, d_v: as :func:`sparse_mla_fwd`.
         plan: ``None`` or a plan built by this tier (checked against the inputs).
 

@@ -20,7 +20,7 @@ import math
 
 import torch
 
-from nsa_tp.ops._check import check_tensor
+from nsa_tp.ops.check import check_tensor
 
 __all__ = ["yarn_inv_freq", "rope_cos_sin", "apply_rope"]
 

@@ -33,7 +33,7 @@ from typing import Any
 
 import torch
 
-from nsa_tp.ops._check import check_same_device, check_tensor
+from nsa_tp.ops.check import check_same_device, check_tensor
 
 __all__ = [
     "topk_transform_ragged",

@@ -28,7 +28,7 @@ from collections.abc import Callable, Sequence
 import torch
 import torch.distributed as dist
 
-from nsa_tp.ops._check import check_tensor
+from nsa_tp.ops.check import check_tensor
 
 __all__ = [
     "PendingAllToAll",

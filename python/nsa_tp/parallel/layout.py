@@ -9,13 +9,16 @@ Upstream once forced DP attention for NSA models; after the fix, ``dp_size < tp_
 - ``--tp N --dp D`` (no DP attention): ``D`` independent replicas of ``--tp N``.
 
 FlashMLA's sparse kernels only run 64 heads (SM90) or 128 heads (SM100+) per call, so fewer heads are
-zero-padded; the layout records what that padding wastes. The head math lives here and nowhere else.
+zero-padded; the layout records what that padding wastes. The head math is a kernel fact and lives in
+:mod:`nsa_tp.ops.heads`; this module re-exports it.
 """
 
 from __future__ import annotations
 
 import dataclasses
 from typing import Any
+
+from nsa_tp.ops.heads import flashmla_head_multiple, padded_heads  # kernel facts: ops owns them
 
 __all__ = [
     "LayoutError",
@@ -36,22 +39,6 @@ TOKEN_PARALLEL_MODES = ("auto", "on", "off")
 
 class LayoutError(ValueError):
     """An impossible ``--tp/--dp/...`` combination; the message names the flag to change and to what."""
-
-
-def flashmla_head_multiple(sm_major: int) -> int | None:
-    """Heads per FlashMLA sparse call: 64 on SM90 (Hopper), 128 on SM100+ (Blackwell), None below SM90."""
-    if sm_major >= 10:
-        return 128
-    if sm_major == 9:
-        return 64
-    return None
-
-
-def padded_heads(heads: int, multiple: int | None) -> int:
-    """``heads`` rounded up to the kernel's multiple (``heads`` itself when there is no multiple)."""
-    if multiple is None:
-        return heads
-    return -(-heads // multiple) * multiple
 
 
 def _divisors(n: int) -> list[int]:

@@ -34,7 +34,7 @@ from nsa_tp.attention.backend import NSABackend
 from nsa_tp.attention.indexer import DecodeIndexBatch, Indexer, build_decode_index_batch
 from nsa_tp.attention.metadata import ForwardMetadata, ForwardMetadataBuilder
 from nsa_tp.attention.padding import pad_topk_indices
-from nsa_tp.ops._check import check_tensor
+from nsa_tp.ops.check import check_tensor
 from nsa_tp.ops.index_cache import store_index_k_unchecked
 from nsa_tp.ops.plan import DecodePlan
 from nsa_tp.parallel.collectives import group_rank_world

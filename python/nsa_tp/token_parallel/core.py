@@ -30,7 +30,7 @@ import torch
 import torch.distributed as dist
 
 from nsa_tp import ops
-from nsa_tp.ops._check import check_same_device, check_tensor
+from nsa_tp.ops.check import check_same_device, check_tensor
 from nsa_tp.parallel.collectives import all_gather_stack, group_rank_world, heads_to_tokens, tokens_to_heads
 from nsa_tp.token_parallel.merge import local_topk, merge_topk
 from nsa_tp.token_parallel.plan import TokenSplit, plan_token_split

@@ -13,7 +13,7 @@ from __future__ import annotations
 import torch
 
 from nsa_tp import ops
-from nsa_tp.ops._check import check_same_device, check_tensor
+from nsa_tp.ops.check import check_same_device, check_tensor
 from nsa_tp.ops.topk import key_positions, order_keys
 
 __all__ = ["local_topk", "merge_topk"]

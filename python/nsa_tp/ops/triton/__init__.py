@@ -76,8 +76,8 @@ def _kv_reason(kv: Any, name: str, paged: bool) -> str | None:
     fp8 = kv.shape[-1] == FP8_BYTES_PER_TOKEN and kv.dtype in (torch.uint8, torch.float8_e4m3fn)
     if not fp8 and not (kv.shape[-1] == D_QK and kv.dtype == torch.bfloat16):
         return f"{name}: expected bf16 [..., {D_QK}] or the fp8 format uint8 [..., {FP8_BYTES_PER_TOKEN}]"
-    if not kv.is_contiguous():
-        return f"{name}: must be contiguous"
+    if kv.stride(-1) != 1:
+        return f"{name}: the last dim must be contiguous (any row stride is fine)"
     return _device_reason(kv, name, (8, 9) if fp8 else (8, 0))
 
 
@@ -93,6 +93,8 @@ def _mla_reason(q: Any, kv: Any, indices: Any, d_v: int, paged: bool) -> str | N
         return f"d_v must be {D_LATENT}, got {d_v}"
     if not isinstance(indices, torch.Tensor) or indices.dtype != torch.int32 or indices.dim() != 3:
         return "indices: must be [T, 1, K] int32"
+    if q.stride(-1) != 1 or indices.stride(-1) != 1:
+        return "q / indices: the last dim must be contiguous (any other stride is fine)"
     return _kv_reason(kv, "kv_cache" if paged else "kv", paged)
 
 

@@ -27,8 +27,8 @@ import torch
 import triton
 import triton.language as tl
 
-from nsa_tp.ops._check import check_same_device, check_tensor
-from nsa_tp.ops.kv_format import D_LATENT, D_QK, FP8_BYTES_PER_TOKEN, is_fp8_kv
+from nsa_tp.ops.check import check_same_device, check_tensor
+from nsa_tp.ops.kv_format import D_LATENT, D_QK, is_fp8_kv
 from nsa_tp.ops.triton import _common
 from nsa_tp.ops.triton._common import LN2, LOG2E, cdiv, num_sms
 
@@ -296,14 +296,27 @@ def _validate(q: torch.Tensor, kv: torch.Tensor, indices: torch.Tensor, d_v: int
         raise ValueError(f"kv: expected shape [N, 1, 576] bf16 or [N, 1, 656] uint8, got {tuple(kv.shape)}")
     if not is_fp8_kv(kv):
         check_tensor(kv, "kv", shape=(None, 1, D_QK), dtype=torch.bfloat16)
-    if not kv.is_contiguous():
-        raise ValueError("kv: expected a contiguous tensor")
+    if kv.stride(2) != 1:
+        raise ValueError("kv: expected the last dim contiguous (any row stride)")
     check_tensor(indices, "indices", shape=(T, 1, None), dtype=torch.int32)
     if indices.stride(2) != 1:
         raise ValueError("indices: expected the last dim contiguous")
     if d_v != D_LATENT:
         raise ValueError(f"d_v: the Triton kernel supports d_v={D_LATENT}, got {d_v}")
     check_same_device(q=q, kv=kv, indices=indices)
+
+
+def _fp8_rows(rows: torch.Tensor) -> torch.Tensor:
+    """``[N, 656]`` fp8-format rows as bytes, strided as given when the scales can be read as float32 in place.
+
+    The kernel reads the scales through a float32 view and the rope through a bf16 view of the same bytes,
+    which needs a row stride and a start offset that are multiples of 4 bytes. Any padded stride that is
+    (every allocator's padding is) runs without a copy; an odd-byte stride or offset is copied once here.
+    """
+    raw = rows.view(torch.uint8)
+    if raw.stride(0) % 4 or raw.storage_offset() % 4:
+        raw = raw.contiguous()
+    return raw
 
 
 def sparse_mla_fwd_split(
@@ -331,16 +344,16 @@ def sparse_mla_fwd_split(
     k_per_split = cdiv(tiles, num_splits) * cfg.block_k
     num_splits = max(1, cdiv(K, k_per_split))
 
-    rows = kv.view(N, kv.shape[-1])
+    rows = kv[:, 0]  # [N, 1, D] -> [N, D]: a view that keeps the caller's row stride (no copy)
     if fp8:
-        raw = rows.view(torch.uint8)  # [N, 656]
-        nope, stride_nope = raw, FP8_BYTES_PER_TOKEN
-        scale, stride_scale = raw.view(torch.float32), FP8_BYTES_PER_TOKEN // 4
-        rope, stride_rope = raw.view(torch.bfloat16), FP8_BYTES_PER_TOKEN // 2
+        raw = _fp8_rows(rows)  # [N, 656] bytes
+        scale, rope = raw.view(torch.float32), raw.view(torch.bfloat16)  # the same bytes as f32 / bf16
+        nope, stride_nope = raw, raw.stride(0)
+        stride_scale, stride_rope = scale.stride(0), rope.stride(0)
         rope_off, scale_off = _FP8_ROPE_OFF_BF16, _FP8_SCALE_OFF_F32
     else:
         nope = scale = rope = rows
-        stride_nope = stride_scale = stride_rope = D_QK
+        stride_nope = stride_scale = stride_rope = rows.stride(0)
         rope_off, scale_off = D_LATENT, 0
 
     out = _common.alloc((T, H, D_LATENT), torch.bfloat16, q.device)
@@ -399,10 +412,13 @@ def sparse_mla_fwd(
     """Sparse MLA forward for any ``H >= 1``.
 
     Args:
-        q: ``[T, H, 576]`` bfloat16, last dim contiguous.
+        q: ``[T, H, 576]`` bfloat16, last dim contiguous (any token / head strides).
         kv: ``[N, 1, 576]`` bfloat16 or ``[N, 1, 656]`` uint8 / float8_e4m3fn (the fp8 format of
-            :mod:`nsa_tp.ops.kv_format`), contiguous.
-        indices: ``[T, 1, K]`` int32; ``-1`` or ``>= N`` means "no token".
+            :mod:`nsa_tp.ops.kv_format`), last dim contiguous, any row stride (read in place; an fp8 row
+            stride or offset that is not a multiple of 4 bytes is copied once, see :func:`_fp8_rows`).
+        indices: ``[T, 1, K]`` int32, last dim contiguous (any row stride); any id ``< 0`` or ``>= N``
+            means "no token" and is never read: loads of invalid rows are masked, so NaN / inf in a slot
+            that no valid id names never reaches the outputs.
         sm_scale: softmax scale on ``q . k``.
         d_v: must be 512.
 

@@ -66,16 +66,17 @@ def sparse_mla_decode(
 
     Args:
         q: ``[B, H, 576]`` bfloat16, one query token per request.
-        kv_cache: ``[pages, 64, 1, 576]`` bfloat16 or ``[pages, 64, 1, 656]`` uint8 (fp8 format), contiguous.
-        indices: ``[B, 1, K]`` int32 global slots; ``-1`` or ``>= pages * 64`` means "no token".
+        kv_cache: ``[pages, 64, 1, 576]`` bfloat16 or ``[pages, 64, 1, 656]`` uint8 (fp8 format), last dim
+            contiguous; a padded token stride is read in place, pages not spaced 64 tokens apart are copied.
+        indices: ``[B, 1, K]`` int32 global slots; any id ``< 0`` or ``>= pages * 64`` means "no token".
         sm_scale: softmax scale; d_v: must be 512.
         plan: from :func:`plan_sparse_mla_decode` (checked against the inputs); ``None`` plans here.
 
     An empty row gives out = 0, lse = -inf. Semantics: :func:`nsa_tp.ops.reference.sparse_mla_decode`.
     """
     kind = check_decode_args(q, kv_cache, indices)
-    if not kv_cache.is_contiguous():
-        raise ValueError("kv_cache: expected a contiguous tensor")
+    if kv_cache.stride(-1) != 1:
+        raise ValueError("kv_cache: expected the last dim contiguous")
     if plan is None:
         plan = plan_sparse_mla_decode(q.shape[0], q.shape[1], indices.shape[-1], kv_dtype=kind, device=q.device)
     elif not isinstance(plan, DecodePlan) or plan.tier != "triton":
@@ -84,6 +85,8 @@ def sparse_mla_decode(
     if d_v != 512:
         raise ValueError(f"d_v: the Triton kernel supports d_v=512, got {d_v}")
     data: TritonDecodeData = plan.data
-    flat = kv_cache.view(-1, 1, kv_cache.shape[-1])  # [pages, 64, 1, D] -> [N, 1, D], slot = page * 64 + offset
+    # [pages, 64, 1, D] -> [N, 1, D], slot = page * 64 + offset. A view for any token stride whose pages are
+    # evenly spaced (page stride = 64 x token stride); pages spaced otherwise are copied into slots once.
+    flat = kv_cache.flatten(0, 1)
     out, _max_logits, lse = sparse_mla_fwd_split(q, flat, indices, sm_scale, data.num_splits, data.config)
     return out, lse
