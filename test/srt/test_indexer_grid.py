@@ -166,10 +166,13 @@ def check_repeatable(run, first: torch.Tensor, name: str) -> None:
             pytest.fail(f"{name}: call {i + 2} differs from call 1, first at {bad}")
 
 
+ORDER_EXACT_TOPK = ("triton", "reference")  # tiers whose top-k id order is part of what repeats bitwise
+
+
 def check_topk(logits: torch.Tensor, ks: torch.Tensor, ke: torch.Tensor, backend: str, name: str,
                topk: int = TOPK) -> None:
     """Top-k ids over each row's ``[ks, ke)``: every id a candidate of its row with a finite logit, and the
-    same ids, in the same order, on every one of ``1 + REPEATS`` calls."""
+    same ids on every one of ``1 + REPEATS`` calls (in the same order for :data:`ORDER_EXACT_TOPK`)."""
     lengths = (ke - ks).clamp_min(0).to(torch.int32)
 
     def run():
@@ -183,7 +186,14 @@ def check_topk(logits: torch.Tensor, ks: torch.Tensor, ke: torch.Tensor, backend
     assert bool(torch.isfinite(vals[kept]).all()), f"{name}: a kept id has no finite logit"
     want_n = torch.isfinite(logits).sum(1).clamp(max=topk)
     assert torch.equal(kept.sum(1), want_n), f"{name}: kept-id counts differ from min(K, candidates)"
-    check_repeatable(run, ids, f"{name} top-k ids")
+    # The selection (which ids, ties included) must be identical on every call, for every tier. The order of the
+    # ids too for our tiers; sgl-kernel's fast_topk_v2 returns the same set in an order that varies from call to
+    # call (measured on an H100, 2026-12-06: "call 2 differs from call 1, first at [0, 0]"), which the sparse core
+    # does not see (attention over a set), so for upstream's kernel, and auto where it routes there, the sorted ids.
+    if backend in ORDER_EXACT_TOPK:
+        check_repeatable(run, ids, f"{name} top-k ids")
+    else:
+        check_repeatable(lambda: run().sort(dim=1).values, ids.sort(dim=1).values, f"{name} top-k id sets")
 
 
 # ----------------------------------------------------------------------------------------------------------

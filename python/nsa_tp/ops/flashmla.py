@@ -225,6 +225,10 @@ def _decode_supports(
     reason = _strides_reason(q=q, kv_cache=kv_cache)
     if reason:
         return reason
+    if is_fp8_kv(kv_cache) and not kv_cache.is_contiguous():
+        # Measured on an H100 (sgl-flash-mla 1.0.0, 2026-12-06): its fp8 decode raises "The whole block must be
+        # contiguous when is_fp8_cache is True for kv cache" on a padded page stride; decline, don't crash.
+        return f"kv_cache: FlashMLA's fp8 decode needs a contiguous cache, got strides {tuple(kv_cache.stride())}"
     reason = _indices_reason(indices, q.shape[0]) or _same_device_reason(q, kv_cache=kv_cache, indices=indices)
     if reason:
         return reason
