@@ -30,21 +30,24 @@ DECODE_TOL = {"out": (1e-3, 2 / 128), "cos": 5e-6, "lse": (1e-6, 8 / 65536)}
 # Where a GPU kernel cannot meet FlashMLA's out tolerance on these inputs, and why (measured, not guessed).
 # The kernels (ours and FlashMLA's) feed the softmax probabilities P to the P @ V product as bf16, rounded
 # relative to the running max. With q, kv ~ N(0, 1) and sm_scale = 1/sqrt(576) (score std 1, a peaked
-# softmax) and top-k 64-128, that rounding alone puts a few elements of out past FlashMLA's bound. Measured
-# on the full GPU grid (one H100, sgl-flash-mla 1.0.0, 2026-12-06, benchmark/results/grid_tests_h100_20261206.txt):
-# worst out element |got - oracle| FlashMLA's own prefill kernel 1.68e-3 (2.1x its 8e-4), our Triton kernel
-# 2.12e-3 (2.65x; 1 to 10 elements of up to 7M per case), Triton decode 1.59e-3 (1.6x the decode 1e-3);
-# FlashMLA's fp8 decode 1.99e-3, at elements whose true value is ~0. So kernel tiers get 3x FlashMLA's out
-# bound (and 3x the cosine bound); max_logits and lse keep FlashMLA's, except below. The reference tier
-# (fp32 P) is held to FlashMLA's bounds unchanged.
-BF16_P_OUT_SLACK = 3.0
+# softmax), that rounding alone puts a few elements of out past FlashMLA's bound. Measured on the full GPU
+# grid, two runs of fresh inputs (one H100, sgl-flash-mla 1.0.0, 2026-12-06; benchmark/results/
+# grid_tests_h100_20261206*.txt): worst out element |got - oracle| of FlashMLA's own prefill kernel 1.68e-3 and
+# 2.44e-3 (up to 3.05x its 8e-4), of our Triton kernel 2.12e-3 and 2.44e-3 (the same element as FlashMLA's in
+# the second run; 1 to 10 elements of up to 67M per case), Triton decode 1.59e-3 (1.6x the decode 1e-3). So
+# kernel tiers get 4x FlashMLA's out bound (and 3x the cosine bound); max_logits and lse keep FlashMLA's,
+# except below. The reference tier (fp32 P) is held to FlashMLA's bounds unchanged.
+BF16_P_OUT_SLACK = 4.0
 BF16_P_COS_SLACK = 3.0
 KERNEL_TIERS = ("triton", "flashmla", "auto")
 # FlashMLA's fp8 decode kernel scores keys with its own dequantization rounding, which neither of our
-# oracles reproduces: measured lse relative error up to 7.7e-4 (H100, same run) against the bf16-rounded
-# oracle that Triton's default fp8 path meets at 8/65536. Bound for that kernel (and auto, which routes
-# large decode batches to it): 1e-3.
-FLASHMLA_FP8_DECODE_LSE_REL = 1e-3
+# oracles reproduces (Triton's default fp8 path meets the bf16-rounded oracle at FlashMLA's decode bounds but
+# for the bf16-P tail above). Measured, same two runs: out up to 4.33e-3 off (thousands of elements past
+# 3e-3 at large batches, most where the true value is ~0) and lse up to 1.02e-3 relative. Its bounds (and
+# auto's, which routes large fp8 decode batches to it): out abs 6e-3, lse relative 2e-3. Upstream's numerics,
+# not a contract we can tighten.
+FLASHMLA_FP8_DECODE_OUT_ABS = 6e-3
+FLASHMLA_FP8_DECODE_LSE_REL = 2e-3
 
 
 def tolerances(case: Case, tier: str) -> dict:
@@ -54,6 +57,7 @@ def tolerances(case: Case, tier: str) -> dict:
         tol["out"] = (a * BF16_P_OUT_SLACK, r * BF16_P_OUT_SLACK)
         tol["cos"] = tol["cos"] * BF16_P_COS_SLACK
     if case.decode and case.fp8 and tier in ("flashmla", "auto"):
+        tol["out"] = (FLASHMLA_FP8_DECODE_OUT_ABS, tol["out"][1])
         tol["lse"] = (tol["lse"][0], FLASHMLA_FP8_DECODE_LSE_REL)
     return tol
 

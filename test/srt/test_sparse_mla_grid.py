@@ -61,9 +61,16 @@ def run_case(case: Case, backend: str, device: str = "cpu") -> list[str]:
     if case.decode and x.cache is not None:
         plan = ops.plan_sparse_mla_decode(case.tokens, case.heads, case.topk, kv_dtype=x.cache.dtype,
                                           device=device, backend=backend)
-        got = ops.sparse_mla_decode(x.q, x.cache, x.indices, SM_SCALE, plan=plan)
-        bad = check_outputs(case, got, (want[0], None, want[2]), backend)
-        problems += [f"decode op ({plan.tier}): {p}" for p in bad]
+        try:
+            got = ops.sparse_mla_decode(x.q, x.cache, x.indices, SM_SCALE, plan=plan)
+        except BackendUnavailableError as e:
+            # documented: FlashMLA's fp8 decode raises on a padded page stride, so its tier declines one
+            # (auto then runs another tier: the grid checks that too)
+            if not (backend == "flashmla" and not x.cache.is_contiguous() and "contiguous cache" in str(e)):
+                raise
+        else:
+            bad = check_outputs(case, got, (want[0], None, want[2]), backend)
+            problems += [f"decode op ({plan.tier}): {p}" for p in bad]
     try:
         got = ops.sparse_mla_fwd(x.q, x.kv, x.indices, SM_SCALE, backend=backend)
     except BackendUnavailableError as e:
