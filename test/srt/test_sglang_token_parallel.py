@@ -140,6 +140,25 @@ def _forward_batch(mode_name: str = "EXTEND", reqs=REQS):
 
 @needs_sglang
 @pytest.mark.parametrize("world", [2, 4, 8])
+def test_auto_in_a_live_server_needs_collectives_measured_on_this_card(world):
+    """A one-GPU record borrows its collectives from another card's NCCL run: a projection. Inside SGLang auto then
+    keeps upstream's path (and says why); a record whose collectives were measured on its own card decides."""
+    import dataclasses
+
+    long = _forward_batch("EXTEND", [(0, 32768)])
+    borrowed = dataclasses.replace(TOY, collectives_card="NVIDIA H100 80GB HBM3")
+    plan = tp.plan_extend(long, 0, world, HEADS // world, mode="auto", costs=borrowed)
+    assert plan.strategy == "heads" and "borrows its collectives" in plan.reason, plan.reason
+    assert not TOY.collectives_measured_here  # not recorded counts as borrowed
+    own = dataclasses.replace(TOY, collectives_card=TOY.card)
+    assert own.collectives_measured_here
+    plan = tp.plan_extend(long, 0, world, HEADS // world, mode="auto", costs=own)
+    assert plan.strategy != "heads", plan.reason
+    forced = tp.plan_extend(long, 0, world, HEADS // world, mode="on", costs=borrowed)
+    assert forced.strategy == "tokens"  # forcing still works (the multi-GPU measurement needs it)
+
+
+@pytest.mark.parametrize("world", [2, 4, 8])
 def test_plan_from_real_forward_batch(world):
     fb = _forward_batch()
     plans = [tp.plan_extend(fb, r, world, HEADS // world, mode="on") for r in range(world)]

@@ -58,8 +58,9 @@ def collectives_from_nccl_run(path: str | os.PathLike[str]) -> dict[str, object]
     block: ``heads_to_tokens`` at two sizes)."""
     with open(path) as f:
         data = json.load(f)
-    return collectives_from_a2a(data["a2a"], f"{Path(path).name} ({data.get('card')} x{data.get('world')}, "
+    comm = collectives_from_a2a(data["a2a"], f"{Path(path).name} ({data.get('card')} x{data.get('world')}, "
                                              f"NCCL, {data.get('date')})")
+    return comm | {"collectives_card": str(data.get("card") or "")}
 
 
 def _piece(fn: Callable[[], object], graph: bool = False) -> tuple[float, str]:

@@ -57,6 +57,12 @@ class Costs:
     collectives_source: str
     kernels: tuple[tuple[str, str], ...] = ()
     margin: float = 0.05  # leave heads only for a predicted gain above this fraction (measurement noise)
+    collectives_card: str = ""  # the card of the NCCL run behind the collective fields ("": not recorded)
+
+    @property
+    def collectives_measured_here(self) -> bool:
+        """Whether the collective fields were measured on this record's own card (not borrowed from another)."""
+        return bool(self.collectives_card) and card_slug(self.collectives_card) == card_slug(self.card)
 
     def __post_init__(self) -> None:
         table = tuple(sorted((int(h), float(ns)) for h, ns in self.sparse_ns_per_token))

@@ -95,6 +95,9 @@ def why_not_here() -> str | None:
         costs, why = load_costs(_plan._card())  # this card's record (or the override); each batch reads the same
         if costs is None:
             return f"auto: {why}"
+        why = _plan.borrowed_collectives(costs)
+        if why:
+            return f"auto: {why}"
     return None
 
 

@@ -30,8 +30,8 @@ from nsa_tp.token_parallel import (
 )
 from nsa_tp.token_parallel.policy import token_costs
 
-__all__ = ["PLAN_ATTR", "ExtendPlan", "choose_extend_strategy", "extend_rows", "batch_key", "plan_extend",
-           "plan_for", "current_plan", "attn_tp_group", "tokens_blocked"]
+__all__ = ["PLAN_ATTR", "ExtendPlan", "borrowed_collectives", "choose_extend_strategy", "extend_rows", "batch_key",
+           "plan_extend", "plan_for", "current_plan", "attn_tp_group", "tokens_blocked"]
 
 PLAN_ATTR = "nsa_tp_extend_plan"  # the per-batch plan, cached on SGLang's ForwardBatch object
 
@@ -128,8 +128,21 @@ def plan_extend(forward_batch: Any, rank: int, world: int, heads_per_rank: int, 
         costs, why = load_costs(card)
         if costs is None and mode == "auto":
             return ExtendPlan("heads", f"auto: {why}", (sum(extend),) + (0,) * (world - 1), rank, key)
+    why_not = borrowed_collectives(costs) if mode == "auto" else None
+    if why_not:
+        return ExtendPlan("heads", f"auto: {why_not}", (sum(extend),) + (0,) * (world - 1), rank, key)
     strategy, reason, splits = _decide(mode, world, tuple(prefix), tuple(extend), heads_per_rank, costs)
     return ExtendPlan(strategy, reason, splits, rank, key)
+
+
+def borrowed_collectives(costs: Costs | None) -> str | None:
+    """Why a Costs record cannot decide for a live server, or None: inside SGLang ``auto`` leaves upstream's
+    path only on a record whose collectives were measured on its own card (a one-GPU record borrows them
+    from another card's NCCL run: a projection, not a measurement of this host)."""
+    if costs is None or costs.collectives_measured_here:
+        return None
+    return (f"the {costs.card} Costs record borrows its collectives ({costs.collectives_card or 'card not recorded'}); "
+            "upstream's path until a multi-GPU run on this card measures them (--nsa-token-parallel on forces it)")
 
 
 @functools.lru_cache(maxsize=256)
