@@ -34,7 +34,7 @@ DECODE_TOL = {"out": (1e-3, 2 / 128), "cos": 5e-6, "lse": (1e-6, 8 / 65536)}
 # grid, two runs of fresh inputs (one H100, sgl-flash-mla 1.0.0, 2026-12-06; benchmark/results/
 # grid_tests_h100_20261206*.txt): worst out element |got - oracle| of FlashMLA's own prefill kernel 1.68e-3 and
 # 2.44e-3 (up to 3.05x its 8e-4), of our Triton kernel 2.12e-3 and 2.44e-3 (the same element as FlashMLA's in
-# the second run; 1 to 10 elements of up to 67M per case), Triton decode 1.59e-3 (1.6x the decode 1e-3). So
+# the second run; 1 to 10 elements of up to 67M per case), Triton decode 1.85e-3 (1.85x the decode 1e-3). So
 # kernel tiers get 4x FlashMLA's out bound (and 3x the cosine bound); max_logits and lse keep FlashMLA's,
 # except below. The reference tier (fp32 P) is held to FlashMLA's bounds unchanged.
 BF16_P_OUT_SLACK = 4.0
