@@ -45,15 +45,13 @@ from nsa_tp.needle.checkpoint import NeedleSpec, hf_config, write_checkpoint  # 
 from nsa_tp.needle.serving import PASS, Row, concurrent_rows, plan_rows, score_response  # noqa: E402
 from nsa_tp.needle.task import diagnose  # noqa: E402
 from sglang_client import _post  # noqa: E402
-from sglang_launch import MAX_TOTAL_TOKENS, MEM_FRACTION, install_plugin, wait_all  # noqa: E402
+from sglang_launch import MAX_TOTAL_TOKENS, MEM_FRACTION, SERVER_ENV, install_plugin, spec_flags, wait_all  # noqa: E402
 from sglang_summary import log_facts  # noqa: E402
 
 STATE = Path(os.environ.get("NEEDLE_STATE", "/tmp/nsa_needle"))
 DEFAULT_SERVERS = "fp8-off,fp8-on,fp8-verify,bf16-off,bf16-on,bf16-verify"
 DEFAULT_LENS = "8192,32768,65536,131072"
 CONTEXT = 135_000  # 128K prompts + the greedy chain
-BASE_ENV = {"HF_HUB_OFFLINE": "1", "PYTHONUNBUFFERED": "1", "SGLANG_DSA_PREFILL_DENSE_ATTN_KV_LEN_THRESHOLD": "0",
-            "NCCL_NVLS_ENABLE": "0", "TORCH_SYMM_MEM_DISABLE_MULTICAST": "1", "NVSHMEM_DISABLE_NVLS": "1"}
 
 
 def parse_servers(text: str) -> list[dict]:
@@ -79,24 +77,17 @@ def server_command(s: dict, port: int, ckpt: Path, a: argparse.Namespace) -> tup
            "--skip-tokenizer-init", "--sampling-backend", "pytorch", "--host", "127.0.0.1", "--port", str(port),
            "--mem-fraction-static", f"{a.mem_fraction:.3f}", "--context-length", str(CONTEXT),
            "--max-total-tokens", str(MAX_TOTAL_TOKENS), "--disable-custom-all-reduce"]
-    if s["kv"] == "bf16":
-        cmd += ["--kv-cache-dtype", "bfloat16", "--dsa-prefill-backend", "flashmla_sparse",
-                "--dsa-decode-backend", "flashmla_sparse"]
-    else:
-        cmd += ["--kv-cache-dtype", "fp8_e4m3"]
-    if s["mode"] == "verify":
-        cmd += ["--disable-cuda-graph"]
+    flags, env = spec_flags(s)  # the KV cache and mode flags of the one-card servers
+    cmd += flags
     if s["mode"] != "off" and a.nsa_token_parallel:
         cmd += ["--nsa-token-parallel", a.nsa_token_parallel]  # a plugin flag: plugin-off servers lack it
-    env = {"NSA_TP_SGLANG_PLUGIN": "0" if s["mode"] == "off" else "1",
-           "NSA_TP_SGLANG_VERIFY": "1" if s["mode"] == "verify" else "0"}
     return cmd, env
 
 
 def start_servers(servers: list[dict], ckpt: Path, a: argparse.Namespace) -> None:
     repo = Path.cwd()
     path = os.environ.get("PYTHONPATH", "")
-    base = BASE_ENV | {"PYTHONPATH": f"/tmp/site:{repo / 'python'}" + (f":{path}" if path else "")}
+    base = SERVER_ENV | {"PYTHONPATH": f"/tmp/site:{repo / 'python'}" + (f":{path}" if path else "")}
     for i, s in enumerate(servers):
         port = a.port + i
         cmd, env = server_command(s, port, ckpt, a)

@@ -111,6 +111,26 @@ def parallel_flags(tp: int, dp: int, attn_dp_size: bool) -> list[str]:
     return flags
 
 
+def spec_flags(s: dict) -> tuple[list[str], dict[str, str]]:
+    """The flags and environment additions of a server spec's KV cache (``s["kv"]``: ``fp8`` | ``bf16``) and mode
+    (``s["mode"]``: ``off`` | ``on`` | ``verify``), shared by the one-card servers and the needle gate's.
+
+    ``fp8`` is named explicitly: for a checkpoint without fp8 weights (our dummy one, the needle's bf16 one) SGLang
+    0.5.17 resolves ``auto`` to bf16 and then picks FA3 for decode; ``fp8_e4m3`` gives its Hopper fp8 path
+    (``flashmla_kv``). ``verify`` adds ``--disable-cuda-graph`` (verify skips captured calls).
+    """
+    if s["kv"] == "bf16":
+        flags = ["--kv-cache-dtype", "bfloat16", "--dsa-prefill-backend", "flashmla_sparse",
+                 "--dsa-decode-backend", "flashmla_sparse"]
+    else:
+        flags = ["--kv-cache-dtype", "fp8_e4m3"]
+    if s["mode"] == "verify":
+        flags.append("--disable-cuda-graph")
+    env = {"NSA_TP_SGLANG_PLUGIN": "0" if s["mode"] == "off" else "1",
+           "NSA_TP_SGLANG_VERIFY": "1" if s["mode"] == "verify" else "0"}
+    return flags, env
+
+
 def install_plugin(probe: bool = False) -> str:
     """Make nsa_tp importable with its ``sglang.srt.plugins`` entry point in every SGLang process (a dist-info in
     /tmp/site; python/ goes on PYTHONPATH), plus the carried FlashMLA wheel; ``probe``: check it from a fresh
@@ -187,18 +207,8 @@ def server_command(s: dict, port: int, mem_fraction: float) -> tuple[list[str], 
            "--load-format", "dummy", "--tp", "1", "--skip-tokenizer-init", "--sampling-backend", "pytorch",
            "--host", "127.0.0.1", "--port", str(port), "--mem-fraction-static", f"{mem_fraction:.3f}",
            "--context-length", "40000", "--max-total-tokens", str(MAX_TOTAL_TOKENS), "--disable-custom-all-reduce"]
-    if s["kv"] == "bf16":
-        cmd += ["--kv-cache-dtype", "bfloat16", "--dsa-prefill-backend", "flashmla_sparse",
-                "--dsa-decode-backend", "flashmla_sparse"]
-    else:
-        # Named explicitly: for a checkpoint without fp8 weights (our dummy one) SGLang 0.5.17 resolves `auto`
-        # to bf16 and then picks FA3 for decode; fp8_e4m3 gives its Hopper fp8 path (flashmla_kv).
-        cmd += ["--kv-cache-dtype", "fp8_e4m3"]
-    if s["mode"] == "verify":
-        cmd += ["--disable-cuda-graph"]
-    env = {"NSA_TP_SGLANG_PLUGIN": "0" if s["mode"] == "off" else "1",
-           "NSA_TP_SGLANG_VERIFY": "1" if s["mode"] == "verify" else "0"}
-    return cmd, env
+    flags, env = spec_flags(s)
+    return cmd + flags, env
 
 
 def _wait_for_pool(s: dict, timeout: float = 300) -> bool:

@@ -143,34 +143,33 @@ def around_flashmla_sparse(
 
     Returns ``o [T, H, v_head_dim]`` bfloat16, upstream's contract; rows whose indices are all -1 give 0.
     """
+    head = (backend, q_all, kv_cache, v_head_dim)  # upstream's positional arguments before page_table_1
     plan = tp_sparse.tokens_plan(backend)
     if plan is None:
-        return _sparse_kernels(original, backend, q_all, kv_cache, v_head_dim, page_table_1, sm_scale, topk_length,
-                               attn_sink, extra)
+        return _sparse_kernels(original, head, page_table_1, sm_scale, topk_length, attn_sink, extra)
     sink = {} if attn_sink is None else {"attn_sink": attn_sink}
     why = "an attention sink" if attn_sink is not None else ("extra arguments " + ", ".join(extra) if extra else None)
     return tp_sparse.run_tokens(
         "_forward_flashmla_sparse", plan, q_all, kv_cache, v_head_dim, page_table_1, sm_scale, why,
-        kernel_path=lambda table: _sparse_kernels(original, backend, q_all, kv_cache, v_head_dim, table, sm_scale,
-                                                  topk_length, attn_sink, extra),
-        upstream=lambda table: original(backend, q_all, kv_cache, v_head_dim, table, sm_scale,
-                                        topk_length=topk_length, **extra, **sink),
+        kernel_path=lambda table: _sparse_kernels(original, head, table, sm_scale, topk_length, attn_sink, extra),
+        upstream=lambda table: original(*head, table, sm_scale, topk_length=topk_length, **extra, **sink),
     )
 
 
 def _sparse_kernels(
     original: Callable[..., torch.Tensor],
-    backend: Any,
-    q_all: torch.Tensor,
-    kv_cache: torch.Tensor,
-    v_head_dim: int,
+    head: tuple[Any, ...],
     page_table_1: torch.Tensor,
     sm_scale: float,
     topk_length: torch.Tensor | None,
     attn_sink: torch.Tensor | None,
     extra: dict[str, Any],
 ) -> torch.Tensor:
-    """The routed kernel path of :func:`around_flashmla_sparse` (module docstring)."""
+    """The routed kernel path of :func:`around_flashmla_sparse` (module docstring).
+
+    ``head`` is upstream's positional arguments before ``page_table_1``: ``(backend, q_all, kv_cache, v_head_dim)``.
+    """
+    _backend, q_all, kv_cache, v_head_dim = head
     reason = None if plugin_enabled() else "plugin switched off"
     reason = reason or ("extra arguments " + ", ".join(extra) if extra else None)
     reason = reason or sparse_fwd_unsupported(q_all, kv_cache, v_head_dim, page_table_1, attn_sink)
@@ -178,14 +177,14 @@ def _sparse_kernels(
         _fallback("_forward_flashmla_sparse", reason)
         if attn_sink is not None:
             extra = {**extra, "attn_sink": attn_sink}  # 0.5.17's signature has no attn_sink: pass it only when given
-        return original(backend, q_all, kv_cache, v_head_dim, page_table_1, sm_scale, topk_length=topk_length, **extra)
+        return original(*head, page_table_1, sm_scale, topk_length=topk_length, **extra)
 
     T, H, _ = q_all.shape
     if T == 0:  # an idle DP-attention rank: nothing to attend
         return q_all.new_zeros(0, H, v_head_dim)
 
     def upstream() -> torch.Tensor:
-        return original(backend, q_all, kv_cache, v_head_dim, page_table_1, sm_scale, topk_length=topk_length, **extra)
+        return original(*head, page_table_1, sm_scale, topk_length=topk_length, **extra)
 
     def full_args() -> tuple[Any, ...]:  # built only when nsa-tp runs: upstream's path pays nothing for it
         indices = _cut_at_topk_length(page_table_1.to(torch.int32), topk_length).unsqueeze(1)  # [T,K] -> [T,1,K]
@@ -217,42 +216,36 @@ def around_flashmla_kv(
     (upstream re-quantizes it to fp8 on every call), so results are slightly closer to exact than upstream's.
     On a token-parallel ``tokens`` extend, :func:`.token_parallel.sparse.run_tokens` runs instead.
     """
+    head = (backend, q_all, kv_cache, v_head_dim, sm_scale, layer, metadata)  # upstream's arguments before page_table_1
     plan = tp_sparse.tokens_plan(backend)
     if plan is None:
-        return _kv_kernels(original, backend, q_all, kv_cache, v_head_dim, sm_scale, layer, metadata, page_table_1,
-                           extra)
+        return _kv_kernels(original, head, page_table_1, extra)
     q = q_all.reshape(-1, layer.tp_q_head_num, q_all.shape[-1])  # [T, h*576] or [T, 1, h, 576] -> [T, h, 576]
     flat = kv_cache.view(-1, 1, kv_cache.shape[-1])  # the pool [pages*64, 1, D]: slots are global
     out = tp_sparse.run_tokens(
         "_forward_flashmla_kv", plan, q, flat, v_head_dim, page_table_1, sm_scale,
         "extra arguments " + ", ".join(extra) if extra else None,
-        kernel_path=lambda table: _kv_kernels(original, backend, q_all, kv_cache, v_head_dim, sm_scale, layer,
-                                              metadata, table, extra).reshape(q.shape[0], q.shape[1], -1),
-        upstream=lambda table: original(backend, q_all, kv_cache, v_head_dim, sm_scale, layer, metadata, table,
-                                        **extra),
+        kernel_path=lambda table: _kv_kernels(original, head, table, extra).reshape(q.shape[0], q.shape[1], -1),
+        upstream=lambda table: original(*head, table, **extra),
     )
     return out.reshape(q.shape[0], 1, q.shape[1], -1)  # [T, h, 512] -> [T, 1, h, 512]
 
 
 def _kv_kernels(
-    original: Callable[..., torch.Tensor],
-    backend: Any,
-    q_all: torch.Tensor,
-    kv_cache: torch.Tensor,
-    v_head_dim: int,
-    sm_scale: float,
-    layer: Any,
-    metadata: Any,
-    page_table_1: torch.Tensor,
-    extra: dict[str, Any],
+    original: Callable[..., torch.Tensor], head: tuple[Any, ...], page_table_1: torch.Tensor, extra: dict[str, Any]
 ) -> torch.Tensor:
-    """The routed kernel path of :func:`around_flashmla_kv` (module docstring)."""
+    """The routed kernel path of :func:`around_flashmla_kv` (module docstring).
+
+    ``head`` is upstream's positional arguments before ``page_table_1``:
+    ``(backend, q_all, kv_cache, v_head_dim, sm_scale, layer, metadata)``.
+    """
+    backend, q_all, kv_cache, v_head_dim, sm_scale, layer, _metadata = head
     reason = None if plugin_enabled() else "plugin switched off"
     reason = reason or ("extra arguments " + ", ".join(extra) if extra else None)
     reason = reason or paged_decode_unsupported(backend, q_all, kv_cache, v_head_dim, layer, page_table_1)
     if reason is not None:
         _fallback("_forward_flashmla_kv", reason)
-        return original(backend, q_all, kv_cache, v_head_dim, sm_scale, layer, metadata, page_table_1, **extra)
+        return original(*head, page_table_1, **extra)
 
     H = layer.tp_q_head_num
     q = q_all.reshape(-1, H, D_QK)  # [B*s_q, H*576] or [B, 1, H, 576] -> [B, H, 576]: a view
@@ -262,7 +255,7 @@ def _kv_kernels(
     pages = kv_cache.view(-1, PAGE_SIZE, 1, kv_cache.shape[-1])  # [pages*64, 1, D] -> [pages, 64, 1, D]: a view
 
     def upstream() -> torch.Tensor:
-        return original(backend, q_all, kv_cache, v_head_dim, sm_scale, layer, metadata, page_table_1, **extra)
+        return original(*head, page_table_1, **extra)
 
     def full_args() -> tuple[Any, ...]:
         indices = page_table_1.to(torch.int32).unsqueeze(1)  # [B, K] -> [B, 1, K]

@@ -319,6 +319,20 @@ def _fp8_rows(rows: torch.Tensor) -> torch.Tensor:
     return raw
 
 
+def _kv_operands(kv: torch.Tensor, fp8: bool) -> tuple[tuple, int, int]:
+    """The kernel's kv operands: ``(nope, stride, scale, stride, rope, stride)``, ``ROPE_OFF`` and ``SCALE_OFF``.
+
+    bf16 rows serve all three reads; fp8 rows are read as bytes, float32 scales and bf16 rope of the same memory.
+    """
+    rows = kv[:, 0]  # [N, 1, D] -> [N, D]: a view that keeps the caller's row stride (no copy)
+    if not fp8:
+        return (rows, rows.stride(0)) * 3, D_LATENT, 0
+    raw = _fp8_rows(rows)  # [N, 656] bytes
+    scale, rope = raw.view(torch.float32), raw.view(torch.bfloat16)  # the same bytes as f32 / bf16
+    args = (raw, raw.stride(0), scale, scale.stride(0), rope, rope.stride(0))
+    return args, _FP8_ROPE_OFF_BF16, _FP8_SCALE_OFF_F32
+
+
 def sparse_mla_fwd_split(
     q: torch.Tensor,
     kv: torch.Tensor,
@@ -344,18 +358,7 @@ def sparse_mla_fwd_split(
     k_per_split = cdiv(tiles, num_splits) * cfg.block_k
     num_splits = max(1, cdiv(K, k_per_split))
 
-    rows = kv[:, 0]  # [N, 1, D] -> [N, D]: a view that keeps the caller's row stride (no copy)
-    if fp8:
-        raw = _fp8_rows(rows)  # [N, 656] bytes
-        scale, rope = raw.view(torch.float32), raw.view(torch.bfloat16)  # the same bytes as f32 / bf16
-        nope, stride_nope = raw, raw.stride(0)
-        stride_scale, stride_rope = scale.stride(0), rope.stride(0)
-        rope_off, scale_off = _FP8_ROPE_OFF_BF16, _FP8_SCALE_OFF_F32
-    else:
-        nope = scale = rope = rows
-        stride_nope = stride_scale = stride_rope = rows.stride(0)
-        rope_off, scale_off = D_LATENT, 0
-
+    kv_args, rope_off, scale_off = _kv_operands(kv, fp8)
     out = _common.alloc((T, H, D_LATENT), torch.bfloat16, q.device)
     max_logits = _common.alloc((T, H), torch.float32, q.device)
     lse = _common.alloc((T, H), torch.float32, q.device)
@@ -377,9 +380,7 @@ def sparse_mla_fwd_split(
     extra = {} if exact else {"FP8": fp8}
     kernel[grid](
         q, q.stride(0), q.stride(1),
-        nope, stride_nope,
-        scale, stride_scale,
-        rope, stride_rope,
+        *kv_args,
         indices, indices.stride(0),
         o_t, stride_os, H * D_LATENT, D_LATENT,
         ml_t, lse_t, stride_ms, H,
