@@ -158,6 +158,7 @@ def test_auto_in_a_live_server_needs_collectives_measured_on_this_card(world):
     assert forced.strategy == "tokens"  # forcing still works (the multi-GPU measurement needs it)
 
 
+@needs_sglang
 @pytest.mark.parametrize("world", [2, 4, 8])
 def test_plan_from_real_forward_batch(world):
     fb = _forward_batch()
