@@ -97,6 +97,15 @@ def attn_dp_spelling(version: str | None = None) -> tuple[bool, str]:
     return found.has_attn_dp_size, f"sglang {found.version} ({spelling})"
 
 
+def server_entry(serve: bool) -> list[str]:
+    """How a server starts: ``sglang serve`` where the SGLang the servers run ships it (0.5.23 on; SGLang's own
+    console-script function, ``sglang.cli.main:main``, run by this Python, since the GPU machines unpack SGLang
+    without console scripts), else 0.5.17's ``python -m sglang.launch_server``. Both load the plugin alike."""
+    if serve:
+        return [sys.executable, "-c", "from sglang.cli.main import main; main()", "serve"]
+    return [sys.executable, "-m", "sglang.launch_server"]
+
+
 def _release(version: str) -> tuple[int, ...]:
     m = re.match(r"(\d+)\.(\d+)(?:\.(\d+))?", version)
     return tuple(int(g or 0) for g in m.groups()) if m else (0, 0, 0)
@@ -403,13 +412,15 @@ def model_config(model: str, write: bool) -> Path:
 
 def run_command(run: str, port: int, *, attn_dp_size: bool, flags: str, context: int,
                 model_dir: Path) -> tuple[list[str], dict[str, str]]:
-    """One multi-GPU server's launch command and environment additions (``run`` = ``STATE:LAYOUT``)."""
+    """One multi-GPU server's launch command and environment additions (``run`` = ``STATE:LAYOUT``).
+    ``attn_dp_size``: the servers' SGLang is 0.5.23 or later, so DP attention is spelled ``--attn-dp-size`` and the
+    server starts through ``sglang serve`` (:func:`server_entry`)."""
     state, _, layout = run.partition(":")
     if state not in STATES:
         raise ValueError(f"bad run {run!r}: STATE one of {', '.join(STATES)}")
     plugin, tp_mode, verify, extra = STATES[state]
     tp, dp = parse_layout(layout)
-    cmd = [sys.executable, "-m", "sglang.launch_server", "--model-path", str(model_dir), "--load-format", "dummy",
+    cmd = [*server_entry(attn_dp_size), "--model-path", str(model_dir), "--load-format", "dummy",
            *parallel_flags(tp, dp, attn_dp_size), "--skip-tokenizer-init", "--sampling-backend", "pytorch",
            *shlex.split(flags), "--host", "127.0.0.1", "--port", str(port), "--mem-fraction-static", "0.6",
            "--context-length", str(context), "--disable-custom-all-reduce",

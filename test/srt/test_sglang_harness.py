@@ -322,6 +322,10 @@ def test_e2e_workload_against_a_stand_in_server(tmp_path, monkeypatch):
     fake.mkdir(parents=True)
     (fake / "__init__.py").write_text("")
     (fake / "launch_server.py").write_text(_FAKE_SERVER)
+    (fake / "cli").mkdir()  # SGLang 0.5.23's `sglang serve` entry, standing in front of the same fake server
+    (fake / "cli" / "__init__.py").write_text("")
+    (fake / "cli" / "main.py").write_text("def main():\n    import runpy\n"
+                                          "    runpy.run_module('sglang.launch_server', run_name='__main__')\n")
     monkeypatch.setattr(e2e, "BIN", tmp_path)
     (tmp_path / "config-v32-1layer.json").write_text("{}")
     monkeypatch.setattr(e2e, "install_plugin", lambda probe=False: "entry point: x | gpu Stand-in GPU\n")
@@ -332,3 +336,12 @@ def test_e2e_workload_against_a_stand_in_server(tmp_path, monkeypatch):
     s = json.loads((tmp_path / "out" / "summary_2gpu.json").read_text())
     (row,) = s["modes"]["tp2"]["lengths"]
     assert row["tokens_match"] is True and s["modes"]["tp2"]["plugin_on"]["schedulers_loaded"] == 1
+
+
+def test_servers_start_through_sglang_serve_where_shipped(tmp_path):
+    """0.5.23 on: `sglang serve` (its console-script function) with --attn-dp-size; 0.5.17: launch_server + --dp."""
+    new, _ = e2e.run_command("off:tp4dp2", 30001, attn_dp_size=True, flags="", context=1024, model_dir=tmp_path)
+    assert new[1:4] == ["-c", "from sglang.cli.main import main; main()", "serve"], new
+    assert "--attn-dp-size" in new and "--enable-dp-attention" not in new
+    old, _ = e2e.run_command("off:tp4dp2", 30001, attn_dp_size=False, flags="", context=1024, model_dir=tmp_path)
+    assert old[1:3] == ["-m", "sglang.launch_server"] and "--enable-dp-attention" in old
