@@ -30,6 +30,7 @@ from nsa_tp.cli import UsageError, add_layout_args, int_at_least, layout_from_ar
 from nsa_tp.config import NSAConfig
 from nsa_tp.model.core import CORE_MODES
 from nsa_tp.model.runner import CaseResult, Request, RunCase, compare_results, run_layouts
+from nsa_tp.ops.capability import card_name
 from nsa_tp.token_parallel.costs import load_costs
 from nsa_tp.token_parallel.policy import BatchShape, choose
 
@@ -155,7 +156,7 @@ def case_strategies(case: RunCase) -> str:
         return "-"
     lay = case.layout()
     mode = CORE_MODES[case.core]
-    costs = load_costs(_card())[0]
+    costs = load_costs(card_name())[0]
     seen: list[str] = []
     for reqs in case.groups_of_requests(lay.attn_dp_size):
         if not reqs:
@@ -168,14 +169,6 @@ def case_strategies(case: RunCase) -> str:
         if f"{pre}/{dec}" not in seen:
             seen.append(f"{pre}/{dec}")
     return ",".join(seen) or "-"
-
-
-def _card() -> str | None:
-    import torch
-
-    from nsa_tp.ops.capability import get_capability
-
-    return get_capability().name if torch.cuda.is_available() else None
 
 
 def _row(case: RunCase, ranks: list[CaseResult], ref: CaseResult) -> dict[str, Any]:

@@ -98,3 +98,23 @@ def test_measure_costs_on_cpu_names_every_kernel(monkeypatch):
     kinds = dict(rec.kernels)
     assert "[reference]" in kinds["indexer_ns_per_row_key"] and "h128 [reference]" in kinds["sparse_ns_per_token"]
     assert Costs.from_dict(json.loads(json.dumps(rec.to_dict()))) == rec
+
+
+def test_serving_refuses_a_record_with_borrowed_collectives(tmp_path, monkeypatch):
+    """A live server (and `nsa-tp plan`, which describes one) acts only on collectives measured on the card."""
+    import dataclasses
+
+    from nsa_tp.parallel import resolve_layout
+    from nsa_tp.token_parallel.policy import describe_policy
+
+    f = tmp_path / "costs.json"
+    monkeypatch.setenv(costs_mod.ENV_COSTS, str(f))
+    f.write_text(json.dumps({"costs": REC.to_dict()}))  # collectives_card not recorded: borrowed
+    assert not REC.collectives_measured_here
+    assert load_costs("Card A")[0] == REC  # a projection may use it
+    got, why = load_costs("Card A", serving=True)
+    assert got is None and "borrows its collectives" in why
+    assert "borrows its collectives" in describe_policy(resolve_layout(8, sm_major=9), card="Card A")
+    own = dataclasses.replace(REC, collectives_card="Card A")
+    f.write_text(json.dumps({"costs": own.to_dict()}))
+    assert own.collectives_measured_here and load_costs("Card A", serving=True)[0] == own

@@ -140,22 +140,23 @@ def _forward_batch(mode_name: str = "EXTEND", reqs=REQS):
 
 @needs_sglang
 @pytest.mark.parametrize("world", [2, 4, 8])
-def test_auto_in_a_live_server_needs_collectives_measured_on_this_card(world):
+def test_auto_in_a_live_server_needs_collectives_measured_on_this_card(world, tmp_path, monkeypatch):
     """A one-GPU record borrows its collectives from another card's NCCL run: a projection. Inside SGLang auto then
-    keeps upstream's path (and says why); a record whose collectives were measured on its own card decides."""
+    keeps upstream's path (and says why); a record whose collectives were measured on its own card decides;
+    a forced split still reads the borrowed record (its rows are weighed by it)."""
     import dataclasses
 
     long = _forward_batch("EXTEND", [(0, 32768)])
-    borrowed = dataclasses.replace(TOY, collectives_card="NVIDIA H100 80GB HBM3")
-    plan = tp.plan_extend(long, 0, world, HEADS // world, mode="auto", costs=borrowed)
+    f = tmp_path / "costs.json"
+    monkeypatch.setenv(tp.ENV_COSTS, str(f))
+    f.write_text(json.dumps({"costs": dataclasses.replace(TOY, collectives_card="NVIDIA H100").to_dict()}))
+    plan = tp.plan_extend(long, 0, world, HEADS // world, mode="auto", card=TOY.card)
     assert plan.strategy == "heads" and "borrows its collectives" in plan.reason, plan.reason
-    assert not TOY.collectives_measured_here  # not recorded counts as borrowed
-    own = dataclasses.replace(TOY, collectives_card=TOY.card)
-    assert own.collectives_measured_here
-    plan = tp.plan_extend(long, 0, world, HEADS // world, mode="auto", costs=own)
+    forced = tp.plan_extend(long, 0, world, HEADS // world, mode="on", card=TOY.card)
+    assert forced.strategy == "tokens" and len(set(forced.splits)) > 1  # weighed by the record: causal rows
+    f.write_text(json.dumps({"costs": dataclasses.replace(TOY, collectives_card=TOY.card).to_dict()}))
+    plan = tp.plan_extend(long, 0, world, HEADS // world, mode="auto", card=TOY.card)
     assert plan.strategy != "heads", plan.reason
-    forced = tp.plan_extend(long, 0, world, HEADS // world, mode="on", costs=borrowed)
-    assert forced.strategy == "tokens"  # forcing still works (the multi-GPU measurement needs it)
 
 
 @needs_sglang

@@ -21,7 +21,7 @@ import torch
 
 from nsa_tp.ops.heads import flashmla_head_multiple
 
-__all__ = ["Capability", "get_capability", "import_error", "clear_cache"]
+__all__ = ["Capability", "get_capability", "card_name", "import_error", "clear_cache"]
 
 
 @dataclasses.dataclass(frozen=True)
@@ -86,6 +86,15 @@ def get_capability(device: torch.device | str | int | None = None) -> Capability
     dictionary lookup, not a driver query.
     """
     return _probe(_normalize(device))
+
+
+def card_name(device: torch.device | str | int | None = None) -> str | None:
+    """The GPU's name (the key of its tuning table and Costs record) for ``device`` (default: the current CUDA
+    device), or None where it is not a CUDA device. Cached like :func:`get_capability`."""
+    if device is None and not torch.cuda.is_available():
+        return None
+    cap = get_capability(device)
+    return cap.name if cap.is_cuda else None
 
 
 @functools.cache

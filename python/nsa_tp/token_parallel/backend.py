@@ -34,6 +34,7 @@ from nsa_tp.attention.backend import NSABackend
 from nsa_tp.attention.indexer import DecodeIndexBatch, Indexer, build_decode_index_batch
 from nsa_tp.attention.metadata import ForwardMetadata, ForwardMetadataBuilder
 from nsa_tp.attention.padding import pad_topk_indices
+from nsa_tp.ops.capability import card_name
 from nsa_tp.ops.check import check_tensor
 from nsa_tp.ops.index_cache import store_index_k_unchecked
 from nsa_tp.ops.plan import DecodePlan
@@ -65,13 +66,6 @@ class TokenParallelMetadata:
     local_plan: DecodePlan | None  # decode "tokens": sparse decode plan for (this rank's requests, all heads)
     num_heads_total: int  # H of the layer (heads_per_rank * attn_tp_size)
     key_shard: KeyShardBatch | None = None  # decode "keys": this rank's slice of every request's context
-
-
-def _card(device: torch.device | str | None) -> str | None:
-    from nsa_tp.ops.capability import get_capability
-
-    dev = torch.device(device) if device is not None else None
-    return get_capability(dev).name if dev is not None and dev.type == "cuda" else None
 
 
 def _mean(values: Sequence[float]) -> float:
@@ -120,7 +114,7 @@ def build_token_parallel_metadata(
         pre = [int(p) for p in prefix_lens]
         keys = [p + i + 1 for p, s in zip(pre, seq, strict=True) for i in range(s - p)]
     if costs is None:
-        costs = load_costs(_card(builder.device))[0]
+        costs = load_costs(card_name(builder.device))[0]
     shape = BatchShape.of(layout, len(keys), _mean(keys), max(keys, default=0), is_decode=is_decode)
     strategy = choose(shape, costs, layout.token_parallel if mode is None else mode).strategy
     if strategy == "heads":

@@ -143,9 +143,13 @@ def costs_path(card: str, folder: str | os.PathLike[str] | None = None) -> Path:
     return Path(folder if folder is not None else MEASURED_DIR) / f"costs_{card_slug(card)}.json"
 
 
-def load_costs(card: str | None) -> tuple[Costs | None, str]:
+def load_costs(card: str | None, *, serving: bool = False) -> tuple[Costs | None, str]:
     """The record for ``card`` (``NSA_TP_TOKEN_PARALLEL_COSTS`` first, then the committed file), or None and
-    why not. Read once per path, modification time and size (not once per batch)."""
+    why not. Read once per path, modification time and size (not once per batch).
+
+    ``serving=True`` (a live SGLang server, and ``nsa-tp plan`` describing one): also None for a record whose
+    collectives were borrowed from another card's NCCL run (:attr:`Costs.collectives_measured_here`): a one-GPU
+    record is a projection, not a measurement of this host, so ``auto`` keeps upstream's path on it."""
     if card is None:
         return None, "no measured costs (no GPU: no card to read them for)"
     env = os.environ.get(ENV_COSTS, "").strip()
@@ -160,6 +164,10 @@ def load_costs(card: str | None) -> tuple[Costs | None, str]:
         return None, f"{where} unreadable: {type(e).__name__}: {e}"
     if card_slug(costs.card) != card_slug(card):
         return None, f"{where} was measured on {costs.card!r}, this card is {card!r}"
+    if serving and not costs.collectives_measured_here:
+        source = costs.collectives_card or "card not recorded"
+        return None, (f"the {costs.card} record borrows its collectives ({source}): upstream's path until a "
+                      "multi-GPU run on this card measures them (--nsa-token-parallel on forces token-parallel)")
     return costs, f"costs measured on {costs.card} ({costs.date})"
 
 

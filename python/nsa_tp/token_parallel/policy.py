@@ -36,6 +36,7 @@ import dataclasses
 import math
 from collections.abc import Mapping, Sequence
 
+from nsa_tp.ops.capability import card_name
 from nsa_tp.parallel.layout import TOKEN_PARALLEL_MODES, ParallelLayout
 from nsa_tp.token_parallel.costs import Costs, a2a_bytes, collective_ms, even_splits, gather_bytes, load_costs
 from nsa_tp.token_parallel.plan import _check_count, causal_mean_keys
@@ -282,7 +283,7 @@ def describe_policy(layout: ParallelLayout, costs: Costs | None = None, card: st
         return (f"on: every batch; prefill and decode with >= {w} requests split tokens over the {w} ranks, "
                 f"decode with < {w} requests shards the indexer's keys")
     if costs is None:
-        costs, why = load_costs(card if card is not None else _this_card())
+        costs, why = load_costs(card if card is not None else card_name(), serving=True)
         if costs is None:
             return f"auto: pure TP (upstream) for every batch: {why}"
     longest = 163840  # DeepSeek-V3.2's max_position_embeddings: no crossover past it matters
@@ -299,9 +300,3 @@ def describe_policy(layout: ParallelLayout, costs: Costs | None = None, card: st
     return f"auto: {pre} (fresh prompt); {dec} (cost model: {costs.card}, {costs.date})"
 
 
-def _this_card() -> str | None:
-    import torch
-
-    from nsa_tp.ops.capability import get_capability
-
-    return get_capability().name if torch.cuda.is_available() else None

@@ -15,13 +15,13 @@ import os
 from typing import Any
 
 from nsa_tp.integrations.sglang._switch import ENV_MODE, ENV_VAR, MODES
+from nsa_tp.token_parallel.costs import ENV_COSTS
 
-__all__ = ["FLAG", "TOKEN_PARALLEL_FLAG", "ENV_COSTS_HINT", "add_cli_flags", "add_token_parallel_flag",
+__all__ = ["FLAG", "TOKEN_PARALLEL_FLAG", "add_cli_flags", "add_token_parallel_flag",
            "after_add_cli_args"]
 
 FLAG = "--disable-nsa-tp"
 TOKEN_PARALLEL_FLAG = "--nsa-token-parallel"
-ENV_COSTS_HINT = "NSA_TP_TOKEN_PARALLEL_COSTS"  # named in the help text; read by token_parallel.costs
 
 
 class _SetEnv(argparse.Action):
@@ -52,7 +52,7 @@ def add_token_parallel_flag(parser: argparse.ArgumentParser) -> None:
     _add_once(
         parser, TOKEN_PARALLEL_FLAG, action=_SetEnv, env=ENV_MODE, choices=MODES,
         help=f"nsa-tp token-parallel DSA prefill inside the attention TP group (sets {ENV_MODE}): auto = only "
-             f"where measured faster on this card ({ENV_COSTS_HINT}), else upstream; on = always tokens; "
+             f"where measured faster on this card ({ENV_COSTS}), else upstream; on = always tokens; "
              "indexer = split only the indexer rows; off = upstream.",
     )
 

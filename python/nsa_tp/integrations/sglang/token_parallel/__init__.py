@@ -5,7 +5,7 @@ One module per role (STYLE.md, "Living inside a host engine"):
 
 - switch — ``--nsa-token-parallel auto|on|off|indexer`` (:mod:`..cli_flag`, sets ``NSA_TP_TOKEN_PARALLEL`` for
   every SGLang process) and :func:`~.._switch.token_parallel_mode`;
-- :mod:`.costs` — :func:`load_costs`, the measured costs ``auto`` needs;
+- costs — the card's one record, :func:`nsa_tp.token_parallel.costs.load_costs` with ``serving=True`` (no copy here);
 - :mod:`.plan` — the adapter: SGLang's ``ForwardBatch`` -> one frozen :class:`ExtendPlan` per batch (strategy,
   which contiguous rows each rank owns), cached on the batch object and read by every layer;
 - :mod:`.indexer` — :func:`around_get_topk_ragged` (the one HookRegistry hook token-parallel adds) runs upstream's
@@ -43,7 +43,6 @@ from nsa_tp.integrations.sglang.token_parallel.backend import (
     register_backend,
     register_in_model_process,
 )
-from nsa_tp.integrations.sglang.token_parallel.costs import ENV_COSTS, load_costs
 from nsa_tp.integrations.sglang.token_parallel.indexer import around_get_topk_ragged
 from nsa_tp.integrations.sglang.token_parallel.plan import (
     PLAN_ATTR,
@@ -54,6 +53,7 @@ from nsa_tp.integrations.sglang.token_parallel.plan import (
     plan_extend,
     plan_for,
 )
+from nsa_tp.token_parallel.costs import ENV_COSTS, load_costs
 
 __all__ = [
     "ENV_MODE", "ENV_COSTS", "MODES", "FLAG", "PLAN_ATTR", "HOOKS", "INDEXER_TARGET",

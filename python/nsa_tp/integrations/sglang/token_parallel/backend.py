@@ -25,9 +25,10 @@ from nsa_tp.integrations.sglang import _compat
 from nsa_tp.integrations.sglang._log import log_once, logger
 from nsa_tp.integrations.sglang._switch import ENV_MODE, token_parallel_mode
 from nsa_tp.integrations.sglang.token_parallel import plan as _plan
-from nsa_tp.integrations.sglang.token_parallel.costs import load_costs
 from nsa_tp.integrations.sglang.token_parallel.indexer import around_get_topk_ragged
 from nsa_tp.integrations.sglang.token_parallel.sparse import PLAN_ON_BACKEND
+from nsa_tp.ops.capability import card_name
+from nsa_tp.token_parallel.costs import load_costs
 
 __all__ = ["HOOKS", "make_backend_class", "register_backend", "hook_targets", "why_not_here",
            "register_in_model_process"]
@@ -53,7 +54,8 @@ def make_backend_class() -> type:
 
         def forward_extend(self, q: Any, k: Any, v: Any, layer: Any, forward_batch: Any, *args: Any,
                            **kwargs: Any) -> Any:
-            setattr(self, PLAN_ON_BACKEND, self._nsa_tp_plan_for(forward_batch))
+            # every layer: the plan init_forward_metadata cached on the batch (planned here only if it was not)
+            setattr(self, PLAN_ON_BACKEND, _plan.current_plan(forward_batch) or self._nsa_tp_plan_for(forward_batch))
             try:
                 return super().forward_extend(q, k, v, layer, forward_batch, *args, **kwargs)
             finally:
@@ -92,11 +94,8 @@ def why_not_here() -> str | None:
     if mode == "off":
         return f"switched off ({ENV_MODE}=off)"
     if mode == "auto":
-        costs, why = load_costs(_plan._card())  # this card's record (or the override); each batch reads the same
+        costs, why = load_costs(card_name(), serving=True)  # what each batch's plan reads too
         if costs is None:
-            return f"auto: {why}"
-        why = _plan.borrowed_collectives(costs)
-        if why:
             return f"auto: {why}"
     return None
 

@@ -11,14 +11,12 @@ import dataclasses
 import functools
 from typing import Any
 
-import torch
 import torch.distributed as dist
 
 from nsa_tp.integrations.sglang import _compat
 from nsa_tp.integrations.sglang._log import log_once
-from nsa_tp.integrations.sglang._switch import MODES, plugin_enabled, token_parallel_mode
-from nsa_tp.integrations.sglang.token_parallel.costs import load_costs
-from nsa_tp.ops.capability import get_capability
+from nsa_tp.integrations.sglang._switch import plugin_enabled, token_parallel_mode
+from nsa_tp.ops.capability import card_name
 from nsa_tp.token_parallel import (
     BatchShape,
     Costs,
@@ -28,9 +26,10 @@ from nsa_tp.token_parallel import (
     plan_index_split,
     plan_token_split,
 )
+from nsa_tp.token_parallel.costs import load_costs
 from nsa_tp.token_parallel.policy import token_costs
 
-__all__ = ["PLAN_ATTR", "ExtendPlan", "borrowed_collectives", "choose_extend_strategy", "extend_rows", "batch_key",
+__all__ = ["PLAN_ATTR", "ExtendPlan", "choose_extend_strategy", "extend_rows", "batch_key",
            "plan_extend", "plan_for", "current_plan", "attn_tp_group", "tokens_blocked"]
 
 PLAN_ATTR = "nsa_tp_extend_plan"  # the per-batch plan, cached on SGLang's ForwardBatch object
@@ -44,10 +43,6 @@ def choose_extend_strategy(mode: str, world: int, prefix_lens: list[int], extend
     of this batch): ``auto`` takes the least predicted time and leaves ``heads`` only for a gain above
     ``costs.margin``; ``costs=None`` under ``auto`` (nothing measured on this card) keeps ``heads``.
     """
-    if mode not in MODES:
-        raise ValueError(f"mode: expected one of {MODES}, got {mode!r}")
-    if mode == "auto" and costs is None:
-        return "heads", "auto without measured costs for this card"
     keys = causal_key_counts([p + e for p, e in zip(prefix_lens, extend_lens, strict=True)], prefix_lens)
     T = len(keys)
     shape = BatchShape(num_tokens=T, mean_keys=sum(keys) / T if T else 0.0, max_keys=max(keys, default=0),
@@ -124,25 +119,12 @@ def plan_extend(forward_batch: Any, rank: int, world: int, heads_per_rank: int, 
     if world < 2 or mode == "off":  # nothing to split: skip the per-row work below
         return ExtendPlan("heads", "attention TP group of 1" if world < 2 else "switched off",
                           (sum(extend),) + (0,) * (world - 1), rank, key)
-    if costs is None:  # the card's one record (also weighs a forced split's rows)
-        costs, why = load_costs(card)
+    if costs is None:  # the card's one record (also weighs a forced split's rows, borrowed collectives or not)
+        costs, why = load_costs(card, serving=mode == "auto")
         if costs is None and mode == "auto":
             return ExtendPlan("heads", f"auto: {why}", (sum(extend),) + (0,) * (world - 1), rank, key)
-    why_not = borrowed_collectives(costs) if mode == "auto" else None
-    if why_not:
-        return ExtendPlan("heads", f"auto: {why_not}", (sum(extend),) + (0,) * (world - 1), rank, key)
     strategy, reason, splits = _decide(mode, world, tuple(prefix), tuple(extend), heads_per_rank, costs)
     return ExtendPlan(strategy, reason, splits, rank, key)
-
-
-def borrowed_collectives(costs: Costs | None) -> str | None:
-    """Why a Costs record cannot decide for a live server, or None: inside SGLang ``auto`` leaves upstream's
-    path only on a record whose collectives were measured on its own card (a one-GPU record borrows them
-    from another card's NCCL run: a projection, not a measurement of this host)."""
-    if costs is None or costs.collectives_measured_here:
-        return None
-    return (f"the {costs.card} Costs record borrows its collectives ({costs.collectives_card or 'card not recorded'}); "
-            "upstream's path until a multi-GPU run on this card measures them (--nsa-token-parallel on forces it)")
 
 
 @functools.lru_cache(maxsize=256)
@@ -171,13 +153,13 @@ def plan_for(forward_batch: Any, group: Any, heads_per_rank: int, core_is_ours: 
     plan = getattr(forward_batch, PLAN_ATTR, None)
     if plan is None or plan.key != batch_key(forward_batch):
         rank, world = rank_world(group)
-        plan = plan_extend(forward_batch, rank, world, heads_per_rank, card=_card())
+        plan = plan_extend(forward_batch, rank, world, heads_per_rank, card=card_name())
         if plan.strategy == "tokens" and core_is_ours is not None:
             plan = dataclasses.replace(plan, strategy="indexer", reason=f"{plan.reason}; tokens -> indexer: "
                                        f"{core_is_ours}")
         setattr(forward_batch, PLAN_ATTR, plan)
         if plan.strategy != "heads" or world > 1:
-            log_once(f"tp-plan-{plan.strategy}-{plan.reason}", "token-parallel extend: strategy=%s (%s), "
+            log_once(f"tp-plan-{plan.strategy}-{world}", "token-parallel extend: strategy=%s (%s), "
                      "attn_tp=%d, rows per rank %s", plan.strategy, plan.reason, world, plan.splits)
     return plan
 
@@ -188,14 +170,14 @@ def rank_world(group: Any) -> tuple[int, int]:
     return dist.get_rank(group), dist.get_world_size(group)
 
 
-def _card() -> str | None:
-    """This GPU's name from the cached capability probe (a lookup per batch, not a driver query)."""
-    return get_capability().name if torch.cuda.is_available() else None
+@functools.cache
+def _attn_tp_group_getter() -> Any:
+    return _compat.resolve(_compat.ATTN_TP_GROUP)  # resolved once: the executors ask for the group every layer
 
 
 def attn_tp_group() -> Any:
     """SGLang's attention TP group (its torch ``ProcessGroup``); ``None`` outside a distributed run."""
-    coord = _compat.resolve(_compat.ATTN_TP_GROUP)()
+    coord = _attn_tp_group_getter()()
     return None if coord.world_size == 1 else coord.device_group
 
 
