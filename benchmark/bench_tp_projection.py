@@ -305,11 +305,18 @@ HEADS_OPS = {"heads_indexer_all_rows": ("fp8_mqa_logits", "topk_transform_ragged
 
 
 def heads_violations(cases: list[dict[str, Any]]) -> list[str]:
-    """Every heads piece that ran something other than upstream's kernel (skipped or failed pieces are named in
-    their case instead)."""
-    return [line for c in cases for piece, ops_ in HEADS_OPS.items() if isinstance(c["measured_ms"].get(piece), float)
-            for line in upstream_violations(f"T={c['tokens']} tp={c['tp']} {piece}", c["tiers"].get(piece, {}), ops_,
-                                            {"topk_transform_ragged": UPSTREAM_TOPK})]
+    """Every heads piece that ran something other than upstream's kernel, or failed (upstream's kernel missing
+    or refusing is no baseline). Pieces skipped for the time or memory limit are named in their case instead."""
+    out = []
+    for c in cases:
+        for piece, ops_ in HEADS_OPS.items():
+            where, got = f"T={c['tokens']} tp={c['tp']} {piece}", c["measured_ms"].get(piece)
+            if isinstance(got, str) and got.startswith("failed"):
+                out.append(f"{where}: upstream's kernel did not run ({got[:200]})")
+            elif isinstance(got, float):
+                out += upstream_violations(where, c["tiers"].get(piece, {}), ops_,
+                                           {"topk_transform_ragged": UPSTREAM_TOPK})
+    return out
 
 
 def _table(cases: list[dict]) -> str:

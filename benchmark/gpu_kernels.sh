@@ -3,7 +3,7 @@
 # GPU tests, the Triton tier's session and the multi-GPU NCCL tests and benchmarks. Each phase is one device call
 # under 10 minutes, from the repo root on the GPU machine; /tmp survives between calls while the machine is warm.
 #
-#   bash benchmark/gpu_kernels.sh kernels    # carry .sgl/c2 .sgl/bin .wheels: `nsa-tp bench`, every tier vs upstream
+#   bash benchmark/gpu_kernels.sh kernels    # carry .sgl/c2 .sgl/bin .wheels: unpack c2, then gpu_costs.sh (every tier vs upstream)
 #   bash benchmark/gpu_kernels.sh variants   # our top-k / logits kernel variants next to upstream's kernels
 #   bash benchmark/gpu_kernels.sh unpack c2  # carry .sgl/c2 .sgl/bin .wheels (only when `kernels` did not run)
 #   bash benchmark/gpu_kernels.sh unpack c1  # carry .sgl/c1 .sgl/bin (with c2 and c3: SGLang's stack)
@@ -42,23 +42,12 @@ case ${1:-} in
     nvidia-smi --query-gpu=name,clocks.sm,clocks.max.sm,power.draw,temperature.gpu --format=csv | tee "$OUT/card.txt"
     python3 -c "import torch, triton, flash_mla, deep_gemm, sgl_kernel; print('torch', torch.__version__, 'triton',
 triton.__version__, 'imports ok')" 2>&1 | tail -2
-    # The tiers the plugin routes between first: they make the table the SGLang servers read.
-    stamp bench sparse; timeout 330 python3 -m nsa_tp bench --ops sparse_mla_fwd,sparse_mla_decode \
-      --out /tmp/bench/sparse 2>&1 | tail -60 | tee "$OUT/bench_sparse.txt"
-    stamp bench indexer; timeout 200 python3 -m nsa_tp bench --ops fp8_mqa_logits,fp8_paged_mqa_logits,topk \
-      --out /tmp/bench/indexer 2>&1 | tail -40 | tee "$OUT/bench_indexer.txt"
-    python3 - <<'EOF'
-import glob, json
-merged = None
-for path in sorted(glob.glob("/tmp/bench/*/tuning_*.json")):
-    t = json.load(open(path))
-    merged = merged or {k: v for k, v in t.items() if k != "times"} | {"times": {}, "sources": []}
-    merged["times"].update(t["times"]); merged["sources"] += t["sources"]
-json.dump(merged, open("/tmp/bench/tuning.json", "w"), indent=1)
-print("tuning table:", {op: sorted(c) for op, c in merged["times"].items()})
-EOF
-    cp /tmp/bench/tuning.json "$OUT/"; cp /tmp/bench/sparse/kernels_*.json "$OUT/kernels_sparse.json"
-    cp /tmp/bench/indexer/kernels_*.json "$OUT/kernels_indexer.json" 2>/dev/null
+    # Every tier of every op, the card's table (which the SGLang servers read through NSA_TP_TUNING_FILE), the
+    # timed auto check, the Costs record and the projection: one script, the one that writes them (issue 20).
+    bash benchmark/gpu_costs.sh; rc=$?
+    slug=$(python3 -c "import torch; from nsa_tp.ops.tuning import card_slug; print(card_slug(torch.cuda.get_device_name()))")
+    mkdir -p /tmp/bench && cp "$OUT/$slug.json" /tmp/bench/tuning.json && echo "tuning table: /tmp/bench/tuning.json"
+    [ $rc -eq 0 ] || echo "gpu_costs.sh exit $rc (see $OUT/gpu_costs.log)"
     stamp done ;;
   unpack)
     unpack "$2"; [ "$2" = c2 ] && flashmla; true ;;

@@ -84,17 +84,19 @@ def attn_dp_spelling(version: str | None = None) -> tuple[bool, str]:
     """``(new, what)``: whether the SGLang the servers will run spells DP attention ``--attn-dp-size`` (0.5.23 on),
     and a few words for the log. ``version`` (``--sglang-version``) decides without looking; otherwise the SGLang
     in /tmp/site (or on sys.path) is read from its files by :func:`nsa_tp.integrations.sglang.launch.installed_sglang`
-    (its server arguments declare ``attn_dp_size``), not by its version number."""
-    if version:
-        return _release(version) >= (0, 5, 23), f"sglang {version} (given)"
+    (its server arguments declare ``attn_dp_size`` and it ships ``sglang serve``), not by its version number."""
     for path in (str(REPO / "python"), str(SITE)):
         if path not in sys.path:
             sys.path.insert(0, path)
+    if version:
+        from nsa_tp.integrations.sglang._version import _release
+
+        return (_release(version) or (0, 0, 0)) >= (0, 5, 23), f"sglang {version} (given)"
     from nsa_tp.integrations.sglang.launch import installed_sglang
 
-    found = installed_sglang()
-    spelling = "--attn-dp-size" if found.has_attn_dp_size else "--dp D --enable-dp-attention"
-    return found.has_attn_dp_size, f"sglang {found.version} ({spelling})"
+    found = installed_sglang()  # the new spelling needs both: the attn_dp_size field and `sglang serve`
+    new = bool(found.prefers_new_spelling)
+    return new, f"sglang {found.version} ({'sglang serve --attn-dp-size' if new else '--dp D --enable-dp-attention'})"
 
 
 def server_entry(serve: bool) -> list[str]:
@@ -104,11 +106,6 @@ def server_entry(serve: bool) -> list[str]:
     if serve:
         return [sys.executable, "-c", "from sglang.cli.main import main; main()", "serve"]
     return [sys.executable, "-m", "sglang.launch_server"]
-
-
-def _release(version: str) -> tuple[int, ...]:
-    m = re.match(r"(\d+)\.(\d+)(?:\.(\d+))?", version)
-    return tuple(int(g or 0) for g in m.groups()) if m else (0, 0, 0)
 
 
 def parallel_flags(tp: int, dp: int, attn_dp_size: bool) -> list[str]:

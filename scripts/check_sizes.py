@@ -39,10 +39,10 @@ def violations(root: Path = ROOT, max_module: int = MAX_MODULE_LINES,
 
 
 def main(argv: list[str]) -> int:
-    limit = 60 if "--all" in argv else MAX_FUNCTION_LINES
-    found = violations(max_function=limit)
+    strict = violations()  # what fails; --all also lists functions over 60 lines (the ones to watch)
+    found = violations(max_function=60) if "--all" in argv else strict
     print("\n".join(found) or "no module over 450 lines, no function over 80")
-    return 1 if violations() else 0
+    return 1 if strict else 0
 
 
 if __name__ == "__main__":

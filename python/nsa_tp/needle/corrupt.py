@@ -40,7 +40,8 @@ class ShiftTopk:
             return torch.where(moved >= 0, moved.to(torch.int64) + ks, -1).to(torch.int32)
         # decode: global slots -> token positions through each row's pages, shift, back to slots
         table = batch.page_table.to(torch.int64)  # [B, P]
-        page, off = topk.to(torch.int64).div(INDEX_PAGE_SIZE, rounding_mode="floor"), topk.to(torch.int64) % 64
+        slot = topk.to(torch.int64)
+        page, off = slot.div(INDEX_PAGE_SIZE, rounding_mode="floor"), slot % INDEX_PAGE_SIZE
         where = (table[:, None, :] == page[:, :, None]).to(torch.int64).argmax(-1)  # [B, K] page index in the row
         rel = torch.where(topk >= 0, where * INDEX_PAGE_SIZE + off, -1)
         moved = _shift(rel, batch.seq_lens, self.fraction).to(torch.int64)

@@ -147,7 +147,8 @@ def _log_pass_over(op: str, card: str, cls: str, chosen: str, order: list[str] |
         times = measured_choice(op, *args, **kwargs)[2] or {}
         why = (f"measured slower on {card} ({up} {times.get(up, '?')} ms, {chosen} {times.get(chosen, '?')} ms)"
                if order.index(chosen) < order.index(up) else f"ordered after {chosen}")
-    # a GPU that skips upstream's kernel for want of it (or its refusal) is worth a warning; a CPU run is expected to
+    # a GPU that skips upstream's kernel for want of it (or its refusal) is worth a warning; on a CPU (no upstream
+    # kernel can run there) and where it measured slower, this is the expected route: info
     level = logging.INFO if card == "cpu" or why.startswith("measured") else logging.WARNING
     logger.log(level, "nsa_tp.ops auto: %s [%s, %s] runs %s, not upstream's %s: %s", op, card, cls, chosen, up, why)
 
