@@ -175,9 +175,17 @@ def _strip(results: dict[str, dict]) -> dict[str, dict]:
     return {srv: {name: clean(r) for name, r in rows.items()} for srv, rows in results.items()}
 
 
-def verdict(servers: list[dict], up: set[str], results: dict, comparison: dict) -> list[str]:
-    """Why the run fails (empty: it passes)."""
+def ours_routed(logs: dict) -> dict[str, list[str]]:
+    """Per server, the hooked call classes the plugin routed to an nsa-tp tier (from its route log lines): what
+    "plugin on" really ran; an empty list means upstream's path ran on every hooked call."""
+    return {name: [r for r in facts["routes"] if " runs nsa-tp tier " in r] for name, facts in logs.items()}
+
+
+def verdict(servers: list[dict], up: set[str], results: dict, comparison: dict, logs: dict) -> list[str]:
+    """Why the run fails (empty: it passes). An ``off`` server is the upstream baseline: it must route nothing."""
     why = [f"{s['name']}: server not up (see its log)" for s in servers if s["name"] not in up]
+    why += [f"{name}: labelled upstream (plugin off) but logged {len(facts['routes'])} plugin routes"
+            for name, facts in logs.items() if name.endswith("-off") and facts["routes"]]
     for srv, rows in results.items():
         why += [f"{srv} {name}: accuracy {r['accuracy']:.4f}, greedy {r['greedy_correct']}/{r['greedy_total']} - "
                 + r.get("diagnosis", "") for name, r in rows.items() if not r["ok"]]
@@ -259,7 +267,8 @@ def measure(servers: list[dict], rows: list[Row], prefix: list[int], conc: list[
         results = {n: f.result() for n, f in futs.items()}
     print(f"[{time.time() - t0:5.0f}s] scored", flush=True)
     comparison = compare(results, servers)
-    failures = verdict(servers, up, results, comparison)
+    logs = {s["name"]: log_facts(s["log"]) for s in servers}
+    failures = verdict(servers, up, results, comparison, logs)
     stem = "needle_sglang" + (f"_{a.name}" if a.name else "")
     res = {"card": card(), "date": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
            "command": "python benchmark/needle_sglang.py " + shlex.join(argv if argv is not None else sys.argv[1:]),
@@ -267,7 +276,7 @@ def measure(servers: list[dict], rows: list[Row], prefix: list[int], conc: list[
            "env": {s["name"]: s["env"] for s in servers}, "rows": _strip(results),
            "upstream_alone": {n: {r: v["accuracy"] for r, v in rows_.items()} for n, rows_ in _strip(results).items()
                               if n.endswith("-off")},
-           "compare": comparison, "logs": {s["name"]: log_facts(s["log"]) for s in servers},
+           "compare": comparison, "logs": logs, "ours_routed": ours_routed(logs),
            "ok": not failures, "failures": failures}
     (out_dir / f"{stem}.json").write_text(json.dumps(res, indent=1))
     with tarfile.open(out_dir / f"{stem}_logs.tgz", "w:gz") as tar:

@@ -157,3 +157,17 @@ def test_measure_against_fake_servers(tmp_path, monkeypatch, broken):
         assert not res["compare"]["bf16-on vs bf16-off"]["equal"]
         assert any("bf16-on len4096: accuracy" in f for f in res["failures"])
         assert any("requests differ" in f for f in res["failures"])
+
+
+def test_an_off_server_that_routed_fails_and_what_on_ran_is_recorded():
+    """The off server is the upstream baseline: a route line of ours there fails the run; per server the JSON says
+    which call classes really ran an nsa-tp tier (none: plugin on ran upstream's path everywhere)."""
+    ours = "_forward_flashmla_kv h16/fp8/b<=1 runs nsa-tp tier triton (16 heads, no padding): measured"
+    theirs = "_forward_flashmla_kv h16/fp8/b<=64 runs upstream's FlashMLA path (pads 16 heads to a multiple of 64): x"
+    logs = {"fp8-off": {"routes": []}, "fp8-on": {"routes": [ours, theirs]}}
+    servers = [{"name": "fp8-off"}, {"name": "fp8-on"}]
+    assert ns.verdict(servers, {"fp8-off", "fp8-on"}, {}, {}, logs) == []
+    assert ns.ours_routed(logs) == {"fp8-off": [], "fp8-on": [ours]}
+    logs["fp8-off"]["routes"] = [theirs]
+    (why,) = ns.verdict(servers, {"fp8-off", "fp8-on"}, {}, {}, logs)
+    assert "fp8-off: labelled upstream (plugin off) but logged 1 plugin routes" in why
