@@ -332,12 +332,12 @@ def _prefill_case(rk: _Rank, T: int) -> tuple[dict, dict]:
     diff, diff_pipe, diff_fp8 = rel(tok(), ref_out), rel(pipe(), ref_out), rel(fp8q(), ref_out)
     del ref_out
     diff_un = rel(tok_unabsorbed(), pure_absorb())
-    pure_ms = tmax(_time_ms(pure, args.warmup, args.reps, barrier))
-    tok_ms = tmax(_time_ms(tok, args.warmup, args.reps, barrier))
-    pipe_ms = tmax(_time_ms(pipe, args.warmup, args.reps, barrier))
-    fp8_ms = tmax(_time_ms(fp8q, args.warmup, args.reps, barrier))
-    pure_absorb_ms = tmax(_time_ms(pure_absorb, args.warmup, args.reps, barrier))
-    un_ms = tmax(_time_ms(tok_unabsorbed, args.warmup, args.reps, barrier))
+    pure_ms = rk.timed(pure)
+    tok_ms = rk.timed(tok)
+    pipe_ms = rk.timed(pipe)
+    fp8_ms = rk.timed(fp8q)
+    pure_absorb_ms = rk.timed(pure_absorb)
+    un_ms = rk.timed(tok_unabsorbed)
     split = tpm.split.splits
     a2a_ms = tmax(_time_ms(lambda q=q, split=split: tokens_to_heads(
         heads_to_tokens(q, group, split, fp8=args.fp8_q)[..., :512].contiguous(), group, split),
@@ -391,8 +391,8 @@ def _decode_case(rk: _Rank, L: int) -> dict:
 
     a, b = replicated(), sharded()
     same = bool(torch.equal(a.sort(dim=1).values, b.sort(dim=1).values))
-    rep_ms = tmax(_time_ms(replicated, args.warmup, args.reps, barrier))
-    sh_ms = tmax(_time_ms(sharded, args.warmup, args.reps, barrier))
+    rep_ms = rk.timed(replicated)
+    sh_ms = rk.timed(sharded)
     qd = s.q_all[:, mine].contiguous()  # the decode token's query
     tpm = build_token_parallel_metadata(s.builder(h), layout, r, seq_lens=[L], page_table=s.page_table)
     xs, qls, cs, sn = s.x[last], s.q_lora[last], s.cos[last], s.sin[last]
@@ -403,15 +403,15 @@ def _decode_case(rk: _Rank, L: int) -> dict:
     def core_keys_fn(s=s, qd=qd, xs=xs, qls=qls, cs=cs, sn=sn, tpm=tpm):
         return tp_be.forward(qd, xs, qls, cs, sn, s.indexer, s.latent, s.index_k, tpm, group)
 
-    core_pure = tmax(_time_ms(core_heads, args.warmup, args.reps, barrier))
-    core_keys = tmax(_time_ms(core_keys_fn, args.warmup, args.reps, barrier))
+    core_pure = rk.timed(core_heads)
+    core_keys = rk.timed(core_keys_fn)
     sc = torch.randn(1, s.topk, device=dev)
     pos = torch.arange(s.topk, device=dev)[None] + r * s.topk
 
     def gather_merge(sc=sc, pos=pos, k=s.topk):
         return merge_topk(all_gather_stack(sc, group), all_gather_stack(pos, group), k)
 
-    gm = tmax(_time_ms(gather_merge, args.warmup, args.reps, barrier))
+    gm = rk.timed(gather_merge)
     # Decode is served under CUDA graphs: launch overhead gone, what is left is the kernels' time.
     if args.no_graphs:
         rep_graph, rep_why = sh_graph, sh_why = float("nan"), "--no-graphs"

@@ -46,7 +46,7 @@ import torch  # noqa: E402
 
 from nsa_tp import ops  # noqa: E402
 from nsa_tp.attention.indexer import build_prefill_index_batch  # noqa: E402
-from nsa_tp.bench.costs import DEFAULT_COMM_JSON, collectives_from_nccl_run  # noqa: E402
+from nsa_tp.bench.costs import collectives_from_nccl_run, default_comm_json  # noqa: E402
 from nsa_tp.bench.upstream import tiers_of, upstream_violations  # noqa: E402
 from nsa_tp.bench_cmd import _versions  # noqa: E402
 from nsa_tp.ops.capability import get_capability  # noqa: E402
@@ -350,7 +350,7 @@ def _parse(argv: list[str] | None) -> argparse.Namespace:
     ap.add_argument("--logits-budget-gb", type=float, default=4.0, help="one logits chunk's fp32 bytes at most")
     ap.add_argument("--costs", default=None, metavar="JSON",
                     help="the card's Costs record (default: load_costs for this card: the committed one)")
-    ap.add_argument("--comm-json", default=os.path.join(ROOT, DEFAULT_COMM_JSON),
+    ap.add_argument("--comm-json", default=str(default_comm_json()),
                     help="NCCL run for the collectives when there is no Costs record")
     ap.add_argument("--target-ms", type=float, default=300.0, help="timed repetitions per piece fill about this")
     ap.add_argument("--max-reps", type=int, default=20)

@@ -19,7 +19,6 @@ import argparse
 import datetime
 import json
 import os
-import re
 import shlex
 import sys
 from typing import Any
@@ -122,10 +121,6 @@ def _plot_from(args: argparse.Namespace) -> int:
     for path in written:
         print(f"wrote {path}")
     return 0
-
-
-def _slug(text: str) -> str:
-    return re.sub(r"[^A-Za-z0-9]+", "-", text).strip("-").lower()
 
 
 def _versions() -> dict[str, str | None]:
@@ -319,7 +314,7 @@ def _kernels_main(args: argparse.Namespace, device: Any, card: str, now: Any, co
     if _refuse_mislabelled(rows, "tier rows"):
         return 1
     dicts = [r.to_dict() for r in rows]
-    stem = f"kernels_{_slug(card)}_{now:%Y%m%d}"
+    stem = f"kernels_{tuning.card_slug(card)}_{now:%Y%m%d}"
     table = {"card": card, "date": now.date().isoformat(), "command": command,
              "sources": [{"file": stem + ".json", "command": command}],
              "note": "sums of per-case medians (ms) per op and shape class, written by nsa-tp bench (never by hand)",
