@@ -37,21 +37,19 @@ from nsa_tp.ops.triton import mqa_logits as ml
 from nsa_tp.ops.triton import paged_mqa_logits as pml
 
 C = ml.MQALogitsConfig
-# Ragged variants, H = 64 (block_n, block_t, warps, stages, variant[, maxnreg]). Registers / shared memory per
+# Ragged variants, H = 64 (block_n, block_t, warps, stages[, maxnreg]). Registers / shared memory per
 # program from an offline sm_90a compile (Triton 3.6): programs per SM in brackets.
 RAGGED_VARIANTS: dict[str, ml.MQALogitsConfig] = {
     "default": ml.DEFAULT_CONFIG,  # kv64x4w4s3 when this was written: 250 regs, 58 KB [2]
-    "kv64x4w4s4": C(64, 4, 4, 4, "kv_stream"),  # 251 regs, 66 KB [2]
-    "kv64x2w4s3r128": C(64, 2, 4, 3, "kv_stream", 128),  # 128 regs + 24 B spilled in the loop, 41 KB [4]
-    "kv128x2w4s3": C(128, 2, 4, 3, "kv_stream"),  # 237 regs, 66 KB [2]
-    "kv128x2w4s4": C(128, 2, 4, 4, "kv_stream"),  # 232 regs, 83 KB [2]
-    "kv128x2w8s3r128": C(128, 2, 8, 3, "kv_stream", 128),  # 128 regs + 24 B spilled, 66 KB [2]
-    "kv128x2w8s3": C(128, 2, 8, 3, "kv_stream"),  # 162 regs [1]
-    "kv128x1w4s3": C(128, 1, 4, 3, "kv_stream"),  # 117 regs, 58 KB [3]
-    "kv128x4w8s3": C(128, 4, 8, 3, "kv_stream"),  # 248 regs [1]
-    "kv256x2w8s3": C(256, 2, 8, 3, "kv_stream"),  # 242 regs, 116 KB [1]
-    "q128x64w4s3": C(128, 64, 4, 3, "q_stream"),  # the first design's shape, 136 regs
-    "q256x64w8s3": C(256, 64, 8, 3, "q_stream"),
+    "kv64x4w4s4": C(64, 4, 4, 4),  # 251 regs, 66 KB [2]
+    "kv64x2w4s3r128": C(64, 2, 4, 3, maxnreg=128),  # 128 regs + 24 B spilled in the loop, 41 KB [4]
+    "kv128x2w4s3": C(128, 2, 4, 3),  # 237 regs, 66 KB [2]
+    "kv128x2w4s4": C(128, 2, 4, 4),  # 232 regs, 83 KB [2]
+    "kv128x2w8s3r128": C(128, 2, 8, 3, maxnreg=128),  # 128 regs + 24 B spilled, 66 KB [2]
+    "kv128x2w8s3": C(128, 2, 8, 3),  # 162 regs [1]
+    "kv128x1w4s3": C(128, 1, 4, 3),  # 117 regs, 58 KB [3]
+    "kv128x4w8s3": C(128, 4, 8, 3),  # 248 regs [1]
+    "kv256x2w8s3": C(256, 2, 8, 3),  # 242 regs, 116 KB [1]
 }
 P = pml.PagedLogitsConfig
 PAGED_VARIANTS: dict[str, pml.PagedLogitsConfig] = {

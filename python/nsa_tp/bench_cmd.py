@@ -7,8 +7,9 @@ the run before anything is written. The tuning table this run implies is written
 ``<measured-dir>/<card-slug>.json`` (default: the package's ``nsa_tp/ops/measured/``, where ``auto`` reads it:
 this command is the only writer); then the measured auto check runs every case again with that table, timing
 ``auto`` itself next to the case's fastest tier, and fails (exit 1, naming the shapes) where ``auto`` is more
-than :data:`~nsa_tp.ops.tuning.MARGIN` slower. Results: ``<out>/kernels_<card>_<date>.json`` (card, date,
-exact command, versions, ceilings, rows, auto check) and PNG plots when matplotlib is installed
+than :data:`~nsa_tp.bench.kernels.AUTO_CHECK_TOLERANCE` (3%) slower. Results:
+``<out>/kernels_<card>_<date>.json`` (card, date, exact command, versions, ceilings, rows, auto check) and PNG
+plots when matplotlib is installed
 (``--plot-from FILE.json`` redraws them). ``--costs`` instead measures the card's token-parallel
 :class:`~nsa_tp.token_parallel.costs.Costs` record (``<measured-dir>/costs_<card-slug>.json``).
 """
@@ -155,10 +156,10 @@ def _print_table(rows: list[dict[str, Any]]) -> None:
 def auto_check(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
     """Per case of the auto pass: ``auto``'s measured time over the fastest tier's, timed back to back.
 
-    ``ok`` is False where ``auto`` is more than :data:`~nsa_tp.ops.tuning.MARGIN` slower or either was not timed.
+    ``ok`` is False where ``auto`` is more than :data:`~nsa_tp.bench.kernels.AUTO_CHECK_TOLERANCE` slower or
+    either was not timed.
     """
-    from nsa_tp.bench.kernels import case_key
-    from nsa_tp.ops import tuning
+    from nsa_tp.bench.kernels import AUTO_CHECK_TOLERANCE, case_key
 
     cases: dict[str, dict[str, dict[str, Any]]] = {}
     for r in rows:
@@ -170,7 +171,7 @@ def auto_check(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
         ratio = (auto["ms"] / best["ms"]) if auto and best and auto["ms"] and best["ms"] else None
         out.append({"op": some["op"], "shape": some["shape"], "auto": auto["note"] if auto else "not timed",
                     "auto_ms": auto and auto["ms"], "fastest": best and best["tier"], "fastest_ms": best and best["ms"],
-                    "auto_over_fastest": ratio, "ok": ratio is not None and ratio <= 1.0 + tuning.MARGIN})
+                    "auto_over_fastest": ratio, "ok": ratio is not None and ratio <= 1.0 + AUTO_CHECK_TOLERANCE})
     return out
 
 
@@ -378,6 +379,9 @@ def _auto_pass(sections: list[tuple[str, Any]], dicts: list[dict[str, Any]], tab
 
 
 def _report_auto(check: list[dict[str, Any]]) -> int:
+    from nsa_tp.bench.kernels import AUTO_CHECK_TOLERANCE
+
+    bar = f"{AUTO_CHECK_TOLERANCE:.0%}"
     bad = [c for c in check if not c["ok"]]
     for c in check:
         ratio = "-" if c["auto_over_fastest"] is None else f"{c['auto_over_fastest']:.3f}"
@@ -385,7 +389,7 @@ def _report_auto(check: list[dict[str, Any]]) -> int:
               f"fastest ({c['auto']}; fastest {c['fastest']})")
     if bad:
         names = "; ".join(f"{c['op']} {json.dumps(c['shape'])}" for c in bad)
-        print(f"nsa-tp bench: error: auto is not within 3% of the fastest tier (timed) on: {names}", file=sys.stderr)
+        print(f"nsa-tp bench: error: auto is not within {bar} of the fastest tier (timed) on: {names}", file=sys.stderr)
         return 1
-    print(f"auto check: all {len(check)} cases within 3% of the fastest tier, timed")
+    print(f"auto check: all {len(check)} cases within {bar} of the fastest tier, timed")
     return 0

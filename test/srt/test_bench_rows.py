@@ -26,14 +26,16 @@ CEIL = Ceilings(100.0, 200.0, 1000.0)
 
 @pytest.fixture
 def cpu_timer(monkeypatch):
-    ticks = itertools.count(1)
+    """Each timed pass returns the next tick; calling the fixture's value restarts the count at 1."""
+    ticks = [itertools.count(1)]
 
     def fake_median(fn, **_kw):
         fn()  # the op really runs: a broken call fails the test
-        return float(next(ticks))
+        return float(next(ticks[0]))
 
     monkeypatch.setattr(kernels, "median_ms", fake_median)
     monkeypatch.setattr(torch.cuda, "synchronize", lambda *a, **k: None)
+    return lambda: ticks.__setitem__(0, itertools.count(1))
 
 
 def _check_case_rows(rows, op):
@@ -71,7 +73,9 @@ def test_every_section_builds_rows_and_a_table(cpu_timer):
     assert set(table) == ops and table["sparse_mla_decode"] == {"h16/fp8/b<=2": pytest.approx(
         {"reference": next(d["ms"] for d in dicts if d["op"] == "sparse_mla_decode" and d["tier"] == "reference")})}
     assert kernels.mislabelled(rows) == []
-    # The auto pass: per case the fastest tier, then auto itself, both timed (the counter makes auto "slower")
+    # The auto pass: per case the fastest tier, then auto itself, both timed (the counter makes auto "slower":
+    # by 1 tick, so by more than 3% in the first cases, with the count restarted)
+    cpu_timer()
     with kernels.auto_pass({kernels.case_key(d["op"], d["shape"]): d["tier"] for d in dicts if d["class"]}):
         auto_rows = _all_rows(dev)
     assert [r.tier for r in auto_rows].count("auto") == len({kernels.case_key(d["op"], d["shape"]) for d in dicts
@@ -85,6 +89,7 @@ def test_every_section_builds_rows_and_a_table(cpu_timer):
     for c in check:
         assert c["auto_over_fastest"] == pytest.approx(c["auto_ms"] / c["fastest_ms"])
         assert c["ok"] == (c["auto_over_fastest"] <= 1.03)
+    assert kernels.AUTO_CHECK_TOLERANCE == 0.03  # issue 20's bar
     assert not all(c["ok"] for c in check)  # the check can fail
 
 

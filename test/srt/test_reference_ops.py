@@ -399,3 +399,57 @@ def test_new_ops_are_registered_in_the_reference_tier():
                "topk_transform_ragged", "topk_transform_paged"):
         assert op in reference_tier.TIER.ops
         assert ops.explain(op)["reference"] == "ok"
+
+
+def test_auto_decode_plan_moves_to_a_tier_that_runs_the_inputs(monkeypatch, caplog):
+    """An auto plan is made before the cache is seen; when its tier declines the call's inputs (FlashMLA's fp8
+    decode and a strided cache), the call runs on the next tier auto would pick, logged once. A forced plan
+    raises instead. Driven on CPU by a stand-in "flashmla" tier (reference arithmetic, declines strided caches)."""
+    import dataclasses
+    import logging
+
+    from nsa_tp.ops import reference as ref
+    from nsa_tp.ops import registry
+
+    def plan_fn(*a, **k):
+        return dataclasses.replace(ref.plan_sparse_mla_decode(*a, **k), tier="flashmla")
+
+    def decode_fn(q, cache, idx, scale, d_v=512, *, plan):
+        return ref.sparse_mla_decode(q, cache, idx, scale, d_v, plan=dataclasses.replace(plan, tier="reference"))
+
+    def decode_supports(q, cache, idx, scale=None, d_v=512, *, plan=None):
+        if getattr(plan, "tier", None) != "flashmla":
+            return "plan: not a flashmla plan"
+        return None if cache.is_contiguous() else "kv_cache: needs a contiguous cache"
+
+    base = registry.get_tier("reference").ops
+    fake = registry.Tier("flashmla", lambda: None, {
+        "plan_sparse_mla_decode": registry.OpImpl(plan_fn, base["plan_sparse_mla_decode"].supports),
+        "sparse_mla_decode": registry.OpImpl(decode_fn, decode_supports)})
+    real_load = registry._load
+    monkeypatch.setattr(registry, "_load", lambda name: fake if name == "flashmla" else real_load(name))
+
+    gen = torch.Generator().manual_seed(3)
+    wide = torch.randn(4, 64, 1, 640, generator=gen).to(torch.bfloat16)
+    strided, dense = wide[..., :576], wide[..., :576].contiguous()
+    q = torch.randn(2, 16, 576, generator=gen).to(torch.bfloat16)
+    idx = torch.randint(-1, 256, (2, 1, 32), generator=gen, dtype=torch.int32)
+    want = ref.sparse_mla_decode(q, dense, idx, 576**-0.5)
+    plan = ops.plan_sparse_mla_decode(2, 16, 32, kv_dtype="bfloat16", device="cpu")
+    assert plan.tier == "flashmla" and plan.by_auto
+    with registry.record_tiers() as calls:
+        got_dense = ops.sparse_mla_decode(q, dense, idx, 576**-0.5, plan=plan)
+    assert [t for _, t in calls] == ["flashmla"]
+    with caplog.at_level(logging.WARNING, logger="nsa_tp.ops"), registry.record_tiers() as calls:
+        got_strided = ops.sparse_mla_decode(q, strided, idx, 576**-0.5, plan=plan)
+        ops.sparse_mla_decode(q, strided, idx, 576**-0.5, plan=plan)
+    assert [t for _, t in calls if _ == "sparse_mla_decode"] == ["reference", "reference"]
+    moved = [r.getMessage() for r in caplog.records if "declines these inputs" in r.getMessage()]
+    assert len(moved) == 1 and "flashmla" in moved[0] and "contiguous" in moved[0] and "runs reference" in moved[0]
+    for got in (got_dense, got_strided):
+        torch.testing.assert_close(got[0], want[0], rtol=0, atol=0)
+        torch.testing.assert_close(got[1], want[1], rtol=0, atol=0)
+    forced = ops.plan_sparse_mla_decode(2, 16, 32, kv_dtype="bfloat16", device="cpu", backend="flashmla")
+    assert not forced.by_auto
+    with pytest.raises(ops.BackendUnavailableError, match="contiguous"):
+        ops.sparse_mla_decode(q, strided, idx, 576**-0.5, plan=forced)

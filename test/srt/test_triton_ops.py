@@ -220,13 +220,10 @@ def test_fp8_mqa_logits_causal_skips_blocks(T, N, poisoned):
 
 
 # Every launch shape benchmark/bench_mqa_logits.py times (keep the two lists in step): each must be right
-# before its time means anything. (block_n, block_t, warps, stages, variant[, maxnreg])
+# before its time means anything. (block_n, block_t, warps, stages[, maxnreg])
 _LOGITS_CONFIGS = [
-    (64, 4, 4, 3, "kv_stream"), (64, 4, 4, 4, "kv_stream"), (64, 2, 4, 3, "kv_stream", 128),
-    (128, 2, 4, 3, "kv_stream"), (128, 2, 4, 4, "kv_stream"), (128, 2, 8, 3, "kv_stream", 128),
-    (128, 2, 8, 3, "kv_stream"), (128, 1, 4, 3, "kv_stream"),
-    (128, 4, 8, 3, "kv_stream"), (256, 2, 8, 3, "kv_stream"), (128, 64, 4, 3, "q_stream"),
-    (256, 64, 8, 3, "q_stream"),
+    (64, 4, 4, 3), (64, 4, 4, 4), (64, 2, 4, 3, 128), (128, 2, 4, 3), (128, 2, 4, 4), (128, 2, 8, 3, 128),
+    (128, 2, 8, 3), (128, 1, 4, 3), (128, 4, 8, 3), (256, 2, 8, 3),
 ]
 
 
@@ -234,7 +231,7 @@ _LOGITS_CONFIGS = [
 @pytest.mark.parametrize("cfg", _LOGITS_CONFIGS, ids=lambda c: "-".join(map(str, c)))
 @pytest.mark.parametrize("neg_scales", [False, True], ids=["scale>=0", "negative-scales"])
 def test_fp8_mqa_logits_configs(cfg, neg_scales, poisoned):
-    """Each variant, both epilogues (scale folded after the head sum / exact per head), ragged + causal rows,
+    """Each launch shape, both epilogues (scale folded after the head sum / exact per head), ragged + causal rows,
     empty and inverted ranges, T and N not multiples of any block."""
     from nsa_tp.ops.triton.mqa_logits import MQALogitsConfig, fp8_mqa_logits
 
@@ -255,14 +252,13 @@ def test_fp8_mqa_logits_configs(cfg, neg_scales, poisoned):
 
 
 def test_fp8_mqa_logits_default_for_head_counts():
-    """default_config keeps kv_stream's stacked q rows (tokens x padded heads) within the MMA's width."""
+    """default_config keeps the stacked q rows (tokens x padded heads) within the MMA's width."""
     pytest.importorskip("triton", reason="the kernel module needs Triton")
     from nsa_tp.ops.triton.mqa_logits import DEFAULT_CONFIG, default_config
 
     for heads in (1, 8, 16, 64, 128):
         cfg = default_config(4096, 65536, heads)
-        if DEFAULT_CONFIG.variant == "kv_stream":
-            assert cfg.block_t * max(16, heads) <= 256 and cfg.block_t >= 1
+        assert cfg.block_t * max(16, heads) <= 256 and cfg.block_t >= 1
     assert default_config(4096, 65536, 64) == DEFAULT_CONFIG
 
 

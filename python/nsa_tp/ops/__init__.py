@@ -19,7 +19,9 @@ and ``"flashmla"`` force one and raise :class:`BackendUnavailableError` if it ca
 
 from __future__ import annotations
 
+import dataclasses
 import inspect
+import logging
 from collections.abc import Callable
 from typing import Any
 
@@ -27,7 +29,8 @@ import torch
 
 from nsa_tp.ops import topk as _topk
 from nsa_tp.ops.plan import DecodePlan
-from nsa_tp.ops.registry import BackendUnavailableError, dispatch, explain, tier_names
+from nsa_tp.ops.registry import BackendUnavailableError, dispatch, explain, get_tier, tier_names
+from nsa_tp.ops.tuning import route
 
 __all__ = [
     "sparse_mla_fwd",
@@ -74,7 +77,35 @@ def plan_sparse_mla_decode(
 
     Semantics: :func:`nsa_tp.ops.reference.plan_sparse_mla_decode`.
     """
-    return dispatch("plan_sparse_mla_decode", backend, batch_size, num_heads, topk, kv_dtype=kv_dtype, device=device)
+    plan = dispatch("plan_sparse_mla_decode", backend, batch_size, num_heads, topk, kv_dtype=kv_dtype, device=device)
+    return dataclasses.replace(plan, by_auto=True) if backend == "auto" else plan
+
+
+_REPLANNED: set[tuple[str, str]] = set()
+
+
+def _auto_replan(plan: DecodePlan, args: tuple[Any, ...]) -> DecodePlan:
+    """For an auto plan (made before the cache was seen) whose tier declined these inputs: a plan of the next
+    tier in auto's order that runs them, logged once per (tier, reason)."""
+    reason = get_tier(plan.tier).ops["sparse_mla_decode"].supports(*args, plan=plan)
+    shape = (plan.batch_size, plan.num_heads, plan.topk)
+    order = route("plan_sparse_mla_decode", *shape, kv_dtype=plan.kv_dtype, device=plan.device)[2]
+    for name in order:
+        if name == plan.tier or name not in tier_names():
+            continue
+        try:
+            other = plan_sparse_mla_decode(*shape, kv_dtype=plan.kv_dtype, device=plan.device, backend=name)
+        except BackendUnavailableError:
+            continue
+        if get_tier(name).ops["sparse_mla_decode"].supports(*args, plan=other) is None:
+            if (plan.tier, reason) not in _REPLANNED:
+                _REPLANNED.add((plan.tier, reason))
+                logging.getLogger("nsa_tp.ops").warning(
+                    "nsa_tp.ops auto: sparse_mla_decode was planned for %s, which declines these inputs (%s): "
+                    "runs %s", plan.tier, reason, name)
+            return dataclasses.replace(other, by_auto=True)
+    raise BackendUnavailableError(f"sparse_mla_decode: the plan's tier {plan.tier!r} declines these inputs "
+                                  f"({reason}) and no other tier runs them")
 
 
 def sparse_mla_decode(
@@ -89,7 +120,8 @@ def sparse_mla_decode(
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """``(out [B,H,512] bf16, lse [B,H] f32)`` over the paged latent cache with global-slot indices.
 
-    With a ``plan`` the plan's tier runs (``backend`` must be ``"auto"`` or that tier's name).
+    With a ``plan`` the plan's tier runs (``backend`` must be ``"auto"`` or that tier's name); a plan built by
+    ``backend="auto"`` whose tier declines these inputs runs on the next tier auto would pick (logged once).
     Semantics: :func:`nsa_tp.ops.reference.sparse_mla_decode`.
     """
     if plan is not None:
@@ -98,7 +130,14 @@ def sparse_mla_decode(
         if backend not in ("auto", plan.tier):
             raise ValueError(f"backend: {backend!r} conflicts with the plan, which was built by tier {plan.tier!r}")
         backend = plan.tier
-    return dispatch("sparse_mla_decode", backend, q, kv_cache, indices, sm_scale, d_v, plan=plan)
+    args = (q, kv_cache, indices, sm_scale, d_v)
+    try:
+        return dispatch("sparse_mla_decode", backend, *args, plan=plan)
+    except BackendUnavailableError:  # the tier's supports() declined (before any kernel ran)
+        if plan is None or not plan.by_auto:
+            raise
+        plan = _auto_replan(plan, args)
+        return dispatch("sparse_mla_decode", plan.tier, *args, plan=plan)
 
 
 def fp8_mqa_logits(

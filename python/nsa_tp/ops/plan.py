@@ -65,6 +65,9 @@ class DecodePlan:
     kv_dtype: str
     device: torch.device
     data: object = None
+    # Built by backend="auto": a call whose inputs this tier declines (only the call sees the cache, e.g. a
+    # strided fp8 cache FlashMLA cannot read) runs on the next tier auto would pick, with a plan of its own.
+    by_auto: bool = False
 
     def check(self, q: torch.Tensor, kv_cache: torch.Tensor, indices: torch.Tensor) -> None:
         """Raise ValueError if these inputs are not the batch this plan was built for."""

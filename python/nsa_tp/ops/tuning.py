@@ -60,9 +60,12 @@ UPSTREAM: Mapping[str, str] = {
     "topk_transform_ragged": "sgl_kernel",
     "topk_transform_paged": "sgl_kernel",
 }
-# A non-upstream tier goes first only when it measured at least this much faster than upstream's kernel
-# (3%: above the run-to-run spread of these kernels on one card, about 1% in benchmark/results).
-MARGIN = 0.03
+# A non-upstream tier goes first only when it measured at least this much faster than upstream's kernel.
+# 2%: above the run-to-run spread of these kernels on one card (about 1% in benchmark/results), and below the
+# auto check's 3% bar (``nsa_tp.bench.kernels.AUTO_CHECK_TOLERANCE``) by that spread, so a tier that wins by a
+# hair under the margin in the table's pass cannot put auto more than 3% behind in the check's pass. (At 3%, the
+# 2026-12-06 H100 run kept FlashMLA where the table had Triton 2.4% ahead; the check then measured it 5.5% ahead.)
+MARGIN = 0.02
 ENV_TUNING_FILE = "NSA_TP_TUNING_FILE"
 # Unmeasured card: upstream's kernels, then ours, then the plain-torch definition.
 DEFAULT_ORDER = ("flashmla", "deep_gemm", "sgl_kernel", "triton", "reference")

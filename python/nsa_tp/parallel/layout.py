@@ -19,6 +19,7 @@ import dataclasses
 from typing import Any
 
 from nsa_tp.ops.heads import flashmla_head_multiple, padded_heads  # kernel facts: ops owns them
+from nsa_tp.ops.tuning import MARGIN  # the router's margin, quoted in the --tp warning
 
 __all__ = [
     "LayoutError",
@@ -251,13 +252,14 @@ def _tp_mode_warning(mode: str, attn_tp_size: int, heads_per_rank: int, sm_major
     if padded == heads_per_rank:
         return msg + f"; no FlashMLA head padding on SM{sm_major}0"
     # What runs is measured, not assumed: nsa_tp.ops.tuning orders the tiers per (card, op, shape class) from
-    # the card's committed table, upstream's FlashMLA first unless a tier beat it by tuning.MARGIN (3%; a test
+    # the card's committed table, upstream's FlashMLA first unless a tier beat it by tuning.MARGIN (a test
     # holds this text to it). The committed H100/H200 tables keep FlashMLA for every prefill class.
     return msg + (
         f"; FlashMLA pads them to {padded} on SM{sm_major}0 = {padded / heads_per_rank:.1f}x the sparse-prefill "
         f"FLOPs ({1.0 - heads_per_rank / padded:.0%} wasted). The kernel is picked per shape class from this "
         "card's measured tuning table (nsa_tp/ops/measured/; in SGLang, by the plugin's router): FlashMLA with "
-        "the padding unless an nsa-tp tier measured at least 3% faster for that class; an unmeasured card runs FlashMLA"
+        f"the padding unless an nsa-tp tier measured at least {MARGIN:.0%} faster for that class; an unmeasured card "
+        "runs FlashMLA"
     )
 
 

@@ -4,16 +4,13 @@ Semantics: :func:`nsa_tp.ops.reference.fp8_mqa_logits`
 (``logits[t, j] = sum_h relu(q[t,h] . k[j] * k_scale[j]) * weights[t,h]`` for ``ks[t] <= j < ke[t]``,
 ``-inf`` elsewhere).
 
-Two launch shapes (variants), both one fp8 wgmma per step with keys as the MMA's M, so the sum over heads
-stays inside a thread quad (no cross-warp reduction):
-
-- ``"kv_stream"`` (default, DeepGEMM's shape): a program holds ``block_t`` query tokens with all their heads
-  stacked as the MMA's N (``block_t x padded H`` rows of q, e.g. 2 x 64 = 128) and streams the key blocks
-  its rows touch through a ``num_stages`` software pipeline: ``K [BLOCK_N, D] @ q^T [D, block_t*H]``. It
-  writes ``-inf`` on the columns none of its rows scores in the same pass (plain 16-byte stores, no reads).
-- ``"q_stream"`` (the first design): a program holds ``BLOCK_N`` keys and walks ``block_t`` tokens, one
-  ``K @ q_t^T [D, H]`` product per token; a (key block, token block) that no row touches only writes
-  ``-inf``.
+One launch shape, DeepGEMM's: one fp8 wgmma per step with keys as the MMA's M, so the sum over heads stays
+inside a thread quad (no cross-warp reduction). A program holds ``block_t`` query tokens with all their heads
+stacked as the MMA's N (``block_t x padded H`` rows of q, e.g. 4 x 64 = 256) and streams the key blocks its
+rows touch through a ``num_stages`` software pipeline: ``K [BLOCK_N, D] @ q^T [D, block_t*H]``. It writes
+``-inf`` on the columns none of its rows scores in the same pass (plain 16-byte stores, no reads). (The first
+design, a program holding keys and walking tokens, measured 1.3-1.45x slower on an H200 on every case of
+``benchmark/results/mqa_logits_h200_20261129.json`` and was deleted.)
 
 Epilogue cost is the limit once the MMA is a real wgmma: per (key, head) it is ``max`` + ``fma`` when every
 scale is >= 0 (``relu(x * s) == s * relu(x)``, the scale applied once per key after the head sum), and
@@ -33,26 +30,19 @@ from nsa_tp.ops._contracts import check_mqa_logits_args
 from nsa_tp.ops.triton import _common
 from nsa_tp.ops.triton._common import cdiv
 
-__all__ = ["MQALogitsConfig", "DEFAULT_CONFIG", "VARIANTS", "default_config", "fp8_mqa_logits", "weighted_relu_sum"]
-
-VARIANTS = ("kv_stream", "q_stream")
+__all__ = ["MQALogitsConfig", "DEFAULT_CONFIG", "default_config", "fp8_mqa_logits", "weighted_relu_sum"]
 
 
 @dataclasses.dataclass(frozen=True)
 class MQALogitsConfig:
     block_n: int  # keys per MMA (its M): 64, 128 or 256
-    block_t: int  # query tokens a program owns (kv_stream: stacked as the MMA's N; q_stream: walked one by one)
+    block_t: int  # query tokens a program owns, their heads stacked as the MMA's N
     num_warps: int
     num_stages: int
-    variant: str = "q_stream"  # positional prefix kept: (block_n, block_t, warps, stages) is the first design
     maxnreg: int | None = None  # register cap per thread (e.g. 128: two 8-warp programs per SM), None = Triton's
 
-    def __post_init__(self) -> None:
-        if self.variant not in VARIANTS:
-            raise ValueError(f"variant: expected one of {VARIANTS}, got {self.variant!r}")
 
-
-# THE default launch shape (the one place to change after a measurement): kv_stream, 64 keys x (4 tokens x
+# THE default launch shape (the one place to change after a measurement): 64 keys x (4 tokens x
 # 64 heads) per wgmma (m64n256k32, the widest), 4 warps = one warpgroup, 3 stages of 8 KB key tiles.
 # Why, from an offline sm_90a compile (Triton 3.6; no GPU here): 250 registers and 58 KB of shared memory, so
 # two programs share an SM and one's epilogue can overlap the other's MMA (Triton 3.6 cannot overlap them
@@ -61,7 +51,7 @@ class MQALogitsConfig:
 # 2.1); the unmasked loop that now runs the blocks inside every row's range issues 423. And 4 tokens a program
 # halve the key bytes streamed from L2 (8.5 GB at S=4096 N=65536) against 2 tokens.
 # benchmark/bench_mqa_logits.py times it against the alternatives and prints the fastest.
-DEFAULT_CONFIG = MQALogitsConfig(block_n=64, block_t=4, num_warps=4, num_stages=3, variant="kv_stream")
+DEFAULT_CONFIG = MQALogitsConfig(block_n=64, block_t=4, num_warps=4, num_stages=3)
 
 
 def _block_h(H: int) -> int:
@@ -69,13 +59,10 @@ def _block_h(H: int) -> int:
 
 
 def default_config(num_tokens: int, num_keys: int, num_heads: int = 64) -> MQALogitsConfig:
-    """:data:`DEFAULT_CONFIG`, with kv_stream's tokens per program scaled so ``block_t x padded heads`` stays
-    what it is at 64 heads (the MMA's N, at most 256), and at most 8 tokens (16 tokens of 16 heads spill)."""
-    cfg = DEFAULT_CONFIG
-    if cfg.variant == "kv_stream":
-        rows = min(cfg.block_t * 64, 256)
-        cfg = dataclasses.replace(cfg, block_t=max(1, min(8, rows // _block_h(num_heads))))
-    return cfg
+    """:data:`DEFAULT_CONFIG`, with the tokens per program scaled so ``block_t x padded heads`` stays what it
+    is at 64 heads (the MMA's N, at most 256), and at most 8 tokens (16 tokens of 16 heads spill)."""
+    rows = min(DEFAULT_CONFIG.block_t * 64, 256)
+    return dataclasses.replace(DEFAULT_CONFIG, block_t=max(1, min(8, rows // _block_h(num_heads))))
 
 
 @triton.jit
@@ -101,10 +88,10 @@ def _fill_neg_inf(out_rows, t_ok, start, stop, BLOCK_T: tl.constexpr, FILL_N: tl
 
 
 @triton.jit
-def _kv_stream_loop(qt, w, lo, hi, t_ok, out_rows, k_ptr, stride_kn, ksc_ptr, N, b_first, n_first, b_second,
+def _key_loop(qt, w, lo, hi, t_ok, out_rows, k_ptr, stride_kn, ksc_ptr, N, b_first, n_first, b_second,
                     n_total, D: tl.constexpr, BLOCK_H: tl.constexpr, BLOCK_N: tl.constexpr,
                     BLOCK_T: tl.constexpr, NUM_STAGES: tl.constexpr, FOLD: tl.constexpr, MASKED: tl.constexpr):
-    """``n_total`` key blocks of one kv_stream program: ``b_first + i`` for ``i < n_first``, then ``b_second + ...``.
+    """``n_total`` key blocks of one program: ``b_first + i`` for ``i < n_first``, then ``b_second + ...``.
 
     ``FOLD``: the scale goes after the head sum (every scale >= 0). ``MASKED=False`` only for blocks inside every
     row's ``[lo, hi)`` (so also below N) of a program whose rows all exist: no column or row masks at all.
@@ -135,7 +122,7 @@ def _kv_stream_loop(qt, w, lo, hi, t_ok, out_rows, k_ptr, stride_kn, ksc_ptr, N,
 
 
 @triton.jit
-def _kv_stream_kernel(
+def _mqa_logits_kernel(
     q_ptr, stride_qt, stride_qh,
     k_ptr, stride_kn,
     ksc_ptr, kmin_ptr,
@@ -183,66 +170,17 @@ def _kv_stream_kernel(
     f1 = tl.where(all_live, f1, f0)
     # Copies of the key loop, not a branch inside one: Triton 3.6's software pipeliner rejects the branch.
     if tl.load(kmin_ptr) >= 0.0:  # every scale >= 0: apply it once per key, after the head sum
-        _kv_stream_loop(qt, w, lo, hi, t_ok, out_rows, k_ptr, stride_kn, ksc_ptr, N, f0, f1 - f0, f0, f1 - f0,
+        _key_loop(qt, w, lo, hi, t_ok, out_rows, k_ptr, stride_kn, ksc_ptr, N, f0, f1 - f0, f0, f1 - f0,
                         D, BLOCK_H, BLOCK_N, BLOCK_T, NUM_STAGES, True, False)
-        _kv_stream_loop(qt, w, lo, hi, t_ok, out_rows, k_ptr, stride_kn, ksc_ptr, N, b0, f0 - b0, f1,
+        _key_loop(qt, w, lo, hi, t_ok, out_rows, k_ptr, stride_kn, ksc_ptr, N, b0, f0 - b0, f1,
                         (f0 - b0) + (b1 - f1), D, BLOCK_H, BLOCK_N, BLOCK_T, NUM_STAGES, True, True)
     else:  # exact relu(x * s) for negative scales; unpipelined, so its tiles cost no shared memory up front
-        _kv_stream_loop(qt, w, lo, hi, t_ok, out_rows, k_ptr, stride_kn, ksc_ptr, N, b0, b1 - b0, b1, b1 - b0,
+        _key_loop(qt, w, lo, hi, t_ok, out_rows, k_ptr, stride_kn, ksc_ptr, N, b0, b1 - b0, b1, b1 - b0,
                         D, BLOCK_H, BLOCK_N, BLOCK_T, 1, False, True)
 
     # Columns outside [b0, b1) blocks: -inf, written here (store only) rather than by a separate fill kernel.
     _fill_neg_inf(out_rows, t_ok, 0, b0 * BLOCK_N, BLOCK_T, FILL_N)
     _fill_neg_inf(out_rows, t_ok, tl.minimum(b1 * BLOCK_N, N), N, BLOCK_T, FILL_N)
-
-
-@triton.jit
-def _q_stream_kernel(
-    q_ptr, stride_qt, stride_qh,
-    k_ptr, stride_kn,
-    ksc_ptr, kmin_ptr,
-    w_ptr, stride_wt,
-    ks_ptr, ke_ptr,
-    out_ptr, stride_ot,
-    T, N, H,
-    D: tl.constexpr,
-    BLOCK_H: tl.constexpr,
-    BLOCK_N: tl.constexpr,
-    BLOCK_T: tl.constexpr,
-    NUM_STAGES: tl.constexpr,
-):
-    n0 = tl.program_id(0) * BLOCK_N
-    t0 = tl.program_id(1) * BLOCK_T
-    offs_n = n0 + tl.arange(0, BLOCK_N)
-    n_mask = offs_n < N
-    offs_t = t0 + tl.arange(0, BLOCK_T)
-    t_mask = offs_t < T
-    ks_blk = tl.load(ks_ptr + offs_t, mask=t_mask, other=0)
-    ke_blk = tl.load(ke_ptr + offs_t, mask=t_mask, other=0)
-    touches = t_mask & (ks_blk < ke_blk) & (ks_blk < n0 + BLOCK_N) & (ke_blk > n0)
-    if tl.max(touches.to(tl.int32), 0) == 0:
-        # No row of this token block scores these keys: the whole tile is -inf.
-        ptrs = out_ptr + offs_t[:, None].to(tl.int64) * stride_ot + offs_n[None, :]
-        tl.store(ptrs, tl.full([BLOCK_T, BLOCK_N], float("-inf"), tl.float32),
-                 mask=t_mask[:, None] & n_mask[None, :])
-    else:
-        offs_d = tl.arange(0, D)  # D is exact (constexpr): no column mask, so the fp8 loads are 16-byte vectors
-        offs_h = tl.arange(0, BLOCK_H)
-        h_mask = offs_h < H
-        kt = tl.load(k_ptr + offs_n[:, None].to(tl.int64) * stride_kn + offs_d[None, :],
-                     mask=n_mask[:, None], other=0.0)
-        k_scale = tl.load(ksc_ptr + offs_n, mask=n_mask, other=0.0)
-        for i in tl.range(0, BLOCK_T, num_stages=NUM_STAGES):
-            t = tl.minimum(t0 + i, T - 1).to(tl.int64)  # past T: recompute the last row, store masked off
-            qt = tl.load(q_ptr + t * stride_qt + offs_h[:, None] * stride_qh + offs_d[None, :],
-                         mask=h_mask[:, None], other=0.0)
-            w = tl.load(w_ptr + t * stride_wt + offs_h, mask=h_mask, other=0.0)
-            acc = tl.dot(kt, tl.trans(qt))  # [BLOCK_N, BLOCK_H] fp32, fp8 tensor cores
-            row = weighted_relu_sum(acc, k_scale, w)  # the general epilogue (a branch here stops the pipeline)
-            lo = tl.load(ks_ptr + t)
-            hi = tl.load(ke_ptr + t)
-            row = tl.where((offs_n >= lo) & (offs_n < hi), row, float("-inf"))
-            tl.store(out_ptr + t * stride_ot + offs_n, row, mask=n_mask & (t0 + i < T))
 
 
 def fp8_mqa_logits(
@@ -283,14 +221,8 @@ def fp8_mqa_logits(
         launch["maxnreg"] = cfg.maxnreg
     args = (q, q.stride(0), q.stride(1), k, k.stride(0), k_scale, k_min, weights, weights.stride(0), ks, ke,
             out, out.stride(0), T, N, H)
-    if cfg.variant == "kv_stream":
-        _kv_stream_kernel[(cdiv(T, cfg.block_t),)](
-            *args, D=D, BLOCK_H=_block_h(H), BLOCK_N=cfg.block_n, BLOCK_T=cfg.block_t,
-            FILL_N=max(512, cfg.block_n), NUM_STAGES=cfg.num_stages, **launch,
-        )
-    else:
-        _q_stream_kernel[(cdiv(N, cfg.block_n), cdiv(T, cfg.block_t))](
-            *args, D=D, BLOCK_H=_block_h(H), BLOCK_N=cfg.block_n, BLOCK_T=cfg.block_t,
-            NUM_STAGES=cfg.num_stages, **launch,
-        )
+    _mqa_logits_kernel[(cdiv(T, cfg.block_t),)](
+        *args, D=D, BLOCK_H=_block_h(H), BLOCK_N=cfg.block_n, BLOCK_T=cfg.block_t,
+        FILL_N=max(512, cfg.block_n), NUM_STAGES=cfg.num_stages, **launch,
+    )
     return out

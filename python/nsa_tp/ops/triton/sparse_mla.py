@@ -110,45 +110,26 @@ def _store_out(o_ptrs, acc, inv, h_mask, PARTIAL: tl.constexpr):
 
 
 @triton.jit
-def _sparse_mla_fwd_kernel(
-    q_ptr, stride_qt, stride_qh,
-    nope_ptr, stride_nope,
-    scale_ptr, stride_scale,
-    rope_ptr, stride_rope,
-    idx_ptr, stride_it,
-    out_ptr, stride_os, stride_ot, stride_oh,
-    ml_ptr, lse_ptr, stride_ms, stride_mt,
-    H, N, K, k_per_split,
-    qk_scale_log2,
-    ROPE_OFF: tl.constexpr,
-    SCALE_OFF: tl.constexpr,
-    BLOCK_H: tl.constexpr,
-    BLOCK_K: tl.constexpr,
-    FP8: tl.constexpr,
-    PARTIAL: tl.constexpr,
-):
-    t = tl.program_id(0).to(tl.int64)
-    h0 = tl.program_id(1) * BLOCK_H
-    split = tl.program_id(2)
-    offs_h = h0 + tl.arange(0, BLOCK_H)
-    h_mask = offs_h < H
+def _attend_rounded(q_row, h_mask, nope_ptr, stride_nope, scale_ptr, stride_scale, rope_ptr, stride_rope,
+                    idx_row, k_lo, k_per_split, K, N, qk_scale_log2, o_ptrs, ROPE_OFF: tl.constexpr,
+                    SCALE_OFF: tl.constexpr, BLOCK_H: tl.constexpr, BLOCK_K: tl.constexpr, FP8: tl.constexpr,
+                    PARTIAL: tl.constexpr):
+    """bf16 rows, or fp8 rows dequantized to bf16 in registers (FlashMLA's numerics): one 512-dim tile a step.
+
+    Stores the output rows at ``o_ptrs``; returns the running max and sum ``(m_i, l_i)`` in log2 units.
+    """
     offs_d = tl.arange(0, 512)
     offs_r = tl.arange(0, 64)
-
     # Q is loop-invariant: [BLOCK_H, 512] latent + [BLOCK_H, 64] rope (the compiler keeps it in shared memory).
-    q_row = q_ptr + t * stride_qt + offs_h[:, None] * stride_qh
     qn = tl.load(q_row + offs_d[None, :], mask=h_mask[:, None], other=0.0)
     qr = tl.load(q_row + 512 + offs_r[None, :], mask=h_mask[:, None], other=0.0)
-
     m_i = tl.full([BLOCK_H], float("-inf"), tl.float32)  # running max, log2 units
     l_i = tl.zeros([BLOCK_H], tl.float32)
     acc = tl.zeros([BLOCK_H, 512], tl.float32)
-
     # k_per_split is a multiple of BLOCK_K; only the last split can run past K (masked).
-    k_lo = split * k_per_split
     for kk in range(0, k_per_split, BLOCK_K):
         offs_k = k_lo + kk + tl.arange(0, BLOCK_K)
-        ids = tl.load(idx_ptr + t * stride_it + offs_k, mask=offs_k < K, other=-1)
+        ids = tl.load(idx_row + offs_k, mask=offs_k < K, other=-1)
         valid = (ids >= 0) & (ids < N)
         rows = tl.where(valid, ids, 0).to(tl.int64)  # int64: N * row bytes can pass 2^31
         if FP8:
@@ -166,11 +147,9 @@ def _sparse_mla_fwd_kernel(
         s = tl.dot(qr, tl.trans(kr), s)
         p, alpha, m_i, l_i = _online_softmax(s, valid, m_i, l_i, qk_scale_log2)
         acc = tl.dot(p.to(tl.bfloat16), kn, acc * alpha[:, None])  # V = the same gathered rows' first 512 dims
-
     inv = tl.where(l_i > 0.0, 1.0 / tl.where(l_i > 0.0, l_i, 1.0), 0.0)  # empty row: out = 0
-    o_ptrs = out_ptr + split * stride_os + t * stride_ot + offs_h[:, None] * stride_oh + offs_d[None, :]
-    _store_out(o_ptrs, acc, inv, h_mask, PARTIAL)
-    _store_stats(ml_ptr, lse_ptr, split * stride_ms + t * stride_mt + offs_h, m_i, l_i, h_mask, PARTIAL)
+    _store_out(o_ptrs + offs_d[None, :], acc, inv, h_mask, PARTIAL)
+    return m_i, l_i
 
 
 @triton.jit
@@ -182,50 +161,31 @@ def _fp8_chunk(raw_row, sc_row, valid, offs_c, c: tl.constexpr):
 
 
 @triton.jit
-def _sparse_mla_fwd_fp8_kernel(
-    q_ptr, stride_qt, stride_qh,
-    raw_ptr, stride_raw,
-    scale_ptr, stride_scale,
-    rope_ptr, stride_rope,
-    idx_ptr, stride_it,
-    out_ptr, stride_os, stride_ot, stride_oh,
-    ml_ptr, lse_ptr, stride_ms, stride_mt,
-    H, N, K, k_per_split,
-    qk_scale_log2,
-    ROPE_OFF: tl.constexpr,
-    SCALE_OFF: tl.constexpr,
-    BLOCK_H: tl.constexpr,
-    BLOCK_K: tl.constexpr,
-    PARTIAL: tl.constexpr,
-):
-    """The fp8-cache variant: the scales are applied exactly, per 128-dim tile, to the fp32 scores and to
-    the probabilities (``S = sum_c (q_c . k8_c) * scale_c``, ``O_c += (P * scale_c) @ k8_c``), so the only
-    roundings are the ones the bf16 path has (bf16 P); the fp8 values themselves convert to bf16 exactly.
+def _attend_exact_fp8(q_row, h_mask, raw_ptr, stride_raw, scale_ptr, stride_scale, rope_ptr, stride_rope,
+                      idx_row, k_lo, k_per_split, K, N, qk_scale_log2, o_ptrs, ROPE_OFF: tl.constexpr,
+                      SCALE_OFF: tl.constexpr, BLOCK_H: tl.constexpr, BLOCK_K: tl.constexpr,
+                      PARTIAL: tl.constexpr):
+    """fp8 rows with the scales applied exactly, per 128-dim tile, to the fp32 scores and to the probabilities
+    (``S = sum_c (q_c . k8_c) * scale_c``, ``O_c += (P * scale_c) @ k8_c``), so the only roundings are the ones
+    the bf16 path has (bf16 P); the fp8 values themselves convert to bf16 exactly. Same outputs as
+    :func:`_attend_rounded`.
     """
-    t = tl.program_id(0).to(tl.int64)
-    h0 = tl.program_id(1) * BLOCK_H
-    split = tl.program_id(2)
-    offs_h = h0 + tl.arange(0, BLOCK_H)
-    h_mask = offs_h < H
     offs_c = tl.arange(0, 128)
     offs_r = tl.arange(0, 64)
-    q_row = q_ptr + t * stride_qt + offs_h[:, None] * stride_qh
     q0 = tl.load(q_row + offs_c[None, :], mask=h_mask[:, None], other=0.0)
     q1 = tl.load(q_row + 128 + offs_c[None, :], mask=h_mask[:, None], other=0.0)
     q2 = tl.load(q_row + 256 + offs_c[None, :], mask=h_mask[:, None], other=0.0)
     q3 = tl.load(q_row + 384 + offs_c[None, :], mask=h_mask[:, None], other=0.0)
     qr = tl.load(q_row + 512 + offs_r[None, :], mask=h_mask[:, None], other=0.0)
-
     m_i = tl.full([BLOCK_H], float("-inf"), tl.float32)
     l_i = tl.zeros([BLOCK_H], tl.float32)
     acc0 = tl.zeros([BLOCK_H, 128], tl.float32)
     acc1 = tl.zeros([BLOCK_H, 128], tl.float32)
     acc2 = tl.zeros([BLOCK_H, 128], tl.float32)
     acc3 = tl.zeros([BLOCK_H, 128], tl.float32)
-    k_lo = split * k_per_split
     for kk in range(0, k_per_split, BLOCK_K):
         offs_k = k_lo + kk + tl.arange(0, BLOCK_K)
-        ids = tl.load(idx_ptr + t * stride_it + offs_k, mask=offs_k < K, other=-1)
+        ids = tl.load(idx_row + offs_k, mask=offs_k < K, other=-1)
         valid = (ids >= 0) & (ids < N)
         rows = tl.where(valid, ids, 0).to(tl.int64)
         raw_row = raw_ptr + rows[:, None] * stride_raw
@@ -246,13 +206,53 @@ def _sparse_mla_fwd_fp8_kernel(
         acc1 = tl.dot((p * sc1[None, :]).to(tl.bfloat16), k1, acc1 * alpha[:, None])
         acc2 = tl.dot((p * sc2[None, :]).to(tl.bfloat16), k2, acc2 * alpha[:, None])
         acc3 = tl.dot((p * sc3[None, :]).to(tl.bfloat16), k3, acc3 * alpha[:, None])
-
     inv = tl.where(l_i > 0.0, 1.0 / tl.where(l_i > 0.0, l_i, 1.0), 0.0)
-    o_ptrs = out_ptr + split * stride_os + t * stride_ot + offs_h[:, None] * stride_oh + offs_c[None, :]
+    o_ptrs = o_ptrs + offs_c[None, :]
     _store_out(o_ptrs, acc0, inv, h_mask, PARTIAL)
     _store_out(o_ptrs + 128, acc1, inv, h_mask, PARTIAL)
     _store_out(o_ptrs + 256, acc2, inv, h_mask, PARTIAL)
     _store_out(o_ptrs + 384, acc3, inv, h_mask, PARTIAL)
+    return m_i, l_i
+
+
+@triton.jit
+def _sparse_mla_fwd_kernel(
+    q_ptr, stride_qt, stride_qh,
+    nope_ptr, stride_nope,
+    scale_ptr, stride_scale,
+    rope_ptr, stride_rope,
+    idx_ptr, stride_it,
+    out_ptr, stride_os, stride_ot, stride_oh,
+    ml_ptr, lse_ptr, stride_ms, stride_mt,
+    H, N, K, k_per_split,
+    qk_scale_log2,
+    ROPE_OFF: tl.constexpr,
+    SCALE_OFF: tl.constexpr,
+    BLOCK_H: tl.constexpr,
+    BLOCK_K: tl.constexpr,
+    FP8: tl.constexpr,
+    EXACT_FP8: tl.constexpr,
+    PARTIAL: tl.constexpr,
+):
+    """One program: token ``t``, heads ``[h0, h0 + BLOCK_H)``, top-k slice ``split`` (the whole top-k unless
+    ``PARTIAL``). ``EXACT_FP8`` (fp8 rows only) picks :func:`_attend_exact_fp8` over :func:`_attend_rounded`."""
+    t = tl.program_id(0).to(tl.int64)
+    h0 = tl.program_id(1) * BLOCK_H
+    split = tl.program_id(2)
+    offs_h = h0 + tl.arange(0, BLOCK_H)
+    h_mask = offs_h < H
+    q_row = q_ptr + t * stride_qt + offs_h[:, None] * stride_qh
+    idx_row = idx_ptr + t * stride_it
+    o_ptrs = out_ptr + split * stride_os + t * stride_ot + offs_h[:, None] * stride_oh
+    k_lo = split * k_per_split
+    if EXACT_FP8:
+        m_i, l_i = _attend_exact_fp8(q_row, h_mask, nope_ptr, stride_nope, scale_ptr, stride_scale, rope_ptr,
+                                     stride_rope, idx_row, k_lo, k_per_split, K, N, qk_scale_log2, o_ptrs,
+                                     ROPE_OFF, SCALE_OFF, BLOCK_H, BLOCK_K, PARTIAL)
+    else:
+        m_i, l_i = _attend_rounded(q_row, h_mask, nope_ptr, stride_nope, scale_ptr, stride_scale, rope_ptr,
+                                   stride_rope, idx_row, k_lo, k_per_split, K, N, qk_scale_log2, o_ptrs,
+                                   ROPE_OFF, SCALE_OFF, BLOCK_H, BLOCK_K, FP8, PARTIAL)
     _store_stats(ml_ptr, lse_ptr, split * stride_ms + t * stride_mt + offs_h, m_i, l_i, h_mask, PARTIAL)
 
 
@@ -375,10 +375,7 @@ def sparse_mla_fwd_split(
         dst = (out, max_logits, lse, 0, 0)
     o_t, ml_t, lse_t, stride_os, stride_ms = dst
     grid = (T, cdiv(H, cfg.block_h), num_splits)
-    exact = fp8 and cfg.exact_fp8
-    kernel = _sparse_mla_fwd_fp8_kernel if exact else _sparse_mla_fwd_kernel
-    extra = {} if exact else {"FP8": fp8}
-    kernel[grid](
+    _sparse_mla_fwd_kernel[grid](
         q, q.stride(0), q.stride(1),
         *kv_args,
         indices, indices.stride(0),
@@ -390,8 +387,9 @@ def sparse_mla_fwd_split(
         SCALE_OFF=scale_off,
         BLOCK_H=cfg.block_h,
         BLOCK_K=cfg.block_k,
+        FP8=fp8,
+        EXACT_FP8=fp8 and cfg.exact_fp8,
         PARTIAL=partial,
-        **extra,
         num_warps=cfg.num_warps,
         num_stages=cfg.num_stages,
     )
