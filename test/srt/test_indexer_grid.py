@@ -167,12 +167,30 @@ def check_repeatable(run, first: torch.Tensor, name: str) -> None:
 
 
 ORDER_EXACT_TOPK = ("triton", "reference")  # tiers whose top-k id order is part of what repeats bitwise
+# Upstream's sgl-kernel top-k (fast_topk_v2, what SGLang runs, and what auto routes to where it is fastest) is
+# neither exact nor repeatable on long rows. Measured with benchmark/topk_exactness.py on an H100 (2026-12-06,
+# topk_exactness_h100_20261206.json; 21 calls per case on the grid's causal logits): at 65536 keys 8 of 2048 and
+# 28 of 8192 rows selected a set of logit values other than the exact top-2048's in some call (the selected
+# k-th value up to 0.46 below the exact one), and 20 of 20 repeated calls differed from the first; at 8192 keys
+# it was exact and repeatable. Ours (triton, reference) were exact and bitwise repeatable everywhere. So
+# upstream's tiers are held to at most 1% inexact rows per call (about 3x the worst measured), ours to none.
+UPSTREAM_TOPK_INEXACT_ROWS = 0.01
+
+
+def inexact_rows(logits: torch.Tensor, ks: torch.Tensor, ke: torch.Tensor, ids: torch.Tensor) -> int:
+    """Rows whose selected logit values (sorted) differ from the exact top-k's over ``[ks, ke)``."""
+    cols = torch.arange(logits.shape[1], device=logits.device)
+    masked = torch.where((cols >= ks[:, None]) & (cols < ke[:, None]), logits, float("-inf"))
+    exact = masked.topk(ids.shape[1], dim=1).values
+    got = torch.where(ids >= 0, logits.gather(1, ids.long().clamp_min(0)), float("-inf"))
+    return int((got.sort(dim=1, descending=True).values != exact).any(dim=1).sum())
 
 
 def check_topk(logits: torch.Tensor, ks: torch.Tensor, ke: torch.Tensor, backend: str, name: str,
                topk: int = TOPK) -> None:
-    """Top-k ids over each row's ``[ks, ke)``: every id a candidate of its row with a finite logit, and the
-    same ids on every one of ``1 + REPEATS`` calls (in the same order for :data:`ORDER_EXACT_TOPK`)."""
+    """Top-k ids over each row's ``[ks, ke)``: every id a candidate of its row with a finite logit, the exact
+    top-k values (upstream's tiers: in all but :data:`UPSTREAM_TOPK_INEXACT_ROWS` of the rows), and for
+    :data:`ORDER_EXACT_TOPK` the same ids in the same order on every one of ``1 + REPEATS`` calls."""
     lengths = (ke - ks).clamp_min(0).to(torch.int32)
 
     def run():
@@ -186,19 +204,14 @@ def check_topk(logits: torch.Tensor, ks: torch.Tensor, ke: torch.Tensor, backend
     assert bool(torch.isfinite(vals[kept]).all()), f"{name}: a kept id has no finite logit"
     want_n = torch.isfinite(logits).sum(1).clamp(max=topk)
     assert torch.equal(kept.sum(1), want_n), f"{name}: kept-id counts differ from min(K, candidates)"
-    # Our tiers: the same ids in the same order on every call (ties decided the same way, so every rank agrees).
-    # Upstream's sgl-kernel fast_topk_v2 does not: measured on an H100 (2026-12-06) its order varies from call to
-    # call, and so does which of several exactly tied candidates at the k-th value it keeps ("top-k id sets:
-    # call 2 differs from call 1, first at [431, 1826]"). What it does keep identical, and what is checked for
-    # it (and auto, which routes there): the selected logit values, sorted — any swap of a non-tied id fails.
     if backend in ORDER_EXACT_TOPK:
+        assert inexact_rows(logits, ks, ke, ids) == 0, f"{name}: not the exact top-{topk}"
         check_repeatable(run, ids, f"{name} top-k ids")
-    else:
-        def selected_values(i: torch.Tensor) -> torch.Tensor:
-            p = torch.where(i >= 0, i.long(), 0)
-            return torch.where(i >= 0, logits.gather(1, p), float("-inf")).sort(dim=1).values
-
-        check_repeatable(lambda: selected_values(run()), selected_values(ids), f"{name} top-k selected values")
+        return
+    limit = UPSTREAM_TOPK_INEXACT_ROWS * logits.shape[0]
+    for call in range(1 + REPEATS):
+        bad = inexact_rows(logits, ks, ke, ids if call == 0 else run())
+        assert bad <= limit, f"{name}: call {call + 1}: {bad} of {logits.shape[0]} rows not the exact top-{topk}"
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -292,3 +305,32 @@ def test_paged_logits_grid_gpu(B, next_n, avg_ctx, backend):
     del want
     check_repeatable(lambda: ops.fp8_paged_mqa_logits(q, cache, w, seq_lens, table, max_len, backend=backend),
                      got, backend)
+
+
+def test_topk_exactness_check_can_fail(monkeypatch):
+    """inexact_rows counts a row that selected a non-top value; an upstream tier past the 1% bound fails, one
+    under it passes, and ours must be exact."""
+    gen = torch.Generator().manual_seed(5)
+    logits = torch.randn(300, 64, generator=gen)
+    ks, ke = torch.zeros(300, dtype=torch.int32), torch.full((300,), 64, dtype=torch.int32)
+    real = ops.topk_transform_ragged
+    ids = real(logits, 8, row_starts=ks, lengths=ke - ks, backend="reference")
+    assert inexact_rows(logits, ks, ke, ids) == 0
+
+    def corrupt(rows):
+        def fn(*a, backend="auto", **k):
+            out = real(*a, **k, backend="reference").clone()
+            worst = logits[rows].argmin(1).to(out.dtype)  # a non-top-8 candidate of each row
+            out[rows, 0] = worst
+            return out
+        return fn
+
+    assert inexact_rows(logits, ks, ke, corrupt([1, 7])(logits, 8, row_starts=ks, lengths=ke - ks)) == 2
+    monkeypatch.setattr(ops, "topk_transform_ragged", corrupt([4]))  # 1 of 300 rows: under 1%
+    check_topk(logits, ks, ke, "sgl_kernel", "upstream", topk=8)
+    monkeypatch.setattr(ops, "topk_transform_ragged", corrupt([1, 2, 3, 4]))  # 4 of 300: over 1%
+    with pytest.raises(AssertionError, match="rows not the exact"):
+        check_topk(logits, ks, ke, "sgl_kernel", "upstream", topk=8)
+    monkeypatch.setattr(ops, "topk_transform_ragged", corrupt([4]))
+    with pytest.raises(AssertionError, match="not the exact top-8"):
+        check_topk(logits, ks, ke, "triton", "ours", topk=8)
