@@ -14,7 +14,7 @@ from collections.abc import Callable, Sequence
 from typing import NoReturn
 
 from nsa_tp.config import ConfigError, NSAConfig
-from nsa_tp.parallel import TOKEN_PARALLEL_MODES, LayoutError, ParallelLayout, resolve_layout
+from nsa_tp.parallel import TOKEN_PARALLEL_MODES, LayoutError, ParallelLayout, resolve_layout, sglang_flags
 
 __all__ = ["main", "build_parser", "add_layout_args", "layout_from_args", "int_at_least", "UsageError"]
 
@@ -87,14 +87,6 @@ def layout_from_args(args: argparse.Namespace, num_attention_heads: int = 128) -
     )
 
 
-def _layout_flags(layout: ParallelLayout, new_spelling: bool) -> str:
-    """The layout's flags in the user's spelling: ``--tp 8 --attn-dp-size 4`` or ``--tp 8 --dp 4 ...``."""
-    if new_spelling and layout.enable_dp_attention and layout.attn_dp_size > 1:
-        return f"--tp {layout.tp_size} --attn-dp-size {layout.attn_dp_size}"
-    old = f"--tp {layout.tp_size} --dp {layout.dp_size}"
-    return old + (" --enable-dp-attention" if layout.enable_dp_attention else "")
-
-
 def _sglang_extra_flags(args: argparse.Namespace, layout: ParallelLayout) -> tuple[str, ...]:
     """The flags besides the layout that SGLang takes as given here (defaults left out)."""
     extra = () if args.kv_cache_dtype == "auto" else ("--kv-cache-dtype", layout.kv_cache_dtype)
@@ -114,7 +106,7 @@ def _format_layout(layout: ParallelLayout, model: str, new_spelling: bool = Fals
     rows = [
         ("model", model),
         ("mode", layout.mode),
-        ("ranks", f"{layout.world_size} GPU(s): {_layout_flags(layout, new_spelling)}"
+        ("ranks", f"{layout.world_size} GPU(s): {sglang_flags(layout, new_spelling)}"
                   + (f" = {layout.num_replicas} replicas of {layout.tp_size} GPUs (--dp without "
                      "--enable-dp-attention: independent copies of the model)" if layout.num_replicas > 1 else "")),
         ("attention groups", f"{layout.attn_dp_size} x {layout.attn_tp_size} ranks (attn_dp x attn_tp)"),

@@ -217,3 +217,15 @@ def test_plan_cli_reads_model_path(tmp_path):
     assert data["kv_cache_dtype"] == "fp8_e4m3"
     bad = _plan("--tp", "8", "--model-path", str(tmp_path / "missing"))
     assert bad.returncode == 2 and "config.json" in bad.stderr
+
+
+def test_sglang_flags_spell_each_layout_one_way():
+    """One writer of the DP spellings (plan output, launch commands and warnings all call it)."""
+    from nsa_tp.parallel import dp_attention_flags, sglang_flags
+
+    assert sglang_flags(resolve_layout(8), new_spelling=True) == "--tp 8"
+    part = resolve_layout(8, attn_dp_size=4)
+    assert sglang_flags(part, new_spelling=True) == "--tp 8 --attn-dp-size 4"
+    assert sglang_flags(part, new_spelling=False) == "--tp 8 --dp 4 --enable-dp-attention"
+    assert sglang_flags(resolve_layout(8, dp_size=2), new_spelling=True) == "--tp 8 --dp 2"  # replicas
+    assert dp_attention_flags(4, 2, new_spelling=False) == "--tp 4 --dp 2 --enable-dp-attention"

@@ -6,9 +6,11 @@ from nsa_tp.parallel.layout import (
     TOKEN_PARALLEL_MODES,
     LayoutError,
     ParallelLayout,
+    dp_attention_flags,
     flashmla_head_multiple,
     padded_heads,
     resolve_layout,
+    sglang_flags,
 )
 
 __all__ = [
@@ -20,4 +22,6 @@ __all__ = [
     "SUPPORTED_KV_CACHE_DTYPES",
     "SUPPORTED_PAGE_SIZE",
     "TOKEN_PARALLEL_MODES",
+    "dp_attention_flags",
+    "sglang_flags",
 ]

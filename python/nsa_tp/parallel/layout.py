@@ -30,6 +30,8 @@ __all__ = [
     "SUPPORTED_KV_CACHE_DTYPES",
     "SUPPORTED_PAGE_SIZE",
     "TOKEN_PARALLEL_MODES",
+    "dp_attention_flags",
+    "sglang_flags",
 ]
 
 SUPPORTED_PAGE_SIZE = 64  # NSA's index-K cache and FlashMLA's paged decode both use 64-token pages
@@ -124,8 +126,23 @@ class _DpSpelling:
         return f"--attn-dp-size {width}" if self.new else f"--dp {width}"
 
     def flags(self, tp_size: int, width: int) -> str:
-        """The whole layout's flags: ``--tp 8 --attn-dp-size 4`` or ``--tp 8 --dp 4 --enable-dp-attention``."""
-        return f"--tp {tp_size} " + (self.flag(width) if self.new else f"--dp {width} --enable-dp-attention")
+        return dp_attention_flags(tp_size, width, self.new)
+
+
+def dp_attention_flags(tp_size: int, attn_dp_size: int, new_spelling: bool) -> str:
+    """Partial DP attention as SGLang spells it: ``--tp 8 --attn-dp-size 4`` (0.5.23) or
+    ``--tp 8 --dp 4 --enable-dp-attention`` (0.5.17-0.5.22). The one place either spelling is written."""
+    if new_spelling:
+        return f"--tp {tp_size} --attn-dp-size {attn_dp_size}"
+    return f"--tp {tp_size} --dp {attn_dp_size} --enable-dp-attention"
+
+
+def sglang_flags(layout: ParallelLayout, new_spelling: bool) -> str:
+    """The SGLang flags that serve ``layout``: attention DP in the chosen spelling, model replicas as ``--dp R``
+    (the same in both), pure TP as ``--tp N`` alone."""
+    if layout.enable_dp_attention and layout.attn_dp_size > 1:
+        return dp_attention_flags(layout.tp_size, layout.attn_dp_size, new_spelling)
+    return f"--tp {layout.tp_size}" + (f" --dp {layout.num_replicas}" if layout.num_replicas > 1 else "")
 
 
 def _merge_dp_spellings(

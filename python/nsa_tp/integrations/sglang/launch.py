@@ -18,7 +18,7 @@ import re
 from importlib import metadata
 from pathlib import Path
 
-from nsa_tp.parallel import ParallelLayout
+from nsa_tp.parallel import ParallelLayout, sglang_flags
 
 __all__ = ["OLD_FLAG_REMOVED_AFTER", "InstalledSglang", "installed_sglang", "launch_commands", "describe_launch"]
 
@@ -77,13 +77,7 @@ def launch_commands(
 ) -> tuple[str, str]:
     """``(0.5.23 spelling, 0.5.17 spelling)`` of the SGLang command that serves ``layout``; ``extra`` flags are
     appended to both. The DP-attention width is SGLang's ``attn_dp_size`` either way."""
-    new = old = f"--tp {layout.tp_size}"
-    if layout.enable_dp_attention and layout.attn_dp_size > 1:
-        new += f" --attn-dp-size {layout.attn_dp_size}"
-        old += f" --dp {layout.attn_dp_size} --enable-dp-attention"
-    elif layout.num_replicas > 1:
-        new += f" --dp {layout.num_replicas}"
-        old += f" --dp {layout.num_replicas}"
+    new, old = sglang_flags(layout, new_spelling=True), sglang_flags(layout, new_spelling=False)
     tail = "".join(f" {x}" for x in extra)
     return (
         f"sglang serve --model-path {model} {new}{tail}",
