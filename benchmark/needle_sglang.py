@@ -45,7 +45,15 @@ from nsa_tp.needle.checkpoint import NeedleSpec, hf_config, write_checkpoint  # 
 from nsa_tp.needle.serving import PASS, Row, concurrent_rows, plan_rows, score_response  # noqa: E402
 from nsa_tp.needle.task import diagnose  # noqa: E402
 from sglang_client import _post  # noqa: E402
-from sglang_launch import MAX_TOTAL_TOKENS, MEM_FRACTION, SERVER_ENV, install_plugin, spec_flags, wait_all  # noqa: E402
+from sglang_launch import (  # noqa: E402
+    MAX_TOTAL_TOKENS,
+    MEM_FRACTION,
+    SERVER_ENV,
+    install_plugin,
+    parallel_flags,
+    spec_flags,
+    wait_all,
+)
 from sglang_summary import log_facts  # noqa: E402
 
 STATE = Path(os.environ.get("NEEDLE_STATE", "/tmp/nsa_needle"))
@@ -65,10 +73,11 @@ def parse_servers(text: str) -> list[dict]:
 
 
 def layout_flags(a: argparse.Namespace) -> list[str]:
-    flags = ["--tp", str(a.tp)]
-    if a.dp > 1:
-        flags += ["--dp", str(a.dp)] + (["--enable-dp-attention"] if a.enable_dp_attention else [])
-    return flags
+    """``--tp``, and ``--dp`` as given: DP attention in 0.5.17's spelling (these servers start through
+    ``sglang.launch_server``, which 0.5.23 still takes), or model replicas."""
+    if a.dp > 1 and a.enable_dp_attention:
+        return parallel_flags(a.tp, a.dp, attn_dp_size=False)
+    return ["--tp", str(a.tp)] + (["--dp", str(a.dp)] if a.dp > 1 else [])
 
 
 def server_command(s: dict, port: int, ckpt: Path, a: argparse.Namespace) -> tuple[list[str], dict[str, str]]:

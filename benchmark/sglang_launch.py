@@ -64,6 +64,7 @@ from pathlib import Path
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))  # the client and summary beside this file
 import sglang_client as client  # noqa: E402 - after the path it needs
 import sglang_summary as summary  # noqa: E402
+from nsa_tp.parallel import dp_attention_flags  # noqa: E402 - the one writer of either spelling
 
 REPO = Path(__file__).resolve().parent.parent
 SITE = Path("/tmp/site")
@@ -111,10 +112,7 @@ def server_entry(serve: bool) -> list[str]:
 def parallel_flags(tp: int, dp: int, attn_dp_size: bool) -> list[str]:
     """``--tp`` and DP attention in the installed SGLang's spelling: 0.5.23 prefers ``--attn-dp-size D`` (and
     deprecates ``--enable-dp-attention``); 0.5.17 knows only ``--dp D --enable-dp-attention``."""
-    flags = ["--tp", str(tp)]
-    if dp > 1:
-        flags += ["--attn-dp-size", str(dp)] if attn_dp_size else ["--dp", str(dp), "--enable-dp-attention"]
-    return flags
+    return dp_attention_flags(tp, dp, attn_dp_size).split() if dp > 1 else ["--tp", str(tp)]
 
 
 def spec_flags(s: dict) -> tuple[list[str], dict[str, str]]:
