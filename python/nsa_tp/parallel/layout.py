@@ -270,8 +270,8 @@ def _tp_mode_warning(mode: str, attn_tp_size: int, heads_per_rank: int, sm_major
         return msg + f"; no FlashMLA head padding on SM{sm_major}0"
     # What runs is measured, not assumed: nsa_tp.ops.tuning orders the tiers per (card, op, shape class) from
     # the card's committed table, upstream's FlashMLA first unless a tier beat it by tuning.MARGIN (a test
-    # holds this text to it). The committed tables: H100 (2026-12-06) runs Triton for 16-head bf16 prefill (5%
-    # faster) and FlashMLA for 32-128 heads; H200 (2026-11-29) FlashMLA for every bf16 prefill class.
+    # holds this text to it). The committed H100 table (2026-12-06) runs Triton for 16-head bf16 prefill (5%
+    # faster) and FlashMLA for 32-128 heads; a card without a table runs FlashMLA.
     return msg + (
         f"; FlashMLA pads them to {padded} on SM{sm_major}0 = {padded / heads_per_rank:.1f}x the sparse-prefill "
         f"FLOPs ({1.0 - heads_per_rank / padded:.0%} wasted). The kernel is picked per shape class from this "
