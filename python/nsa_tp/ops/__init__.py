@@ -22,6 +22,7 @@ from __future__ import annotations
 import dataclasses
 import inspect
 import logging
+import weakref
 from collections.abc import Callable
 from typing import Any
 
@@ -29,8 +30,7 @@ import torch
 
 from nsa_tp.ops import topk as _topk
 from nsa_tp.ops.plan import DecodePlan
-from nsa_tp.ops.registry import BackendUnavailableError, dispatch, explain, get_tier, tier_names
-from nsa_tp.ops.tuning import route
+from nsa_tp.ops.registry import BackendUnavailableError, auto_tier, dispatch, explain, get_tier, tier_names
 
 __all__ = [
     "sparse_mla_fwd",
@@ -81,31 +81,28 @@ def plan_sparse_mla_decode(
     return dataclasses.replace(plan, by_auto=True) if backend == "auto" else plan
 
 
-_REPLANNED: set[tuple[str, str]] = set()
+# An auto plan whose tier declined a call's inputs -> the plan that runs them instead: made once per plan (the plan
+# serves every layer of its batch), logged once per (tier, reason).
+_REPLANS: weakref.WeakKeyDictionary[DecodePlan, DecodePlan] = weakref.WeakKeyDictionary()
+_REPLAN_LOGGED: set[tuple[str, str]] = set()
 
 
 def _auto_replan(plan: DecodePlan, args: tuple[Any, ...]) -> DecodePlan:
-    """For an auto plan (made before the cache was seen) whose tier declined these inputs: a plan of the next
-    tier in auto's order that runs them, logged once per (tier, reason)."""
-    reason = get_tier(plan.tier).ops["sparse_mla_decode"].supports(*args, plan=plan)
-    shape = (plan.batch_size, plan.num_heads, plan.topk)
-    order = route("plan_sparse_mla_decode", *shape, kv_dtype=plan.kv_dtype, device=plan.device)[2]
-    for name in order:
-        if name == plan.tier or name not in tier_names():
-            continue
-        try:
-            other = plan_sparse_mla_decode(*shape, kv_dtype=plan.kv_dtype, device=plan.device, backend=name)
-        except BackendUnavailableError:
-            continue
-        if get_tier(name).ops["sparse_mla_decode"].supports(*args, plan=other) is None:
-            if (plan.tier, reason) not in _REPLANNED:
-                _REPLANNED.add((plan.tier, reason))
-                logging.getLogger("nsa_tp.ops").warning(
-                    "nsa_tp.ops auto: sparse_mla_decode was planned for %s, which declines these inputs (%s): "
-                    "runs %s", plan.tier, reason, name)
-            return dataclasses.replace(other, by_auto=True)
-    raise BackendUnavailableError(f"sparse_mla_decode: the plan's tier {plan.tier!r} declines these inputs "
-                                  f"({reason}) and no other tier runs them")
+    """For an auto plan (made before the cache was seen) whose tier declined these inputs: a plan of the tier
+    auto picks for the inputs themselves, the declining tier left out."""
+    other = _REPLANS.get(plan)
+    if other is None:
+        reason = get_tier(plan.tier).ops["sparse_mla_decode"].supports(*args, plan=plan)
+        name = auto_tier("sparse_mla_decode", *args, skip=plan.tier)
+        if (plan.tier, str(reason)) not in _REPLAN_LOGGED:
+            _REPLAN_LOGGED.add((plan.tier, str(reason)))
+            logging.getLogger("nsa_tp.ops").warning(
+                "nsa_tp.ops auto: sparse_mla_decode was planned for %s, which declines these inputs (%s): runs %s",
+                plan.tier, reason, name)
+        other = plan_sparse_mla_decode(plan.batch_size, plan.num_heads, plan.topk, kv_dtype=plan.kv_dtype,
+                                       device=plan.device, backend=name)
+        _REPLANS[plan] = other
+    return other
 
 
 def sparse_mla_decode(
@@ -136,8 +133,8 @@ def sparse_mla_decode(
     except BackendUnavailableError:  # the tier's supports() declined (before any kernel ran)
         if plan is None or not plan.by_auto:
             raise
-        plan = _auto_replan(plan, args)
-        return dispatch("sparse_mla_decode", plan.tier, *args, plan=plan)
+        other = _auto_replan(plan, args)
+        return dispatch("sparse_mla_decode", other.tier, *args, plan=other)
 
 
 def fp8_mqa_logits(
