@@ -20,22 +20,20 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "test" / "srt"))
-from test_indexer_grid import TOPK, logits_inputs, ragged_ranges  # noqa: E402 - the grid's own inputs
+from test_indexer_grid import (  # noqa: E402 - the grid's own inputs and exactness helpers
+    TOPK,
+    exact_topk_values,
+    logits_inputs,
+    ragged_ranges,
+    selected_values,
+)
 
 from nsa_tp import ops  # noqa: E402
 
 
-def selected_values(logits: torch.Tensor, ids: torch.Tensor) -> torch.Tensor:
-    """Per row, the logits the ids name, sorted descending (-inf where an id is -1)."""
-    vals = torch.where(ids >= 0, logits.gather(1, ids.long().clamp_min(0)), float("-inf"))
-    return vals.sort(dim=1, descending=True).values
-
-
 def measure(logits: torch.Tensor, ks: torch.Tensor, ke: torch.Tensor, tier: str, calls: int) -> dict:
     lengths = (ke - ks).to(torch.int32)
-    cols = torch.arange(logits.shape[1], device=logits.device)
-    masked = torch.where((cols >= ks[:, None]) & (cols < ke[:, None]), logits, float("-inf"))
-    exact = masked.topk(TOPK, dim=1).values  # sorted descending
+    exact = exact_topk_values(logits, ks, ke, TOPK)
     first = None
     rows_off, gap, calls_differ = set(), 0.0, 0
     for _ in range(calls):

@@ -177,13 +177,22 @@ ORDER_EXACT_TOPK = ("triton", "reference")  # tiers whose top-k id order is part
 UPSTREAM_TOPK_INEXACT_ROWS = 0.01
 
 
-def inexact_rows(logits: torch.Tensor, ks: torch.Tensor, ke: torch.Tensor, ids: torch.Tensor) -> int:
-    """Rows whose selected logit values (sorted) differ from the exact top-k's over ``[ks, ke)``."""
+def exact_topk_values(logits: torch.Tensor, ks: torch.Tensor, ke: torch.Tensor, topk: int) -> torch.Tensor:
+    """``[R, topk]``: each row's top-``topk`` logits over ``[ks, ke)``, descending (``-inf`` past the row)."""
     cols = torch.arange(logits.shape[1], device=logits.device)
     masked = torch.where((cols >= ks[:, None]) & (cols < ke[:, None]), logits, float("-inf"))
-    exact = masked.topk(ids.shape[1], dim=1).values
+    return masked.topk(topk, dim=1).values
+
+
+def selected_values(logits: torch.Tensor, ids: torch.Tensor) -> torch.Tensor:
+    """The logits ``ids`` name, per row descending (``-inf`` for a ``-1`` id)."""
     got = torch.where(ids >= 0, logits.gather(1, ids.long().clamp_min(0)), float("-inf"))
-    return int((got.sort(dim=1, descending=True).values != exact).any(dim=1).sum())
+    return got.sort(dim=1, descending=True).values
+
+
+def inexact_rows(exact: torch.Tensor, logits: torch.Tensor, ids: torch.Tensor) -> int:
+    """Rows whose selected logit values differ from ``exact`` (:func:`exact_topk_values`)."""
+    return int((selected_values(logits, ids) != exact).any(dim=1).sum())
 
 
 def check_topk(logits: torch.Tensor, ks: torch.Tensor, ke: torch.Tensor, backend: str, name: str,
@@ -204,13 +213,14 @@ def check_topk(logits: torch.Tensor, ks: torch.Tensor, ke: torch.Tensor, backend
     assert bool(torch.isfinite(vals[kept]).all()), f"{name}: a kept id has no finite logit"
     want_n = torch.isfinite(logits).sum(1).clamp(max=topk)
     assert torch.equal(kept.sum(1), want_n), f"{name}: kept-id counts differ from min(K, candidates)"
+    exact = exact_topk_values(logits, ks, ke, topk)
     if backend in ORDER_EXACT_TOPK:
-        assert inexact_rows(logits, ks, ke, ids) == 0, f"{name}: not the exact top-{topk}"
+        assert inexact_rows(exact, logits, ids) == 0, f"{name}: not the exact top-{topk}"
         check_repeatable(run, ids, f"{name} top-k ids")
         return
     limit = UPSTREAM_TOPK_INEXACT_ROWS * logits.shape[0]
     for call in range(1 + REPEATS):
-        bad = inexact_rows(logits, ks, ke, ids if call == 0 else run())
+        bad = inexact_rows(exact, logits, ids if call == 0 else run())
         assert bad <= limit, f"{name}: call {call + 1}: {bad} of {logits.shape[0]} rows not the exact top-{topk}"
 
 
@@ -315,7 +325,8 @@ def test_topk_exactness_check_can_fail(monkeypatch):
     ks, ke = torch.zeros(300, dtype=torch.int32), torch.full((300,), 64, dtype=torch.int32)
     real = ops.topk_transform_ragged
     ids = real(logits, 8, row_starts=ks, lengths=ke - ks, backend="reference")
-    assert inexact_rows(logits, ks, ke, ids) == 0
+    exact = exact_topk_values(logits, ks, ke, 8)
+    assert inexact_rows(exact, logits, ids) == 0
 
     def corrupt(rows):
         def fn(*a, backend="auto", **k):
@@ -325,7 +336,7 @@ def test_topk_exactness_check_can_fail(monkeypatch):
             return out
         return fn
 
-    assert inexact_rows(logits, ks, ke, corrupt([1, 7])(logits, 8, row_starts=ks, lengths=ke - ks)) == 2
+    assert inexact_rows(exact, logits, corrupt([1, 7])(logits, 8, row_starts=ks, lengths=ke - ks)) == 2
     monkeypatch.setattr(ops, "topk_transform_ragged", corrupt([4]))  # 1 of 300 rows: under 1%
     check_topk(logits, ks, ke, "sgl_kernel", "upstream", topk=8)
     monkeypatch.setattr(ops, "topk_transform_ragged", corrupt([1, 2, 3, 4]))  # 4 of 300: over 1%
