@@ -86,6 +86,7 @@ class NeedleSpec:
 
 def hf_config(spec: NeedleSpec) -> dict[str, Any]:
     """``config.json`` of the checkpoint: DeepSeek-V3.2's architecture, one dense layer, no rope scaling."""
+    v32 = NSAConfig()  # the fixed attention dims are the released model's, stated once there
     return {
         "architectures": ["DeepseekV32ForCausalLM"], "model_type": "deepseek_v32",
         "hidden_size": spec.hidden_size, "intermediate_size": spec.intermediate_size,
@@ -93,8 +94,9 @@ def hf_config(spec: NeedleSpec) -> dict[str, Any]:
         "n_routed_experts": 256, "n_shared_experts": 1, "num_experts_per_tok": 8, "n_group": 8, "topk_group": 4,
         "routed_scaling_factor": 2.5, "topk_method": "noaux_tc", "scoring_func": "sigmoid", "norm_topk_prob": True,
         "num_attention_heads": spec.num_attention_heads, "num_key_value_heads": spec.num_attention_heads,
-        "q_lora_rank": spec.q_lora_rank, "kv_lora_rank": 512, "qk_nope_head_dim": 128, "qk_rope_head_dim": 64,
-        "v_head_dim": 128, "index_topk": spec.index_topk, "index_head_dim": 128, "index_n_heads": spec.index_n_heads,
+        "q_lora_rank": spec.q_lora_rank, "kv_lora_rank": v32.kv_lora_rank, "qk_nope_head_dim": v32.qk_nope_head_dim,
+        "qk_rope_head_dim": v32.qk_rope_head_dim, "v_head_dim": v32.v_head_dim, "index_topk": spec.index_topk,
+        "index_head_dim": v32.index_head_dim, "index_n_heads": spec.index_n_heads,
         "max_position_embeddings": 163840, "rope_theta": 10000, "rope_scaling": None, "rms_norm_eps": 1e-06,
         "vocab_size": spec.vocab.size, "hidden_act": "silu", "tie_word_embeddings": False,
         "bos_token_id": BOS, "eos_token_id": EOS, "torch_dtype": "bfloat16", "num_nextn_predict_layers": 0,
